@@ -1,0 +1,295 @@
+"""Typed, validated configuration: defaults -> YAML -> CLI overrides -> dataclasses.
+
+Every argument group is a dataclass whose fields carry ``metadata={"help": ...}``; ``__post_init__``
+rejects bad values with a message that names the value and what is allowed. Unknown keys fail.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+    _check(value in allowed, f"{name}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    _check(ok, f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+@dataclass
+class DataConfig:
+    """Which dataset to federate and how."""
+
+    dataset: str = field(default="digits5", metadata={"help": "Embedded dataset name (digits5), a Hub dataset id, or a local path saved with save_to_disk."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    split: str = field(default="train", metadata={"help": "Split of the source dataset to federate."})
+    image_column: str = field(default="image", metadata={"help": "Column holding the images."})
+    label_column: str = field(default="label", metadata={"help": "Column holding the class labels (ClassLabel or int)."})
+    domain_column: str = field(default="domain", metadata={"help": "Column naming the domain of each example (natural scheme)."})
+    scheme: str = field(default="natural", metadata={"help": "Partition scheme: natural (one client per value of partition_by) or dirichlet (label skew)."})
+    partition_by: str | None = field(default=None, metadata={"help": "Column to partition by; default domain_column for natural, label_column for dirichlet."})
+    num_clients: int = field(default=5, metadata={"help": "Number of clients (dirichlet); natural uses the number of distinct values."})
+    alpha: float = field(default=0.5, metadata={"help": "Dirichlet concentration; smaller = more label skew."})
+    min_partition_size: int = field(default=10, metadata={"help": "Dirichlet: resample until every client has at least this many examples."})
+    test_fraction: float = field(default=0.25, metadata={"help": "Share of each client's data held out as its test split (stratified by label)."})
+    max_examples_per_client: int | None = field(default=None, metadata={"help": "Cap each client's examples (before the train/test split); None = no cap."})
+    image_size: int = field(default=32, metadata={"help": "Images are resized to image_size x image_size RGB."})
+    n_per_domain: int = field(default=800, metadata={"help": "Embedded digits5: examples per domain."})
+    num_classes: int | None = field(default=None, metadata={"help": "Expected number of classes; checked against the dataset when set."})
+    seed: int = field(default=0, metadata={"help": "Seed of the partition and the per-client splits."})
+    manifest: str | None = field(default=None, metadata={"help": "Path of a saved federation manifest to rebuild exactly the same partition."})
+
+    def __post_init__(self) -> None:
+        _check_choice("data.scheme", self.scheme, ("natural", "dirichlet"))
+        _check(self.num_clients >= 1, f"data.num_clients={self.num_clients!r} must be >= 1")
+        _check_positive("data.alpha", self.alpha)
+        _check(self.min_partition_size >= 0, f"data.min_partition_size={self.min_partition_size!r} must be >= 0")
+        _check(0.0 < self.test_fraction < 1.0, f"data.test_fraction={self.test_fraction!r} must be in (0, 1)")
+        _check(self.image_size >= 8, f"data.image_size={self.image_size!r} must be >= 8")
+        _check(self.n_per_domain >= 1, f"data.n_per_domain={self.n_per_domain!r} must be >= 1")
+        if self.max_examples_per_client is not None:
+            _check(self.max_examples_per_client >= 2, f"data.max_examples_per_client={self.max_examples_per_client!r} must be >= 2")
+        if self.num_classes is not None:
+            _check(self.num_classes >= 2, f"data.num_classes={self.num_classes!r} must be >= 2")
+
+
+@dataclass
+class ModelConfig:
+    """The backbone and its head."""
+
+    backbone: str = field(default="timm:test_resnet", metadata={"help": "timm:<name> (any timm model; tiny test models included)."})
+    pretrained: bool = field(default=False, metadata={"help": "Load pretrained backbone weights (needs the Hub or a local checkpoint)."})
+    checkpoint: str | None = field(default=None, metadata={"help": "Local backbone weights file (safetensors or a timm checkpoint) for pretrained=True offline."})
+
+    def __post_init__(self) -> None:
+        prefix = self.backbone.split(":", 1)[0]
+        _check(":" in self.backbone and prefix in ("timm",),
+               f"model.backbone={self.backbone!r} must look like 'timm:<model name>'")
+        if self.checkpoint is not None:
+            _check(Path(self.checkpoint).is_file(), f"model.checkpoint={self.checkpoint!r} is not a file")
+
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+@dataclass
+class FedAvgConfig:
+    """General federated learning (FedAvg) that produces the global model."""
+
+    rounds: int = field(default=30, metadata={"help": "Communication rounds."})
+    local_epochs: int = field(default=1, metadata={"help": "Local epochs per client per round."})
+    client_fraction: float = field(default=1.0, metadata={"help": "Share of clients sampled each round."})
+    optimizer: str = field(default="sgd", metadata={"help": "sgd or adamw (local optimizer, re-created each round)."})
+    lr: float = field(default=0.05, metadata={"help": "Local learning rate."})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
+    weight_decay: float = field(default=0.0, metadata={"help": "Weight decay."})
+    batch_size: int = field(default=64, metadata={"help": "Local batch size."})
+
+    def __post_init__(self) -> None:
+        _check(self.rounds >= 0, f"fedavg.rounds={self.rounds!r} must be >= 0")
+        _check(self.local_epochs >= 1, f"fedavg.local_epochs={self.local_epochs!r} must be >= 1")
+        _check(0.0 < self.client_fraction <= 1.0, f"fedavg.client_fraction={self.client_fraction!r} must be in (0, 1]")
+        _check_choice("fedavg.optimizer", self.optimizer, OPTIMIZERS)
+        _check_positive("fedavg.lr", self.lr)
+        _check(0.0 <= self.momentum < 1.0, f"fedavg.momentum={self.momentum!r} must be in [0, 1)")
+        _check_positive("fedavg.weight_decay", self.weight_decay, allow_zero=True)
+        _check(self.batch_size >= 1, f"fedavg.batch_size={self.batch_size!r} must be >= 1")
+
+
+@dataclass
+class PFTConfig:
+    """Post-hoc personalized fine-tuning: the strategies and their shared budget."""
+
+    strategies: list[str] = field(default_factory=lambda: ["ft", "lp", "lp_ft"], metadata={"help": "Strategies to run (see `hf-lpft strategies`)."})
+    epochs: int = field(default=15, metadata={"help": "Local epochs of personalization (the paper: 15 for every method)."})
+    optimizer: str = field(default="sgd", metadata={"help": "sgd or adamw."})
+    lr: float = field(default=0.01, metadata={"help": "Learning rate of the fine-tuning phases."})
+    head_lr: float | None = field(default=None, metadata={"help": "Learning rate of probing phases; default = lr."})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
+    weight_decay: float = field(default=0.0, metadata={"help": "Weight decay."})
+    batch_size: int = field(default=64, metadata={"help": "Batch size."})
+    strategy_args: dict[str, dict] = field(default_factory=dict, metadata={"help": "Per-strategy options, e.g. {lp_ft: {lp_epochs: 5}}; options of strategies not run are still validated."})
+
+    def __post_init__(self) -> None:
+        _check(len(self.strategies) > 0, "pft.strategies is empty; name at least one strategy")
+        _check(len(set(self.strategies)) == len(self.strategies), f"pft.strategies={self.strategies!r} has duplicates")
+        _check(self.epochs >= 1, f"pft.epochs={self.epochs!r} must be >= 1")
+        _check_choice("pft.optimizer", self.optimizer, OPTIMIZERS)
+        _check_positive("pft.lr", self.lr)
+        if self.head_lr is not None:
+            _check_positive("pft.head_lr", self.head_lr)
+        _check(0.0 <= self.momentum < 1.0, f"pft.momentum={self.momentum!r} must be in [0, 1)")
+        _check_positive("pft.weight_decay", self.weight_decay, allow_zero=True)
+        _check(self.batch_size >= 1, f"pft.batch_size={self.batch_size!r} must be >= 1")
+        bad = [k for k, v in self.strategy_args.items() if not isinstance(v, dict)]
+        _check(not bad, f"pft.strategy_args[{bad[0]!r}] must be a mapping of options" if bad else "")
+
+
+@dataclass
+class RunConfig:
+    """Where outputs go and which seeds run."""
+
+    output_dir: str = field(default="outputs/run", metadata={"help": "Output folder (one per run)."})
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds; the whole pipeline (FedAvg + PFT) runs once per seed."})
+    overwrite: bool = field(default=False, metadata={"help": "Allow writing into a non-empty output_dir."})
+    eval_batch_size: int = field(default=256, metadata={"help": "Batch size of evaluation."})
+    num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads; None = torch's default."})
+
+    def __post_init__(self) -> None:
+        _check(len(self.seeds) > 0, "run.seeds is empty")
+        _check(all(isinstance(s, int) and s >= 0 for s in self.seeds), f"run.seeds={self.seeds!r} must be non-negative integers")
+        _check(len(set(self.seeds)) == len(self.seeds), f"run.seeds={self.seeds!r} has duplicates")
+        _check(self.eval_batch_size >= 1, f"run.eval_batch_size={self.eval_batch_size!r} must be >= 1")
+        if self.num_threads is not None:
+            _check(self.num_threads >= 1, f"run.num_threads={self.num_threads!r} must be >= 1")
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig, "model": ModelConfig, "fedavg": FedAvgConfig, "pft": PFTConfig, "run": RunConfig,
+}
+
+
+@dataclass
+class ExperimentConfig:
+    """The whole experiment: one field per argument group."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    fedavg: FedAvgConfig = field(default_factory=FedAvgConfig)
+    pft: PFTConfig = field(default_factory=PFTConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or fail naming the value."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(name, value, args[0])
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        _check(isinstance(value, (list, tuple)), f"{name}={value!r} must be a list")
+        (inner,) = typing.get_args(hint)
+        return [_coerce(name, v, inner) for v in value]
+    if origin is dict or hint is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        _check(isinstance(value, dict), f"{name}={value!r} must be a mapping")
+        return dict(value)
+    if hint is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        _check(isinstance(value, bool), f"{name}={value!r} must be true or false")
+        return value
+    if hint in (int, float):
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        _check(ok and (hint is float or float(value).is_integer()), f"{name}={value!r} must be a {hint.__name__}")
+        return hint(value)
+    if hint is str:
+        _check(isinstance(value, (str, int, float)), f"{name}={value!r} must be a string")
+        return str(value)
+    return value
+
+
+def _build_section(section: str, values: dict) -> Any:
+    cls = SECTIONS[section]
+    hints = typing.get_type_hints(cls)
+    unknown = set(values) - set(hints)
+    _check(not unknown, f"unknown key(s) {sorted(unknown)} in section {section!r}; allowed: {sorted(hints)}")
+    kwargs = {k: _coerce(f"{section}.{k}", v, hints[k]) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _field_index() -> dict[str, list[str]]:
+    index: dict[str, list[str]] = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            index.setdefault(f.name, []).append(section)
+    return index
+
+
+def parse_overrides(args: list[str]) -> dict[str, dict]:
+    """Turn ``["--fedavg.rounds", "10", "--lr=0.1"]`` into ``{"fedavg": {"rounds": "10"}, ...}``.
+
+    A bare key (``--rounds``) is accepted when exactly one section has it; otherwise the error lists the
+    qualified names to use instead.
+    """
+    out: dict[str, dict] = {}
+    index = _field_index()
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        _check(arg.startswith("--"), f"unexpected argument {arg!r}; overrides look like --section.key value")
+        key, _, value = arg[2:].partition("=")
+        if not _:
+            _check(i + 1 < len(args), f"override {arg!r} has no value")
+            value, i = args[i + 1], i + 1
+        i += 1
+        section, _, name = key.rpartition(".")
+        if not section:
+            sections = index.get(name, [])
+            _check(len(sections) == 1, f"unknown option {arg!r}" if not sections else
+                   f"option {arg!r} is ambiguous; use one of {[f'--{s}.{name}' for s in sections]}")
+            section = sections[0]
+        _check(section in SECTIONS, f"unknown section {section!r} in {arg!r}; allowed: {list(SECTIONS)}")
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None,
+                *, defaults: dict | None = None) -> ExperimentConfig:
+    """Resolve a configuration: ``defaults`` -> YAML file -> overrides, then validate.
+
+    Args:
+        path: YAML file with top-level sections data/model/fedavg/pft/run (all optional).
+        overrides: CLI-style list (``["--fedavg.rounds", "5"]``) or a nested dict.
+        defaults: nested dict applied before the YAML (used by recipes for their own defaults).
+
+    Raises:
+        ConfigError: on unknown sections or keys and on any invalid value, naming it.
+    """
+    merged: dict[str, dict] = {}
+    layers = [defaults or {}]
+    if path is not None:
+        p = Path(path)
+        _check(p.is_file(), f"config file {str(p)!r} does not exist")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        _check(isinstance(loaded, dict), f"config file {str(p)!r} must hold a mapping of sections")
+        layers.append(loaded)
+    if overrides:
+        layers.append(parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+    for layer in layers:
+        for section, values in layer.items():
+            _check(section in SECTIONS, f"unknown section {section!r}; allowed: {list(SECTIONS)}")
+            _check(isinstance(values, dict), f"section {section!r} must be a mapping, got {values!r}")
+            merged.setdefault(section, {}).update(values)
+    return ExperimentConfig(**{s: _build_section(s, merged.get(s, {})) for s in SECTIONS})

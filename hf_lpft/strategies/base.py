@@ -1,0 +1,132 @@
+"""Strategy interface and registry: a strategy declares phases and hooks, never loops.
+
+Adding a PFT method = one file in this folder with a ``@register_strategy`` class + one row in the
+test matrix.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import typing
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from torch import nn
+
+from hf_lpft.config import ConfigError, _coerce
+from hf_lpft.train.phase import BN_MODES, Phase
+
+STRATEGIES: dict[str, type[Strategy]] = {}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The budget every strategy shares (the paper: 15 local epochs for every method)."""
+
+    epochs: int = 15
+    lr: float = 0.01
+    head_lr: float | None = None
+
+    @property
+    def probe_lr(self) -> float:
+        return self.head_lr if self.head_lr is not None else self.lr
+
+
+@dataclass
+class StrategyConfig:
+    """Options every strategy takes."""
+
+    flood: float | None = field(default=None, metadata={"help": "Loss flooding level b (Ishida et al. 2020): loss -> |loss - b| + b. None = off."})
+
+    def __post_init__(self) -> None:
+        if self.flood is not None and not self.flood >= 0:
+            raise ConfigError(f"flood={self.flood!r} must be >= 0 (or None to switch flooding off)")
+
+
+def check_bn(name: str, value: str) -> None:
+    if value not in BN_MODES:
+        raise ConfigError(f"{name}={value!r} is not allowed; choose one of {list(BN_MODES)}")
+
+
+class Strategy(ABC):
+    """A personalized fine-tuning method.
+
+    Subclasses set ``name``, ``description`` and ``config_cls`` and implement :meth:`phases`.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    config_cls: ClassVar[type[StrategyConfig]] = StrategyConfig
+
+    def __init__(self, config: StrategyConfig | None = None, *, budget: Budget | None = None):
+        self.config = config if config is not None else self.config_cls()
+        self.budget = budget if budget is not None else Budget()
+
+    @property
+    def ingredients(self) -> int:
+        """How many independent runs of the phases to make (soups use more than one)."""
+        return 1
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Wrap or modify the model before training (e.g. inject LoRA adapters)."""
+        return model
+
+    @abstractmethod
+    def phases(self) -> list[Phase]:
+        """The phases to run, in order."""
+
+    def extra_loss(self, model: nn.Module, phase: Phase):
+        """A term added to the loss (e.g. a proximal penalty), or None."""
+        return None
+
+    def grad_hook(self, model: nn.Module, phase: Phase):
+        """A callable run after backward and before the step (e.g. a gradient mask), or None."""
+        return None
+
+    def on_phase_start(self, model: nn.Module, phase: Phase, data) -> None:
+        """Called before each phase (e.g. snapshot the global weights, compute a mask)."""
+
+    def finalize(self, models: list[nn.Module]) -> nn.Module:
+        """Combine the ingredient models into the personalized model (default: the only one)."""
+        return models[0]
+
+    def describe(self) -> dict:
+        """Config and phases, for the run record and the model card."""
+        return {"name": self.name, "config": dataclasses.asdict(self.config),
+                "phases": [dataclasses.asdict(p) for p in self.phases()]}
+
+
+def register_strategy(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator: add a strategy to the registry under ``cls.name``."""
+    if cls.name in STRATEGIES:
+        raise ValueError(f"strategy {cls.name!r} is registered twice")
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+def get_strategy(name: str) -> type[Strategy]:
+    """The registered strategy class called ``name``."""
+    if name not in STRATEGIES:
+        raise ConfigError(f"unknown strategy {name!r}; registered strategies: {sorted(STRATEGIES)}")
+    return STRATEGIES[name]
+
+
+def build_strategy(name: str, args: dict | None = None, *, budget: Budget | None = None) -> Strategy:
+    """Instantiate a strategy with validated options; unknown option names fail."""
+    cls = get_strategy(name)
+    hints = typing.get_type_hints(cls.config_cls)
+    args = dict(args or {})
+    unknown = set(args) - set(hints)
+    if unknown:
+        raise ConfigError(f"unknown option(s) {sorted(unknown)} for strategy {name!r}; allowed: {sorted(hints)}")
+    values = {k: _coerce(f"pft.strategy_args.{name}.{k}", v, hints[k]) for k, v in args.items()}
+    strategy = cls(cls.config_cls(**values), budget=budget)
+    strategy.phases()  # build once so bad combinations (e.g. lp_epochs > epochs) fail now
+    return strategy
+
+
+def fresh_copy(model: nn.Module) -> nn.Module:
+    """An independent copy of the global model for one client (the global model is never touched)."""
+    return copy.deepcopy(model)

@@ -1,0 +1,32 @@
+"""LP: linear probing, only the classifier head trains on frozen features (Table 2 of the paper).
+
+Chen et al., arXiv 2511.12695; Kumar et al., ICLR 2022, arXiv 2202.10054.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hf_lpft.strategies.base import Strategy, StrategyConfig, check_bn, register_strategy
+from hf_lpft.train.phase import Phase
+
+
+@dataclass
+class LPConfig(StrategyConfig):
+    bn: str = field(default="frozen", metadata={"help": "BatchNorm statistics while probing: frozen (a true linear probe) or train."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_bn("lp.bn", self.bn)
+
+
+@register_strategy
+class LP(Strategy):
+    """Linear probing: the head starts from the global head and trains alone; the backbone is frozen."""
+
+    name = "lp"
+    description = "Linear probing: only the head trains; backbone and its BatchNorm statistics frozen."
+    config_cls = LPConfig
+
+    def phases(self) -> list[Phase]:
+        return [Phase("probe", "head", self.budget.epochs, self.budget.probe_lr, bn=self.config.bn)]

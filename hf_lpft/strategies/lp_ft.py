@@ -1,0 +1,46 @@
+"""LP-FT: linear probing first, then full fine-tuning (Kumar et al., ICLR 2022, arXiv 2202.10054),
+applied post hoc to each client's copy of the global model as in Chen et al., arXiv 2511.12695.
+
+The head is not re-initialised: probing starts from the global model's head. The paper does not state
+the LP/FT split of its 15 epochs; the default here is 5 probing + 10 fine-tuning epochs. Reason: the head
+starts from the global head (already aligned with the features), so a few probing epochs suffice to
+fit it to the client, and LP-FT keeps two thirds of FT's fine-tuning budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hf_lpft.config import ConfigError
+from hf_lpft.strategies.base import Strategy, StrategyConfig, check_bn, register_strategy
+from hf_lpft.train.phase import Phase
+
+
+@dataclass
+class LPFTConfig(StrategyConfig):
+    lp_epochs: int = field(default=5, metadata={"help": "Probing epochs taken from the shared budget; the rest fine-tunes."})
+    lp_bn: str = field(default="frozen", metadata={"help": "BatchNorm statistics while probing: frozen or train."})
+    ft_bn: str = field(default="train", metadata={"help": "BatchNorm statistics while fine-tuning: train or frozen."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lp_epochs < 0:
+            raise ConfigError(f"lp_ft.lp_epochs={self.lp_epochs!r} must be >= 0")
+        check_bn("lp_ft.lp_bn", self.lp_bn)
+        check_bn("lp_ft.ft_bn", self.ft_bn)
+
+
+@register_strategy
+class LPFT(Strategy):
+    """Probe the head for ``lp_epochs``, then fine-tune everything for the rest of the budget."""
+
+    name = "lp_ft"
+    description = "LP-FT: probe the head first (backbone frozen), then fine-tune all parameters."
+    config_cls = LPFTConfig
+
+    def phases(self) -> list[Phase]:
+        lp = self.config.lp_epochs
+        if lp > self.budget.epochs:
+            raise ConfigError(f"lp_ft.lp_epochs={lp!r} exceeds the budget pft.epochs={self.budget.epochs}")
+        return [Phase("probe", "head", lp, self.budget.probe_lr, bn=self.config.lp_bn),
+                Phase("finetune", "all", self.budget.epochs - lp, self.budget.lr, bn=self.config.ft_bn)]

@@ -1,0 +1,122 @@
+"""THE training loop: one phase, one client. The only place that steps an optimizer.
+
+Strategies declare phases and optional hooks (an extra loss term, a gradient mask); this loop executes
+them with ``accelerate`` for device placement and backward.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from hf_lpft.data.tensors import ClientData, iterate_batches
+from hf_lpft.train.freeze import apply_phase, set_train_mode
+from hf_lpft.train.phase import Phase
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """Optimizer settings shared by all phases of a run (the lr comes from the phase)."""
+
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 64
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts, e.g. (seed, strategy, client_id): independent of processing order."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def make_optimizer(params: list[nn.Parameter], lr: float, settings: OptimSettings) -> torch.optim.Optimizer:
+    """SGD with momentum or AdamW over the trainable parameters."""
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
+    raise ValueError(f"optimizer={settings.optimizer!r} is not allowed; choose 'sgd' or 'adamw'")
+
+
+LossHook = Callable[[nn.Module], torch.Tensor | None]
+GradHook = Callable[[nn.Module], None]
+
+
+def flooded(loss: torch.Tensor, flood: float | None) -> torch.Tensor:
+    """Loss flooding (Ishida et al. 2020): |loss - b| + b, i.e. gradient ascent below the flood level b."""
+    return loss if flood is None else (loss - flood).abs() + flood
+
+
+def train_phase(model: nn.Module, phase: Phase, data: ClientData, *, settings: OptimSettings,
+                accelerator: Accelerator, seed: int, extra_loss: LossHook | None = None,
+                grad_hook: GradHook | None = None, flood: float | None = None,
+                on_epoch_end: Callable[[int, float], None] | None = None) -> dict:
+    """Train ``model`` for ``phase.epochs`` epochs on ``data``'s train split.
+
+    Returns:
+        A record with the phase name, trainable/total parameter counts, mean loss per epoch and seconds.
+    """
+    trainable, total = apply_phase(model, phase)
+    record = {"phase": phase.name, "trainable_params": trainable, "total_params": total,
+              "epoch_loss": [], "seconds": 0.0}
+    if phase.epochs == 0 or trainable == 0:
+        return record
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, phase.lr, settings)
+    generator = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    for epoch in range(phase.epochs):
+        set_train_mode(model, phase.bn)
+        loss_sum, n_seen = 0.0, 0
+        for xb, yb in iterate_batches(data.train_x, data.train_y, batch_size=settings.batch_size,
+                                      generator=generator, device=accelerator.device):
+            loss = nn.functional.cross_entropy(model(xb), yb)
+            if not math.isfinite(loss.item()):
+                raise NonFiniteLossError(f"client {data.client_id}: loss is {loss.item()} in phase "
+                                         f"{phase.name!r}, epoch {epoch}; lower the learning rate")
+            loss_sum, n_seen = loss_sum + loss.item() * len(yb), n_seen + len(yb)
+            objective = flooded(loss, flood)
+            if extra_loss is not None and (extra := extra_loss(model)) is not None:
+                objective = objective + extra
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(objective)
+            if grad_hook is not None:
+                grad_hook(model)
+            optimizer.step()
+        record["epoch_loss"].append(loss_sum / max(n_seen, 1))
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, record["epoch_loss"][-1])
+    record["seconds"] = time.perf_counter() - start
+    model.eval()
+    return record
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256,
+            device: torch.device | str = "cpu") -> torch.Tensor:
+    """Logits for all of ``x`` in eval mode."""
+    model.eval()
+    outs = [model(xb) for xb, _ in iterate_batches(x, torch.zeros(len(x)), batch_size=batch_size,
+                                                   shuffle=False, device=device)]
+    return torch.cat(outs).cpu() if outs else torch.empty(0)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256,
+             device: torch.device | str = "cpu") -> float:
+    """Top-1 accuracy of ``model`` on (x, y)."""
+    if len(y) == 0:
+        return float("nan")
+    return (predict(model, x, batch_size=batch_size, device=device).argmax(-1) == y).float().mean().item()

@@ -1,0 +1,76 @@
+"""Bad configurations fail before any training, with a message naming the value."""
+
+from pathlib import Path
+
+import pytest
+
+from hf_lpft.config import ConfigError, load_config
+from hf_lpft.pipeline import run
+
+
+def _tiny(tmp_path, path, **extra):
+    base = {"data": {"dataset": path, "n_per_domain": 10}, "fedavg": {"rounds": 1},
+            "pft": {"epochs": 2, "strategy_args": {"lp_ft": {"lp_epochs": 1}}},
+            "run": {"output_dir": str(tmp_path / "out")}}
+    for section, values in extra.items():
+        base.setdefault(section, {}).update(values)
+    return base
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["--fedavg.bogus", "1"], "bogus"),
+    (["--nonsense", "1"], "--nonsense"),
+    (["--pft.lr", "-0.1"], "pft.lr=-0.1"),
+    (["--fedavg.lr", "0"], "fedavg.lr=0"),
+    (["--pft.strategies", "ft,nope"], "nope"),
+    (["--data.scheme", "random"], "random"),
+    (["--pft.epochs", "1.5"], "1.5"),
+    (["--lr", "0.1"], "ambiguous"),
+    (["--model.backbone", "resnet"], "resnet"),
+    (["--data.test_fraction", "1.0"], "test_fraction=1.0"),
+])
+def test_bad_config_fails_with_message(overrides, needle, tmp_path):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.").replace("-", r"\-")):
+        cfg = load_config(None, overrides)
+        run(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("fedavg:\n  roundz: 3\n")
+    with pytest.raises(ConfigError, match="roundz"):
+        load_config(p)
+
+
+def test_unknown_strategy_fails_before_training(tmp_path, tiny_ds_path):
+    cfg = load_config(None, _tiny(tmp_path, tiny_ds_path, pft={"strategies": ["ft", "magic"]}))
+    with pytest.raises(ConfigError, match="magic"):
+        run(cfg)
+    assert not (tmp_path / "out").exists()  # nothing was written
+
+
+def test_unknown_strategy_option(tmp_path, tiny_ds_path):
+    cfg = load_config(None, _tiny(tmp_path, tiny_ds_path, pft={"strategy_args": {"lp_ft": {"lp_epochz": 1}}}))
+    with pytest.raises(ConfigError, match="lp_epochz"):
+        run(cfg)
+
+
+def test_label_count_mismatch_fails_before_training(tmp_path, tiny_ds_path):
+    cfg = load_config(None, _tiny(tmp_path, tiny_ds_path, data={"num_classes": 10}))
+    with pytest.raises(ConfigError, match="num_classes=10"):
+        run(cfg)
+    assert not (Path(tmp_path) / "out" / "global").exists()
+
+
+def test_cli_overrides_are_typed():
+    cfg = load_config(None, ["--fedavg.rounds", "7", "--run.seeds", "0,1,2", "--pft.strategies=lp_ft,ft",
+                             "--data.manifest", "none"])
+    assert cfg.fedavg.rounds == 7 and cfg.run.seeds == [0, 1, 2] and cfg.pft.strategies == ["lp_ft", "ft"]
+    assert cfg.data.manifest is None
+
+
+def test_shipped_configs_load():
+    root = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+    for path in root.glob("*.yaml"):
+        load_config(path)
