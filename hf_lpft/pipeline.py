@@ -80,10 +80,13 @@ def build_federation(cfg: ExperimentConfig, out: Path) -> tuple[Federation, list
     return fed, clients
 
 
-def save_model(model: SplitModel, path: Path) -> None:
-    """``save_pretrained`` into a temporary folder, then rename (no half-written checkpoint)."""
+def save_model(model: SplitModel, path: Path, strategy: Strategy | None = None) -> None:
+    """Export into a temporary folder, then rename (no half-written checkpoint)."""
     with atomic_path(path, directory=True) as tmp:
-        model.save_pretrained(tmp)
+        if strategy is None:
+            model.save_pretrained(tmp)
+        else:
+            strategy.export(model, tmp)
 
 
 def cross_accuracy(model, clients: list[ClientData], *, cfg: ExperimentConfig, device) -> list[float]:
@@ -126,7 +129,7 @@ def personalize_all(cfg: ExperimentConfig, strategies: dict[str, Strategy], glob
         accs = cross_accuracy(model, clients, cfg=cfg, device=accelerator.device)
         losses = [r["epoch_loss"][-1] for r in records if r["epoch_loss"]]
         rows.append(result_row(seed, name, i, client, accs, losses[-1] if losses else None))
-        save_model(model, out / "clients" / name / client.client_id / suffix)
+        save_model(model, out / "clients" / name / client.client_id / suffix, strategies[name])
         train_info.append({"seed": seed, "strategy": name, "client_id": client.client_id, "phases": records,
                            "seconds": time.perf_counter() - start})
     return rows, train_info

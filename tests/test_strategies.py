@@ -5,13 +5,15 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from hf_lpft.models.backbone import build_model
-from hf_lpft.strategies import Budget, build_strategy
+from hf_lpft.strategies import STRATEGIES, Budget, build_strategy
+from hf_lpft.strategies.personalize import run_phase
 from hf_lpft.train.freeze import trainable_names
 from hf_lpft.train.loop import OptimSettings, train_phase
 
 from conftest import BACKBONES
 
-STRATEGY_ARGS = {"ft": {}, "lp": {}, "lp_ft": {"lp_epochs": 1}}
+# Every registered strategy runs with its default options on a budget of 6 epochs.
+MATRIX_BUDGET = Budget(epochs=6, lr=0.05)
 
 
 def _bn_buffers(model):
@@ -20,16 +22,15 @@ def _bn_buffers(model):
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
-@pytest.mark.parametrize("name", sorted(STRATEGY_ARGS))
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_exactly_declared_parameters_change(name, backbone, tiny_clients, accelerator):
-    strategy = build_strategy(name, STRATEGY_ARGS[name], budget=Budget(epochs=2, lr=0.05))
+    strategy = build_strategy(name, budget=MATRIX_BUDGET)
     model = strategy.prepare(build_model(backbone, num_classes=4, image_size=32))
     for k, phase in enumerate(strategy.phases()):
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         bn_before = _bn_buffers(model)
-        strategy.on_phase_start(model, phase, tiny_clients[0])
-        record = train_phase(model, phase, tiny_clients[0], settings=OptimSettings(batch_size=8),
-                             accelerator=accelerator, seed=k)
+        record = run_phase(strategy, model, phase, tiny_clients[0], settings=OptimSettings(batch_size=8),
+                           accelerator=accelerator, seed=k)
         changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
         declared = trainable_names(model, phase)
         assert changed == declared, f"{name}/{phase.name}: changed-declared={changed - declared}, declared-changed={declared - changed}"

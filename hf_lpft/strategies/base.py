@@ -92,6 +92,10 @@ class Strategy(ABC):
         """Combine the ingredient models into the personalized model (default: the only one)."""
         return models[0]
 
+    def export(self, model: nn.Module, path) -> None:
+        """Write the personalized model to the folder ``path`` (default: ``save_pretrained``: safetensors + config)."""
+        model.save_pretrained(path)
+
     def describe(self) -> dict:
         """Config and phases, for the run record and the model card."""
         return {"name": self.name, "config": dataclasses.asdict(self.config),

@@ -10,11 +10,28 @@ from torch import nn
 from hf_lpft.data.tensors import ClientData
 from hf_lpft.strategies.base import Strategy, fresh_copy
 from hf_lpft.train.loop import OptimSettings, derive_seed, train_phase
+from hf_lpft.train.phase import Phase
+
+EpochCallback = Callable[[str, int, float], None]
+
+
+def run_phase(strategy: Strategy, model: nn.Module, phase: Phase, data: ClientData, *, settings: OptimSettings,
+              accelerator: Accelerator, seed: int, ingredient: int = 0,
+              on_epoch_end: EpochCallback | None = None) -> dict:
+    """One phase of ``strategy`` with all its hooks (phase start, extra loss, gradient hook, flooding)."""
+    strategy.on_phase_start(model, phase, data)
+    callback = None if on_epoch_end is None else (lambda e, loss: on_epoch_end(phase.name, e, loss))
+    record = train_phase(model, phase, data, settings=settings, accelerator=accelerator,
+                         seed=derive_seed(seed, ingredient, phase.name),
+                         extra_loss=lambda m: strategy.extra_loss(m, phase),
+                         grad_hook=strategy.grad_hook(model, phase), flood=strategy.config.flood,
+                         on_epoch_end=callback)
+    return {**record, "ingredient": ingredient}
 
 
 def personalize(strategy: Strategy, global_model: nn.Module, data: ClientData, *, settings: OptimSettings,
                 accelerator: Accelerator, seed: int,
-                on_epoch_end: Callable[[str, int, float], None] | None = None) -> tuple[nn.Module, list[dict]]:
+                on_epoch_end: EpochCallback | None = None) -> tuple[nn.Module, list[dict]]:
     """Personalize a copy of ``global_model`` on ``data`` with ``strategy``.
 
     Args:
@@ -28,15 +45,8 @@ def personalize(strategy: Strategy, global_model: nn.Module, data: ClientData, *
     for ingredient in range(strategy.ingredients):
         model = strategy.prepare(fresh_copy(global_model))
         for phase in strategy.phases():
-            strategy.on_phase_start(model, phase, data)
-            callback = None if on_epoch_end is None else (lambda e, l, p=phase.name: on_epoch_end(p, e, l))
-            record = train_phase(
-                model, phase, data, settings=settings, accelerator=accelerator,
-                seed=derive_seed(seed, ingredient, phase.name),
-                extra_loss=lambda m, p=phase: strategy.extra_loss(m, p),
-                grad_hook=strategy.grad_hook(model, phase), flood=strategy.config.flood,
-                on_epoch_end=callback)
-            records.append({**record, "ingredient": ingredient})
+            records.append(run_phase(strategy, model, phase, data, settings=settings, accelerator=accelerator,
+                                     seed=seed, ingredient=ingredient, on_epoch_end=on_epoch_end))
         models.append(model)
     final = strategy.finalize(models)
     final.eval()
