@@ -126,6 +126,7 @@ class PFTConfig:
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
     weight_decay: float = field(default=0.0, metadata={"help": "Weight decay."})
     batch_size: int = field(default=64, metadata={"help": "Batch size."})
+    cache_features: bool = field(default=True, metadata={"help": "Probe on cached backbone features when that is exact (head-only phase, BatchNorm frozen, no dropout)."})
     strategy_args: dict[str, dict] = field(default_factory=dict, metadata={"help": "Per-strategy options, e.g. {lp_ft: {lp_epochs: 5}}; options of strategies not run are still validated."})
 
     def __post_init__(self) -> None:

@@ -117,7 +117,7 @@ def personalize_all(cfg: ExperimentConfig, strategies: dict[str, Strategy], glob
                     clients: list[ClientData], *, seed: int, out: Path, accelerator: Accelerator) -> tuple[list, list]:
     """Every strategy on every client: save each personalized model, return result rows and train records."""
     p = cfg.pft
-    settings = OptimSettings(p.optimizer, p.momentum, p.weight_decay, p.batch_size)
+    settings = OptimSettings(p.optimizer, p.momentum, p.weight_decay, p.batch_size, cache_features=p.cache_features)
     suffix = f"seed_{seed}" if len(cfg.run.seeds) > 1 else ""
     rows, train_info = [], []
     units = [(s, i) for s in strategies for i in range(len(clients))]

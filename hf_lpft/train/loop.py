@@ -7,6 +7,7 @@ them with ``accelerate`` for device placement and backward.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -17,8 +18,10 @@ from accelerate import Accelerator
 from torch import nn
 
 from hf_lpft.data.tensors import ClientData, iterate_batches
-from hf_lpft.train.freeze import apply_phase, set_train_mode
+from hf_lpft.train.freeze import apply_phase, head_module, set_train_mode
 from hf_lpft.train.phase import Phase
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -33,6 +36,7 @@ class OptimSettings:
     momentum: float = 0.9
     weight_decay: float = 0.0
     batch_size: int = 64
+    cache_features: bool = True
 
 
 def derive_seed(*parts: object) -> int:
@@ -59,6 +63,39 @@ def flooded(loss: torch.Tensor, flood: float | None) -> torch.Tensor:
     return loss if flood is None else (loss - flood).abs() + flood
 
 
+def _stochastic(module: nn.Module) -> str | None:
+    """Name of the first module whose train-mode output is random (dropout, drop-path), else None."""
+    for name, m in module.named_modules():
+        p = getattr(m, "p", None) if isinstance(m, nn.modules.dropout._DropoutNd) else getattr(m, "drop_prob", None)
+        if p:
+            return name or type(m).__name__
+    return None
+
+
+def cache_blocker(model: nn.Module, phase: Phase) -> str | None:
+    """Why the backbone's features cannot be cached for ``phase`` (None = they can).
+
+    Caching is exact only when the backbone is frozen and deterministic: a head-only phase, BatchNorm
+    statistics frozen (in train mode they would change with every batch), no active dropout / drop-path.
+    Inputs are pre-decoded tensors without augmentation, so the input pipeline is deterministic.
+    """
+    if phase.trainable != "head":
+        return f"phase trains {phase.trainable!r}, not the head only"
+    if phase.bn != "frozen":
+        return "BatchNorm statistics are in train mode"
+    stochastic = _stochastic(model)
+    return f"module {stochastic!r} is stochastic in train mode" if stochastic else None
+
+
+@torch.no_grad()
+def cached_features(model: nn.Module, x: torch.Tensor, phase: Phase, *, batch_size: int, device) -> torch.Tensor:
+    """Head-input features of all of ``x``, computed once in the phase's train mode."""
+    set_train_mode(model, phase.bn)
+    feats = [model.features(xb) for xb, _ in iterate_batches(x, torch.zeros(len(x)), batch_size=batch_size,
+                                                               shuffle=False, device=device)]
+    return torch.cat(feats)
+
+
 def train_phase(model: nn.Module, phase: Phase, data: ClientData, *, settings: OptimSettings,
                 accelerator: Accelerator, seed: int, extra_loss: LossHook | None = None,
                 grad_hook: GradHook | None = None, flood: float | None = None,
@@ -77,12 +114,21 @@ def train_phase(model: nn.Module, phase: Phase, data: ClientData, *, settings: O
     optimizer = make_optimizer(params, phase.lr, settings)
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
+    inputs, forward = data.train_x, model
+    blocker = cache_blocker(model, phase) if settings.cache_features else "feature caching is switched off"
+    if blocker is None and hasattr(model, "features"):
+        # The backbone is frozen and deterministic: compute its features once, train the head on them.
+        inputs = cached_features(model, data.train_x, phase, batch_size=256, device=accelerator.device)
+        forward = head_module(model)
+    elif phase.trainable == "head":
+        logger.info("phase %s: probing without feature cache (%s)", phase.name, blocker)
+    record["cached_features"] = forward is not model
     for epoch in range(phase.epochs):
         set_train_mode(model, phase.bn)
         loss_sum, n_seen = 0.0, 0
-        for xb, yb in iterate_batches(data.train_x, data.train_y, batch_size=settings.batch_size,
+        for xb, yb in iterate_batches(inputs, data.train_y, batch_size=settings.batch_size,
                                       generator=generator, device=accelerator.device):
-            loss = nn.functional.cross_entropy(model(xb), yb)
+            loss = nn.functional.cross_entropy(forward(xb), yb)
             if not math.isfinite(loss.item()):
                 raise NonFiniteLossError(f"client {data.client_id}: loss is {loss.item()} in phase "
                                          f"{phase.name!r}, epoch {epoch}; lower the learning rate")
