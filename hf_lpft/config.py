@@ -126,6 +126,7 @@ class PFTConfig:
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
     weight_decay: float = field(default=0.0, metadata={"help": "Weight decay."})
     batch_size: int = field(default=64, metadata={"help": "Batch size."})
+    eval_every: int = field(default=0, metadata={"help": "Evaluate Local and Global every k personalization epochs (epoch curves); 0 = off."})
     cache_features: bool = field(default=True, metadata={"help": "Probe on cached backbone features when that is exact (head-only phase, BatchNorm frozen, no dropout)."})
     strategy_args: dict[str, dict] = field(default_factory=dict, metadata={"help": "Per-strategy options, e.g. {lp_ft: {lp_epochs: 5}}; options of strategies not run are still validated."})
 
@@ -140,6 +141,7 @@ class PFTConfig:
         _check(0.0 <= self.momentum < 1.0, f"pft.momentum={self.momentum!r} must be in [0, 1)")
         _check_positive("pft.weight_decay", self.weight_decay, allow_zero=True)
         _check(self.batch_size >= 1, f"pft.batch_size={self.batch_size!r} must be >= 1")
+        _check(self.eval_every >= 0, f"pft.eval_every={self.eval_every!r} must be >= 0")
         bad = [k for k, v in self.strategy_args.items() if not isinstance(v, dict)]
         _check(not bad, f"pft.strategy_args[{bad[0]!r}] must be a mapping of options" if bad else "")
 
@@ -150,7 +152,9 @@ class RunConfig:
 
     output_dir: str = field(default="outputs/run", metadata={"help": "Output folder (one per run)."})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds; the whole pipeline (FedAvg + PFT) runs once per seed."})
-    overwrite: bool = field(default=False, metadata={"help": "Allow writing into a non-empty output_dir."})
+    overwrite: bool = field(default=False, metadata={"help": "Allow writing into a non-empty output_dir (starts from scratch)."})
+    resume: bool = field(default=False, metadata={"help": "Continue an interrupted run in output_dir from its last complete unit (same config required); takes precedence over overwrite."})
+    on_error: str = field(default="continue", metadata={"help": "A client whose loss becomes NaN/inf: continue (record the error, go on) or raise."})
     eval_batch_size: int = field(default=256, metadata={"help": "Batch size of evaluation."})
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads; None = torch's default."})
 
@@ -158,6 +162,7 @@ class RunConfig:
         _check(len(self.seeds) > 0, "run.seeds is empty")
         _check(all(isinstance(s, int) and s >= 0 for s in self.seeds), f"run.seeds={self.seeds!r} must be non-negative integers")
         _check(len(set(self.seeds)) == len(self.seeds), f"run.seeds={self.seeds!r} has duplicates")
+        _check_choice("run.on_error", self.on_error, ("continue", "raise"))
         _check(self.eval_batch_size >= 1, f"run.eval_batch_size={self.eval_batch_size!r} must be >= 1")
         if self.num_threads is not None:
             _check(self.num_threads >= 1, f"run.num_threads={self.num_threads!r} must be >= 1")

@@ -9,6 +9,7 @@ the number of clients, and so the sums can later be all-reduced across processes
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -68,29 +69,52 @@ def mean_test_accuracy(model: nn.Module, clients: list[ClientData], *, device, b
     return float(np.mean([accuracy(model, c.test_x, c.test_y, batch_size=batch_size, device=device) for c in clients]))
 
 
+def fedavg_round(model: nn.Module, global_state: dict, clients: list[ClientData], *, rnd: int, phase: Phase,
+                 client_fraction: float, settings: OptimSettings, accelerator: Accelerator, seed: int) -> dict:
+    """One FedAvg round from ``global_state``; returns the new global state.
+
+    Client sampling and local seeds derive from (seed, round, client), so a round can be re-run (or
+    resumed) on its own and gives the same result.
+    """
+    rng = np.random.default_rng(derive_seed(seed, "fedavg-sampling", rnd))
+    acc, total = None, 0.0
+    for i in sample_clients(len(clients), client_fraction, rng):
+        model.load_state_dict(global_state)  # one model in memory, reset to the global weights
+        train_phase(model, phase, clients[i], settings=settings, accelerator=accelerator,
+                    seed=derive_seed(seed, "fedavg", rnd, clients[i].client_id))
+        acc = accumulate(acc, model.state_dict(), float(clients[i].n_train))
+        total += clients[i].n_train
+    return finish(acc, total, global_state)
+
+
+RoundCallback = Callable[[int, dict, list], None]
+
+
 def run_fedavg(model: nn.Module, clients: list[ClientData], *, rounds: int, local_epochs: int, lr: float,
                client_fraction: float, settings: OptimSettings, accelerator: Accelerator, seed: int,
-               eval_every: int = 1) -> tuple[nn.Module, list[dict]]:
-    """Train ``model`` in place with FedAvg; return it and one history row per round."""
-    rng = np.random.default_rng(derive_seed(seed, "fedavg-sampling"))
+               eval_every: int = 1, start_round: int = 0, history: list[dict] | None = None,
+               on_round_end: RoundCallback | None = None) -> tuple[nn.Module, list[dict]]:
+    """Train ``model`` in place with FedAvg; return it and one history row per round.
+
+    Args:
+        start_round: Rounds already done (resume); ``model`` must then hold that round's global weights.
+        on_round_end: Called as ``(round, global_state, history)`` after every round (e.g. a checkpoint).
+    """
     phase = Phase("fedavg_local", "all", local_epochs, lr, bn="train")
-    history: list[dict] = []
-    bar = tqdm(range(rounds), desc="FedAvg", disable=not accelerator.is_main_process)
+    history = list(history or [])
+    bar = tqdm(range(start_round, rounds), desc="FedAvg", initial=start_round, total=rounds,
+               disable=not accelerator.is_main_process)
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     for rnd in bar:
-        acc, total = None, 0.0
-        for i in sample_clients(len(clients), client_fraction, rng):
-            model.load_state_dict(global_state)  # one model in memory, reset to the global weights
-            train_phase(model, phase, clients[i], settings=settings, accelerator=accelerator,
-                        seed=derive_seed(seed, "fedavg", rnd, clients[i].client_id))
-            acc = accumulate(acc, model.state_dict(), float(clients[i].n_train))
-            total += clients[i].n_train
-        global_state = finish(acc, total, global_state)
+        global_state = fedavg_round(model, global_state, clients, rnd=rnd, phase=phase, client_fraction=client_fraction,
+                                    settings=settings, accelerator=accelerator, seed=seed)
         model.load_state_dict(global_state)
         row = {"round": rnd + 1}
         if eval_every and ((rnd + 1) % eval_every == 0 or rnd + 1 == rounds):
             row["global_test_acc"] = mean_test_accuracy(model, clients, device=accelerator.device)
             bar.set_postfix(acc=f"{row['global_test_acc']:.3f}")
         history.append(row)
+        if on_round_end is not None:
+            on_round_end(rnd + 1, global_state, history)
     model.eval()
     return model, history

@@ -12,7 +12,7 @@ from hf_lpft.strategies.base import Strategy, fresh_copy
 from hf_lpft.train.loop import OptimSettings, derive_seed, train_phase
 from hf_lpft.train.phase import Phase
 
-EpochCallback = Callable[[str, int, float], None]
+EpochCallback = Callable[[nn.Module, str, int, float], None]
 
 
 def run_phase(strategy: Strategy, model: nn.Module, phase: Phase, data: ClientData, *, settings: OptimSettings,
@@ -20,7 +20,7 @@ def run_phase(strategy: Strategy, model: nn.Module, phase: Phase, data: ClientDa
               on_epoch_end: EpochCallback | None = None) -> dict:
     """One phase of ``strategy`` with all its hooks (phase start, extra loss, gradient hook, flooding)."""
     strategy.on_phase_start(model, phase, data)
-    callback = None if on_epoch_end is None else (lambda e, loss: on_epoch_end(phase.name, e, loss))
+    callback = None if on_epoch_end is None else (lambda e, loss: on_epoch_end(model, phase.name, e, loss))
     record = train_phase(model, phase, data, settings=settings, accelerator=accelerator,
                          seed=derive_seed(seed, ingredient, phase.name),
                          extra_loss=lambda m: strategy.extra_loss(m, phase),
@@ -36,7 +36,7 @@ def personalize(strategy: Strategy, global_model: nn.Module, data: ClientData, *
 
     Args:
         seed: Already derived for (run seed, strategy, client); each ingredient and phase derives its own.
-        on_epoch_end: Called as ``(phase_name, epoch, mean_loss)`` after every epoch.
+        on_epoch_end: Called as ``(model, phase_name, epoch, mean_loss)`` after every epoch.
 
     Returns:
         The personalized model (in eval mode) and one record per (ingredient, phase).

@@ -1,0 +1,49 @@
+"""Resume points: FedAvg round checkpoints and one record per (seed, strategy, client) unit.
+
+Every write is atomic (temporary name, then rename), so a kill at any moment leaves either the previous
+complete checkpoint or the new one, never a half-written file. A unit's record is written only after its
+model export, so "record exists" means "unit complete".
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from hf_lpft.io import atomic_path, write_json
+
+
+class Checkpoints:
+    """The ``checkpoints/`` folder of a run."""
+
+    def __init__(self, output_dir: str | Path):
+        self.root = Path(output_dir) / "checkpoints"
+
+    def _fedavg_dir(self, seed: int) -> Path:
+        return self.root / f"seed_{seed}" / "fedavg"
+
+    def save_round(self, seed: int, state: dict, history: list[dict]) -> None:
+        """Overwrite the seed's FedAvg checkpoint with the global state after ``len(history)`` rounds."""
+        with atomic_path(self._fedavg_dir(seed), directory=True) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / "state.safetensors"))
+            (tmp / "history.json").write_text(json.dumps(history))
+
+    def load_round(self, seed: int) -> tuple[dict[str, torch.Tensor], list[dict]] | None:
+        """The latest FedAvg checkpoint of ``seed`` as (state, history), or None."""
+        folder = self._fedavg_dir(seed)
+        if not (folder / "history.json").is_file():
+            return None
+        return load_file(str(folder / "state.safetensors")), json.loads((folder / "history.json").read_text())
+
+    def _unit_path(self, seed: int, strategy: str, client_id: str) -> Path:
+        return self.root / f"seed_{seed}" / "units" / strategy / f"{client_id}.json"
+
+    def save_unit(self, seed: int, strategy: str, client_id: str, record: dict) -> None:
+        write_json(self._unit_path(seed, strategy, client_id), record)
+
+    def load_unit(self, seed: int, strategy: str, client_id: str) -> dict | None:
+        path = self._unit_path(seed, strategy, client_id)
+        return json.loads(path.read_text()) if path.is_file() else None
