@@ -1,0 +1,1 @@
+"""Evaluation: accuracy metrics and the Section 4 theory simulator."""
