@@ -42,4 +42,4 @@ def test_summary_table_mean_and_std_over_seeds():
     assert row["local_std"] == pytest.approx(np.std([1.0, 0.5], ddof=1))
     assert row["global"] == pytest.approx(0.25)
     md = format_markdown(table)
-    assert "| ft | 75.00 (35.36) | 25.00 (35.36) |" in md
+    assert "| FT | 75.00 (35.36) | 25.00 (35.36) |" in md

@@ -72,12 +72,18 @@ def summary_table(results: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+DISPLAY_NAMES = {"global_model": "global-model", "ft": "FT", "lp": "LP", "lp_ft": "LP-FT",
+                 "proximal_ft": "Proximal FT", "sparse_ft": "Sparse FT", "soup_ft": "Soup FT",
+                 "lss_ft": "LSS FT", "lora": "LoRA", "lp_lora": "LP-LoRA", "surgical_ft": "Surgical FT",
+                 "bn_adapt": "BN-adapt"}
+
+
 def format_markdown(summary: pd.DataFrame) -> str:
     """The summary as a Markdown table, accuracies in %, 'mean (std)'."""
     headers = ["strategy", "Local", "Global", "C-Std", "Worst", "Avg (L+G)/2", "Avg (L+G+W)/3", "Global < global model"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for _, r in summary.iterrows():
-        cells = [r.strategy] + [f"{100 * r[c]:.2f} ({100 * r[c + '_std']:.2f})" for c in METRIC_COLUMNS[:-1]]
+        cells = [DISPLAY_NAMES.get(r.strategy, r.strategy)] + [f"{100 * r[c]:.2f} ({100 * r[c + '_std']:.2f})" for c in METRIC_COLUMNS[:-1]]
         share = r["below_global_share"]
         cells.append("-" if np.isnan(share) else f"{100 * share:.0f}%")
         lines.append("| " + " | ".join(cells) + " |")

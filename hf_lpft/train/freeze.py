@@ -41,6 +41,9 @@ def trainable_names(model: nn.Module, phase: Phase) -> set[str]:
     return names
 
 
+_REPORTED: set[tuple] = set()
+
+
 def apply_phase(model: nn.Module, phase: Phase) -> tuple[int, int]:
     """Set ``requires_grad`` for ``phase``; return (trainable, total) parameter counts."""
     names = trainable_names(model, phase)
@@ -49,8 +52,11 @@ def apply_phase(model: nn.Module, phase: Phase) -> tuple[int, int]:
         p.requires_grad_(name in names)
         total += p.numel()
         trainable += p.numel() if name in names else 0
-    logger.info("phase %s: %d / %d parameters trainable (%.2f%%), BatchNorm %s",
-                phase.name, trainable, total, 100.0 * trainable / max(total, 1), phase.bn)
+    key = (phase.name, trainable, total, phase.bn)
+    log = logger.debug if key in _REPORTED else logger.info  # say it once per kind of phase, not per client
+    _REPORTED.add(key)
+    log("phase %s: %d / %d parameters trainable (%.2f%%), BatchNorm %s",
+        phase.name, trainable, total, 100.0 * trainable / max(total, 1), phase.bn)
     return trainable, total
 
 
