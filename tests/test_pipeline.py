@@ -43,7 +43,7 @@ def test_output_folder_contract(first_run):
     record = json.loads((out / "run_record.json").read_text())
     assert set(record) == {"run_info", "train_info", "meta_info"}
     assert record["run_info"]["strategies"]["lp_ft"]["phases"][0]["bn"] == "frozen"
-    assert "global_model" in result.markdown and "| lp_ft |" in result.markdown
+    assert "| global-model |" in result.markdown and "| LP-FT |" in result.markdown
     assert not list(out.rglob("*.tmp")), "temporary files left behind"
 
 
