@@ -1,0 +1,224 @@
+"""``report.md`` of a run folder: the summary table, then the paper's analyses as PNG figures.
+
+Reads what :func:`hf_lpft.pipeline.run` wrote (``results.parquet``; ``curves.parquet`` when
+``pft.eval_every > 0``; ``cross_client.parquet``, else the ``acc_by_client`` column) and writes
+``report.md`` plus ``figures/*.png``; every file is written atomically. Figures (Chen et al.,
+arXiv 2511.12695):
+
+* ``distortion_vs_global.png`` -- feature distortion Δ against Global accuracy per method (Figure 3a).
+* ``epoch_curves.png`` -- Local, Global (and Δ) against personalization epochs (Figure 2); epoch 0 is the
+  global model. Epochs are counted across phases (LP-FT: probing epochs first) and, for soups, across
+  ingredients.
+* ``cross_client.png`` -- client i's model on client j's test split, one heatmap per method.
+
+Matplotlib runs through the Agg canvas on ``Figure`` objects (no pyplot state, no display needed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from hf_lpft.evaluation.metrics import DISPLAY_NAMES, format_markdown, summary_table
+from hf_lpft.io import atomic_path, write_text
+
+FIGURES = "figures"
+
+
+def _name(strategy: str) -> str:
+    return DISPLAY_NAMES.get(strategy, strategy)
+
+
+def cross_client_frame(results: pd.DataFrame) -> pd.DataFrame:
+    """Long table of the cross-client matrix: one row per (seed, strategy, model client, data client)."""
+    ids = results.drop_duplicates("client_index").set_index("client_index").client_id.to_dict()
+    rows = [{"seed": r.seed, "strategy": r.strategy, "model_client": r.client_id, "model_index": r.client_index,
+             "data_client": ids.get(j, str(j)), "data_index": j, "accuracy": float(a)}
+            for r in results.itertuples() for j, a in enumerate(r.acc_by_client)]
+    return pd.DataFrame(rows, columns=["seed", "strategy", "model_client", "model_index", "data_client",
+                                       "data_index", "accuracy"])
+
+
+def _save(fig: Figure, path: Path) -> None:
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+
+
+def plot_distortion_vs_global(results: pd.DataFrame, path: Path) -> bool:
+    """Δ (own split, other splits) against Global accuracy: small dots per client, large per method mean."""
+    ok = results[results.distortion_local.notna()] if "distortion_local" in results else results.iloc[:0]
+    if ok.empty:
+        return False
+    fig = Figure(figsize=(11, 4.5))
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, col, label in zip(axes, ("distortion_local", "distortion_global"),
+                              ("Δ on the own test split", "Δ on the other clients' test splits")):
+        for k, (strategy, g) in enumerate(ok.groupby("strategy", sort=False)):
+            color = f"C{k % 10}"
+            ax.scatter(g[col], 100 * g.global_acc, s=14, alpha=0.35, color=color)
+            ax.scatter(g[col].mean(), 100 * g.global_acc.mean(), s=110, color=color, edgecolor="k",
+                       label=_name(strategy))
+        ax.set(xlabel=f"feature distortion {label}", title=f"Global accuracy vs {label}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("Global accuracy (%)")
+    axes[1].legend(fontsize=8)
+    _save(fig, path)
+    return True
+
+
+def plot_epoch_curves(curves: pd.DataFrame, results: pd.DataFrame, path: Path) -> bool:
+    """Mean over clients and seeds of Local, Global (and Δ own) per epoch, one line per method."""
+    if curves is None or curves.empty:
+        return False
+    cols = [("local_acc", "Local accuracy (%)", 100), ("global_acc", "Global accuracy (%)", 100)]
+    if "distortion_local" in curves and curves.distortion_local.notna().any():
+        cols.append(("distortion_local", "Δ on the own test split", 1))
+    start = results[results.strategy == "global_model"]
+    fig = Figure(figsize=(5 * len(cols), 4))
+    axes = fig.subplots(1, len(cols))
+    for k, (strategy, g) in enumerate(curves.groupby("strategy", sort=False)):
+        mean = g.groupby("epoch")[[c for c, _, _ in cols]].mean()
+        for ax, (col, _, scale) in zip(axes, cols):
+            first = {"local_acc": start.local_acc.mean(), "global_acc": start.global_acc.mean(),
+                     "distortion_local": 0.0}[col] if len(start) else np.nan
+            x, y = np.r_[0, mean.index.to_numpy()], scale * np.r_[first, mean[col].to_numpy()]
+            ax.plot(x, y, marker="o", ms=3, color=f"C{k % 10}", label=_name(strategy))
+    for ax, (_, label, _) in zip(axes, cols):
+        ax.set(xlabel="personalization epoch (0 = global model)", ylabel=label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    _save(fig, path)
+    return True
+
+
+def cross_client_matrix(cross: pd.DataFrame, strategy: str) -> pd.DataFrame:
+    """Mean over seeds of the accuracy of client i's model (rows) on client j's test split (columns), by client id."""
+    names = dict(zip(cross.data_index, cross.data_client)) | dict(zip(cross.model_index, cross.model_client))
+    m = cross[cross.strategy == strategy].pivot_table(index="model_index", columns="data_index", values="accuracy",
+                                                     aggfunc="mean", dropna=False)
+    return m.rename(index=names, columns=names).rename_axis(index="model_client", columns="data_client")
+
+
+def plot_cross_client(cross: pd.DataFrame, path: Path) -> bool:
+    """One heatmap per method of accuracy (%) of client i's model (rows) on client j's test split (columns)."""
+    if cross.empty:
+        return False
+    strategies = list(dict.fromkeys(cross.strategy))
+    ncols = min(3, len(strategies))
+    nrows = -(-len(strategies) // ncols)
+    fig = Figure(figsize=(4.2 * ncols, 3.8 * nrows))
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    for ax, strategy in zip(axes, strategies):
+        m = cross_client_matrix(cross, strategy)
+        image = ax.imshow(100 * m.to_numpy(), vmin=0, vmax=100, cmap="viridis")
+        for (i, j), v in np.ndenumerate(100 * m.to_numpy()):
+            ax.text(j, i, "-" if np.isnan(v) else f"{v:.0f}", ha="center", va="center", fontsize=7,
+                    color="w" if v < 60 else "k")
+        ax.set_xticks(range(m.shape[1]), list(m.columns), rotation=45, fontsize=7)
+        ax.set_yticks(range(m.shape[0]), list(m.index), fontsize=7)
+        ax.set(title=_name(strategy), xlabel="test split of client", ylabel="model of client")
+    for ax in axes[len(strategies):]:
+        ax.axis("off")
+    fig.colorbar(image, ax=list(axes[:len(strategies)]), shrink=0.8, label="accuracy (%)")
+    FigureCanvasAgg(fig)
+    with atomic_path(path) as tmp:  # no tight_layout: it cannot place the shared colorbar
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    return True
+
+
+def epoch_table(curves: pd.DataFrame | None, results: pd.DataFrame) -> str:
+    """Markdown: mean Local / Global (%) of each method at epoch 0 (global model), its first and last logged epoch."""
+    if curves is None or curves.empty:
+        return ""
+    start = results[results.strategy == "global_model"]
+    lines = ["| strategy | epoch | Local | Global |", "|---|---|---|---|"]
+    if len(start):
+        lines.append(f"| global model | 0 | {100 * start.local_acc.mean():.2f} | {100 * start.global_acc.mean():.2f} |")
+    for strategy, g in curves.groupby("strategy", sort=False):
+        mean = g.groupby("epoch")[["local_acc", "global_acc"]].mean()
+        for epoch in dict.fromkeys([mean.index.min(), mean.index.max()]):
+            r = mean.loc[epoch]
+            lines.append(f"| {_name(strategy)} | {epoch} | {100 * r.local_acc:.2f} | {100 * r.global_acc:.2f} |")
+    return "\n".join(lines)
+
+
+def _read(path: Path) -> pd.DataFrame | None:
+    return pd.read_parquet(path) if path.is_file() else None
+
+
+def write_report(output_dir: str | Path) -> Path:
+    """Write ``report.md`` and ``figures/*.png`` for a finished run folder; returns the report's path."""
+    out = Path(output_dir)
+    results = pd.read_parquet(out / "results.parquet")
+    ok = results[results.error.isna()] if "error" in results else results
+    curves = _read(out / "curves.parquet")
+    cross = _read(out / "cross_client.parquet")
+    cross = cross if cross is not None else cross_client_frame(results)
+    fig_dir = out / FIGURES
+    seeds = ok.seed.nunique()
+    measured = "distortion_local" in ok and ok.distortion_local.notna().any()
+    parts = [f"# Run report: {out.name}", "",
+             f"## Summary (accuracy %, mean (std) over {seeds} seed(s))", "", format_markdown(summary_table(ok)), "",
+             "Global = mean accuracy on the *other* clients' test splits; Worst = lowest Local."
+             + (" Δ own / Δ others = feature distortion, mean ‖f(θ_G; x) − f(θ_c; x)‖₂ at the head's input, on "
+                "the own test split / the other clients' splits, in feature units (global model: 0 by "
+                "definition)." if measured else "")]
+    failed = results[results.error.notna()] if "error" in results else results.iloc[:0]
+    if len(failed):
+        parts += ["", "Failed units (excluded): " + ", ".join(
+            f"{r.strategy}/{r.client_id}/seed {r.seed}: {r.error}" for r in failed.itertuples())]
+    parts += ["", "## Feature distortion vs Global accuracy (Figure 3a analogue)", ""]
+    parts.append("![distortion vs Global](figures/distortion_vs_global.png)"
+                 if plot_distortion_vs_global(ok, fig_dir / "distortion_vs_global.png")
+                 else "Not measured (run.distortion is off).")
+    parts += ["", "## Epoch curves (Figure 2 analogue)", ""]
+    if plot_epoch_curves(curves, ok, fig_dir / "epoch_curves.png"):
+        parts += ["![epoch curves](figures/epoch_curves.png)", "", epoch_table(curves, ok)]
+    else:
+        parts.append("Not recorded: set pft.eval_every > 0 to log Local and Global every k epochs.")
+    parts += ["", "## Cross-client accuracy (model of client i on the test split of client j)", ""]
+    parts.append("![cross-client accuracy](figures/cross_client.png)"
+                 if plot_cross_client(cross, fig_dir / "cross_client.png") else "No results.")
+    return write_text(out / "report.md", "\n".join(parts) + "\n")
+
+
+def flooding_table(results_by_flood: dict[float, pd.DataFrame]) -> pd.DataFrame:
+    """Loss-flooding ablation (Figure 3b): per (strategy, flood level), mean over clients and seeds of the
+    final local training loss (plain cross-entropy of the last epoch), Local, Global and Δ own."""
+    rows = []
+    for flood, results in results_by_flood.items():
+        ok = results[(results.strategy != "global_model") & results.error.isna()]
+        for strategy, g in ok.groupby("strategy", sort=False):
+            rows.append({"strategy": strategy, "flood": flood, "final_train_loss": g.final_train_loss.mean(),
+                         "local_acc": g.local_acc.mean(), "global_acc": g.global_acc.mean(),
+                         "distortion_local": g.distortion_local.mean() if "distortion_local" in g else np.nan})
+    return pd.DataFrame(rows).sort_values(["strategy", "flood"], kind="stable", ignore_index=True)
+
+
+def flooding_markdown(table: pd.DataFrame) -> str:
+    """The ablation table in Markdown (accuracies in %)."""
+    lines = ["| strategy | flood | final train loss | Local | Global | Δ own |", "|---|---|---|---|---|---|"]
+    lines += [f"| {_name(r.strategy)} | {r.flood:g} | {r.final_train_loss:.3f} | {100 * r.local_acc:.2f} | "
+              f"{100 * r.global_acc:.2f} | {r.distortion_local:.3g} |" for r in table.itertuples()]
+    return "\n".join(lines)
+
+
+def plot_flooding(table: pd.DataFrame, path: Path) -> None:
+    """Global accuracy against final local training loss, one line per strategy, points labelled by flood."""
+    fig = Figure(figsize=(5.5, 4))
+    ax = fig.subplots()
+    for k, (strategy, g) in enumerate(table.groupby("strategy", sort=False)):
+        ax.plot(g.final_train_loss, 100 * g.global_acc, marker="o", color=f"C{k % 10}", label=_name(strategy))
+        for r in g.itertuples():
+            ax.annotate(f"b={r.flood:g}", (r.final_train_loss, 100 * r.global_acc), fontsize=7,
+                        textcoords="offset points", xytext=(4, 4))
+    ax.set(xlabel="final local training loss", ylabel="Global accuracy (%)", title="Loss flooding")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
