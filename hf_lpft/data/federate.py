@@ -1,7 +1,28 @@
-"""Any Hugging Face ``Dataset`` -> clients: flwr-datasets partitioners, per-client splits, a manifest.
+"""Any Hugging Face ``Dataset`` -> clients: flwr-datasets partitioners, per-client shifts, splits, a manifest.
 
-The partition itself comes from flwr-datasets (``NaturalIdPartitioner``, ``DirichletPartitioner``);
-what is ours is the bookkeeping: row indices of every client's train and test split, label histograms,
+Schemes (each through a flwr-datasets partitioner, ``flwr_datasets.partitioner`` 0.6.1):
+
+- ``iid``: ``IidPartitioner`` over a seeded shuffle (equal sizes, same label mix);
+- ``dirichlet``: ``DirichletPartitioner`` over ``partition_by`` (default the label), concentration
+  ``alpha``; resampled until every client has ``min_partition_size`` examples, at most 10 attempts
+  (flwr-datasets' own bound), then a ``FederationError`` naming the values;
+- ``pathological``: ``PathologicalPartitioner``, ``classes_per_client`` classes a client
+  (McMahan et al.'s "first-deterministic" assignment, so every class is used when clients >= classes);
+- ``natural``: ``NaturalIdPartitioner``, one client per value of ``partition_by`` (default the domain);
+- ``quantity``: size skew with the label mix left iid: ``SizePartitioner`` with Dirichlet(alpha) sizes
+  (``quantity_mode=dirichlet``) or ``LinearPartitioner``/``SquarePartitioner``/``ExponentialPartitioner``;
+- ``natural+dirichlet``: one domain (``domain_column``) split over ``clients_per_domain`` clients with a
+  Dirichlet label skew inside each domain (domain x label shift).
+
+``partition_by`` may join columns with ``+`` (``Blond_Hair+Male``): the partitioner then sees their joint
+value, e.g. a Dirichlet over (label, spurious attribute) groups gives every client its own correlation
+between the two (CelebA-style spurious correlations that differ by client).
+
+Per-client shifts, recorded in the manifest and applied by ``apply_client_shifts``: one CIFAR-10-C
+corruption (family, severity) a client (``corruption="per_client"``, see ``hf_lpft.data.shifts``) and a
+seeded permutation of ``label_permutation`` classes a client (concept shift).
+
+What is ours is the bookkeeping: row indices of every client's train and test split, label histograms,
 and a hashed manifest that rebuilds exactly the same federation.
 """
 
@@ -10,8 +31,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,11 +40,17 @@ import datasets
 import numpy as np
 from sklearn.model_selection import train_test_split
 
+from hf_lpft.io import write_text
+
 logger = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
-SCHEMES = ("natural", "dirichlet")
+SCHEMES = ("iid", "dirichlet", "pathological", "natural", "quantity", "natural+dirichlet")
+QUANTITY_MODES = ("dirichlet", "linear", "square", "exponential")
+CORRUPTION_MODES = ("none", "per_client")
 _ROW = "__hf_lpft_row__"
+_KEY = "__hf_lpft_key__"
+_MAX_ATTEMPTS = 10
 
 
 class FederationError(ValueError):
@@ -32,13 +59,14 @@ class FederationError(ValueError):
 
 @dataclass
 class ClientSplit:
-    """Row indices (into the source dataset) of one client's train and test split."""
+    """Row indices (into the source dataset) of one client's train and test split, and its shift."""
 
     client_id: str
     train_indices: list[int]
     test_indices: list[int]
     label_hist_train: list[int] = field(default_factory=list)
     label_hist_test: list[int] = field(default_factory=list)
+    shift: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -57,24 +85,27 @@ class Federation:
         return [c.client_id for c in self.clients]
 
     def indices_hash(self) -> str:
-        """SHA-256 over every client's id and indices: two federations match iff their hashes do."""
-        payload = [[c.client_id, c.train_indices, c.test_indices] for c in self.clients]
-        return hashlib.sha256(json.dumps(payload, separators=(",", ":")).encode()).hexdigest()
+        """SHA-256 over every client's id, indices and (when any) shift: federations match iff hashes do."""
+        with_shift = any(c.shift for c in self.clients)
+        payload = [[c.client_id, c.train_indices, c.test_indices] + ([c.shift] if with_shift else [])
+                   for c in self.clients]
+        return hashlib.sha256(json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()).hexdigest()
 
     def to_manifest(self) -> dict:
         return {"version": MANIFEST_VERSION, "scheme": self.scheme, "params": self.params, "seed": self.seed,
                 "num_rows": self.num_rows, "num_classes": self.num_classes, "indices_sha256": self.indices_hash(),
                 "clients": [{"client_id": c.client_id, "n_train": len(c.train_indices), "n_test": len(c.test_indices),
                              "label_hist_train": c.label_hist_train, "label_hist_test": c.label_hist_test,
-                             "train_indices": c.train_indices, "test_indices": c.test_indices} for c in self.clients]}
+                             "shift": c.shift, "train_indices": c.train_indices, "test_indices": c.test_indices}
+                            for c in self.clients]}
 
 
 def num_classes_of(ds: datasets.Dataset, label_column: str) -> int:
-    """Class count from a ClassLabel feature, else max label + 1."""
+    """Class count from a ClassLabel feature, else max label + 1 (booleans count as 2 classes)."""
     feature = ds.features[label_column]
     if isinstance(feature, datasets.ClassLabel):
         return feature.num_classes
-    return int(max(ds[label_column])) + 1
+    return int(np.asarray(ds[label_column]).astype(np.int64).max()) + 1
 
 
 def check_columns(ds: datasets.Dataset, columns: dict[str, str]) -> None:
@@ -84,21 +115,126 @@ def check_columns(ds: datasets.Dataset, columns: dict[str, str]) -> None:
             raise FederationError(f"{role}={name!r} is not a column of the dataset; columns: {ds.column_names}")
 
 
-def _partitioner(scheme: str, *, partition_by: str, num_clients: int, alpha: float, min_partition_size: int, seed: int):
-    from flwr_datasets.partitioner import DirichletPartitioner, NaturalIdPartitioner
+def _check_params(scheme: str, *, num_clients: int, alpha: float, min_partition_size: int, classes_per_client: int,
+                  quantity_mode: str, clients_per_domain: int, corruption: str, label_permutation: int,
+                  test_fraction: float, num_rows: int) -> None:
+    """Reject bad scheme parameters with a message naming the value and what is allowed."""
+    checks = [
+        (scheme in SCHEMES, f"scheme={scheme!r} is not allowed; choose one of {list(SCHEMES)}"),
+        (num_clients >= 1, f"num_clients={num_clients!r} must be >= 1"),
+        (alpha > 0, f"alpha={alpha!r} must be > 0"),
+        (min_partition_size >= 0, f"min_partition_size={min_partition_size!r} must be >= 0"),
+        (classes_per_client >= 1, f"classes_per_client={classes_per_client!r} must be >= 1"),
+        (quantity_mode in QUANTITY_MODES, f"quantity_mode={quantity_mode!r} is not allowed; choose one of {list(QUANTITY_MODES)}"),
+        (clients_per_domain >= 1, f"clients_per_domain={clients_per_domain!r} must be >= 1"),
+        (corruption in CORRUPTION_MODES, f"corruption={corruption!r} is not allowed; choose one of {list(CORRUPTION_MODES)}"),
+        (label_permutation >= 0, f"label_permutation={label_permutation!r} must be >= 0 (0 = off)"),
+        (0.0 < test_fraction < 1.0, f"test_fraction={test_fraction!r} must be in (0, 1)"),
+    ]
+    if scheme in ("iid", "dirichlet", "pathological", "quantity"):
+        checks.append((num_clients <= num_rows, f"num_clients={num_clients} exceeds the dataset's {num_rows} examples"))
+    for ok, msg in checks:
+        if not ok:
+            raise FederationError(msg)
 
-    if scheme == "natural":
-        return NaturalIdPartitioner(partition_by=partition_by)
+
+def _partition_view(ds: datasets.Dataset, keys: list[str]) -> tuple[datasets.Dataset, dict[str, str]]:
+    """A light copy for the partitioners: the needed columns, joint keys (``a+b``) and the source row index."""
+    view = ds.select_columns(list(dict.fromkeys(c for k in keys for c in k.split("+"))))
+    view = view.add_column(_ROW, list(range(len(ds))))
+    names = {}
+    for k in keys:
+        if "+" in k:
+            parts = k.split("+")
+            joint = ["|".join(map(str, vals)) for vals in zip(*(view[p] for p in parts))]
+            name = f"{_KEY}{len(names)}"
+            view = view.add_column(name, joint)
+            names[k] = name
+        else:
+            names[k] = k
+    return view, names
+
+
+def _run(partitioner, view: datasets.Dataset, what: str) -> list[np.ndarray]:
+    """Row indices of every partition; a partitioner's ValueError becomes a FederationError naming ``what``."""
+    partitioner.dataset = view
+    try:
+        with warnings.catch_warnings():  # flwr-datasets warns at every Dirichlet redraw; a failure raises below
+            warnings.filterwarnings("ignore", category=UserWarning, module="flwr_datasets")
+            return [np.asarray(partitioner.load_partition(i)[_ROW], dtype=np.int64)
+                    for i in range(partitioner.num_partitions)]
+    except ValueError as err:
+        raise FederationError(f"{what}: {err}") from err
+
+
+def _quantity_sizes(n_rows: int, num_clients: int, *, alpha: float, min_size: int, rng: np.random.Generator) -> list[int]:
+    """Client sizes ~ Dirichlet(alpha) x n_rows, each >= min_size, resampled at most _MAX_ATTEMPTS times."""
+    if num_clients * min_size > n_rows:
+        raise FederationError(f"quantity: num_clients={num_clients} x min_partition_size={min_size} exceeds the "
+                              f"dataset's {n_rows} examples")
+    for _ in range(_MAX_ATTEMPTS):
+        sizes = np.floor(rng.dirichlet(np.full(num_clients, alpha)) * n_rows).astype(int)
+        sizes[np.argmax(sizes)] += n_rows - sizes.sum()
+        if sizes.min() >= max(min_size, 1):
+            return sizes.tolist()
+    raise FederationError(f"quantity: no sizes with min_partition_size={min_size} for alpha={alpha} and "
+                          f"num_clients={num_clients} after {_MAX_ATTEMPTS} attempts; raise alpha or lower "
+                          "min_partition_size")
+
+
+def _dirichlet(view, by: str, n: int, *, alpha: float, min_size: int, seed: int, what: str) -> list[np.ndarray]:
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    part = DirichletPartitioner(num_partitions=n, partition_by=by, alpha=float(alpha), min_partition_size=min_size,
+                                self_balancing=False, seed=seed)
+    return _run(part, view, f"{what} (alpha={alpha}, min_partition_size={min_size}, num_clients={n}; at most "
+                            f"{_MAX_ATTEMPTS} Dirichlet draws)")
+
+
+def _partition(ds: datasets.Dataset, scheme: str, *, by: str | None, label_column: str, domain_column: str,
+               num_clients: int, alpha: float, min_partition_size: int, classes_per_client: int,
+               quantity_mode: str, clients_per_domain: int, seed: int) -> list[tuple[str, np.ndarray]]:
+    """(client id, source rows) for every client of ``scheme``."""
+    import flwr_datasets.partitioner as P
+
+    keys = [k for k in (by, label_column) if k]
+    view, names = _partition_view(ds, keys)
+    ids = [f"client_{i:02d}" for i in range(num_clients)]
+    if scheme == "iid":
+        return list(zip(ids, _run(P.IidPartitioner(num_clients), view.shuffle(seed=seed), "iid")))
     if scheme == "dirichlet":
-        return DirichletPartitioner(num_partitions=num_clients, partition_by=partition_by, alpha=alpha,
-                                    min_partition_size=min_partition_size, self_balancing=False, seed=seed)
-    raise FederationError(f"scheme={scheme!r} is not allowed; choose one of {list(SCHEMES)}")
-
-
-def _client_ids(scheme: str, partitioner, n: int) -> list[str]:
+        return list(zip(ids, _dirichlet(view, names[by], num_clients, alpha=alpha, min_size=min_partition_size,
+                                        seed=seed, what="dirichlet")))
+    if scheme == "pathological":
+        n_unique = len(set(view[names[by]]))
+        if classes_per_client > n_unique:
+            raise FederationError(f"classes_per_client={classes_per_client} exceeds the {n_unique} distinct values of {by!r}")
+        part = P.PathologicalPartitioner(num_partitions=num_clients, partition_by=names[by],
+                                         num_classes_per_partition=classes_per_client,
+                                         class_assignment_mode="first-deterministic", seed=seed)
+        return list(zip(ids, _run(part, view, "pathological")))
+    if scheme == "quantity":
+        shuffled = view.shuffle(seed=seed)
+        if quantity_mode == "dirichlet":
+            sizes = _quantity_sizes(len(ds), num_clients, alpha=alpha, min_size=min_partition_size,
+                                    rng=np.random.default_rng(seed))
+            part = P.SizePartitioner([int(x) for x in sizes])
+        else:
+            part = {"linear": P.LinearPartitioner, "square": P.SquarePartitioner,
+                    "exponential": P.ExponentialPartitioner}[quantity_mode](num_clients)
+        return list(zip(ids, _run(part, shuffled, f"quantity_mode={quantity_mode!r}")))
+    natural = P.NaturalIdPartitioner(partition_by=names[by])
+    groups = _run(natural, view, "natural")
+    values = [str(natural.partition_id_to_natural_id[i]) for i in range(len(groups))]
     if scheme == "natural":
-        return [str(partitioner.partition_id_to_natural_id[i]) for i in range(n)]
-    return [f"client_{i:02d}" for i in range(n)]
+        return list(zip(values, groups))
+    out = []  # natural+dirichlet: a Dirichlet label split inside each domain
+    for k, (value, rows) in enumerate(zip(values, groups)):
+        sub = view.select(rows.tolist())
+        parts = _dirichlet(sub, names[label_column], clients_per_domain, alpha=alpha, min_size=min_partition_size,
+                           seed=seed + k, what=f"natural+dirichlet in {domain_column}={value!r}")
+        out += [(f"{value}_{j}", p) for j, p in enumerate(parts)]
+    return out
 
 
 def _split(rows: np.ndarray, labels: np.ndarray, *, test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -109,63 +245,152 @@ def _split(rows: np.ndarray, labels: np.ndarray, *, test_fraction: float, seed: 
     return sorted(int(i) for i in train), sorted(int(i) for i in test)
 
 
-def _hist(labels: np.ndarray, rows: list[int], num_classes: int) -> list[int]:
-    return np.bincount(labels[rows], minlength=num_classes).astype(int).tolist()
+def _hist(labels: np.ndarray, rows: list[int], num_classes: int, label_map: list[int] | None = None) -> list[int]:
+    y = labels[rows]
+    if label_map is not None:
+        y = np.asarray(label_map)[y]
+    return np.bincount(y, minlength=num_classes).astype(int).tolist()
+
+
+def _client_shifts(n: int, *, num_classes: int, corruption: str, corruption_families: Sequence[str] | None,
+                   corruption_severities: Sequence[int] | None, label_permutation: int, seed: int) -> list[dict]:
+    """The shift of every client: a (family, severity) pair and/or a seeded label permutation."""
+    from hf_lpft.data import shifts as S
+
+    out: list[dict] = [{} for _ in range(n)]
+    if corruption == "per_client":
+        try:
+            pairs = S.corruption_schedule(n, families=tuple(corruption_families or S.CORRUPTIONS),
+                                          severities=tuple(corruption_severities or S.SEVERITIES))
+        except ValueError as err:
+            raise FederationError(str(err)) from err
+        for s, (family, severity) in zip(out, pairs):
+            s.update(corruption=family, severity=severity)
+    if label_permutation:
+        if label_permutation > num_classes:
+            raise FederationError(f"label_permutation={label_permutation} exceeds the {num_classes} classes")
+        for i, s in enumerate(out):
+            s["label_map"] = S.label_permutation(num_classes, label_permutation, seed=int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
+    return out
+
+
+def default_partition_by(scheme: str, *, label_column: str, domain_column: str) -> str | None:
+    """The column a scheme partitions by when ``partition_by`` is not given."""
+    return {"natural": domain_column, "natural+dirichlet": domain_column, "dirichlet": label_column,
+            "pathological": label_column}.get(scheme)
 
 
 def federate(ds: datasets.Dataset, *, scheme: str = "natural", partition_by: str | None = None,
              label_column: str = "label", domain_column: str = "domain", num_clients: int = 5,
-             alpha: float = 0.5, min_partition_size: int = 10, test_fraction: float = 0.25,
-             max_examples_per_client: int | None = None, seed: int = 0) -> Federation:
-    """Partition ``ds`` into clients, each with a stratified train/test split.
+             alpha: float = 0.5, min_partition_size: int = 10, classes_per_client: int = 2,
+             quantity_mode: str = "dirichlet", clients_per_domain: int = 2, corruption: str = "none",
+             corruption_families: Sequence[str] | None = None, corruption_severities: Sequence[int] | None = None,
+             label_permutation: int = 0, test_fraction: float = 0.25, max_examples_per_client: int | None = None,
+             seed: int = 0) -> Federation:
+    """Partition ``ds`` into clients (see the module docstring for the schemes), each with a stratified split.
 
     Args:
-        scheme: ``natural`` (one client per value of ``partition_by``, default ``domain_column``) or
-            ``dirichlet`` (label skew with concentration ``alpha`` over ``partition_by``, default the label).
+        partition_by: Column (or ``a+b`` joint columns) the scheme partitions by; default the domain column
+            for ``natural``/``natural+dirichlet`` and the label for ``dirichlet``/``pathological``.
         max_examples_per_client: Cap (random subset) applied before the split.
+        corruption: ``per_client`` gives client i the i-th pair of ``shifts.corruption_schedule``.
+        label_permutation: Classes permuted on each client (0 = off).
 
     Raises:
-        FederationError: unknown scheme or column, or fewer examples than clients.
+        FederationError: bad parameter, unknown column, infeasible partition; the message names the value.
     """
-    partition_by = partition_by or (domain_column if scheme == "natural" else label_column)
-    check_columns(ds, {"label_column": label_column, "partition_by": partition_by})
-    if scheme == "dirichlet" and num_clients > len(ds):
-        raise FederationError(f"num_clients={num_clients} exceeds the dataset's {len(ds)} examples")
-    partitioner = _partitioner(scheme, partition_by=partition_by, num_clients=num_clients, alpha=alpha,
-                               min_partition_size=min_partition_size, seed=seed)
-    partitioner.dataset = ds.select_columns(list(dict.fromkeys([label_column, partition_by]))).add_column(_ROW, list(range(len(ds))))
-    n = partitioner.num_partitions
-    labels = np.asarray(ds[label_column])
+    _check_params(scheme, num_clients=num_clients, alpha=alpha, min_partition_size=min_partition_size,
+                  classes_per_client=classes_per_client, quantity_mode=quantity_mode,
+                  clients_per_domain=clients_per_domain, corruption=corruption,
+                  label_permutation=label_permutation, test_fraction=test_fraction, num_rows=len(ds))
+    partition_by = partition_by or default_partition_by(scheme, label_column=label_column, domain_column=domain_column)
+    check_columns(ds, {"label_column": label_column})
+    for column in (partition_by.split("+") if partition_by else []):
+        check_columns(ds, {"partition_by": column})
+    parts = _partition(ds, scheme, by=partition_by, label_column=label_column, domain_column=domain_column,
+                       num_clients=num_clients, alpha=alpha, min_partition_size=min_partition_size,
+                       classes_per_client=classes_per_client, quantity_mode=quantity_mode,
+                       clients_per_domain=clients_per_domain, seed=seed)
+    labels = np.asarray(ds[label_column]).astype(np.int64)
     k = num_classes_of(ds, label_column)
+    shifts = _client_shifts(len(parts), num_classes=k, corruption=corruption, corruption_families=corruption_families,
+                            corruption_severities=corruption_severities, label_permutation=label_permutation, seed=seed)
     rng = np.random.default_rng(seed)
     clients = []
-    for pid, cid in enumerate(_client_ids(scheme, partitioner, n)):
-        rows = np.asarray(partitioner.load_partition(pid)[_ROW])
+    for pid, ((cid, rows), shift) in enumerate(zip(parts, shifts)):
+        rows = np.sort(rows)
         if max_examples_per_client is not None and len(rows) > max_examples_per_client:
             rows = np.sort(rng.choice(rows, size=max_examples_per_client, replace=False))
         if len(rows) < 2:
             raise FederationError(f"client {cid!r} has {len(rows)} example(s); need >= 2 for a train/test split")
         train, test = _split(rows, labels[rows], test_fraction=test_fraction, seed=seed + pid)
-        clients.append(ClientSplit(cid, train, test, _hist(labels, train, k), _hist(labels, test, k)))
+        lm = shift.get("label_map")
+        clients.append(ClientSplit(cid, train, test, _hist(labels, train, k, lm), _hist(labels, test, k, lm), shift))
     params = {"partition_by": partition_by, "label_column": label_column, "test_fraction": test_fraction,
               "max_examples_per_client": max_examples_per_client}
-    if scheme == "dirichlet":
-        params.update(num_clients=num_clients, alpha=alpha, min_partition_size=min_partition_size)
+    if scheme != "natural":
+        params.update(num_clients=num_clients)
+    if scheme in ("dirichlet", "natural+dirichlet") or (scheme == "quantity" and quantity_mode == "dirichlet"):
+        params.update(alpha=alpha, min_partition_size=min_partition_size)
+    params.update({"pathological": {"classes_per_client": classes_per_client},
+                   "quantity": {"quantity_mode": quantity_mode},
+                   "natural+dirichlet": {"domain_column": domain_column, "clients_per_domain": clients_per_domain}
+                   }.get(scheme, {}))
+    if corruption != "none":
+        params.update(corruption=corruption, corruption_families=list(corruption_families or []) or None,
+                      corruption_severities=list(corruption_severities or []) or None)
+    if label_permutation:
+        params.update(label_permutation=label_permutation)
     return Federation(scheme, params, seed, len(ds), k, clients)
 
 
-def save_manifest(federation: Federation, path: str | Path) -> Path:
-    """Write the manifest as JSON atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def federate_from_config(ds: datasets.Dataset, data) -> tuple[datasets.Dataset, Federation]:
+    """Partition (or rebuild from ``data.manifest``) as a ``DataConfig`` says, then apply the client shifts.
+
+    Returns:
+        The dataset to decode client tensors from (shifted rows where clients have shifts) and the federation.
+    """
+    text = getattr(data, "text_column", None)
+    check_columns(ds, {"data.text_column" if text else "data.image_column": text or data.image_column,
+                       "data.label_column": data.label_column})
+    if not text and not isinstance(ds.features[data.image_column], datasets.Image):
+        raise FederationError(f"data.image_column={data.image_column!r} is a "
+                              f"{type(ds.features[data.image_column]).__name__} column, not an Image column")
+    if data.manifest:
+        fed = load_manifest(data.manifest, num_rows=len(ds))
+    else:
+        fed = federate(ds, scheme=data.scheme, partition_by=data.partition_by, label_column=data.label_column,
+                       domain_column=data.domain_column, num_clients=data.num_clients, alpha=data.alpha,
+                       min_partition_size=data.min_partition_size, classes_per_client=data.classes_per_client,
+                       quantity_mode=data.quantity_mode, clients_per_domain=data.clients_per_domain,
+                       corruption=data.corruption, corruption_families=data.corruption_families,
+                       corruption_severities=data.corruption_severities, label_permutation=data.label_permutation,
+                       test_fraction=data.test_fraction, max_examples_per_client=data.max_examples_per_client,
+                       seed=data.seed)
+    return apply_client_shifts(ds, fed, image_column=data.image_column, label_column=data.label_column), fed
+
+
+def apply_client_shifts(ds: datasets.Dataset, fed: Federation, *, image_column: str, label_column: str) -> datasets.Dataset:
+    """``ds`` with every client's rows corrupted / relabelled as its manifest entry says (unchanged if none)."""
+    rows = {i: c.shift for c in fed.clients if c.shift for i in c.train_indices + c.test_indices}
+    if not rows:
+        return ds
+    from hf_lpft.data.shifts import shift_dataset
+
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(federation.to_manifest(), f, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        return shift_dataset(ds, rows, image_column=image_column, label_column=label_column, seed=fed.seed)
+    except ValueError as err:
+        raise FederationError(str(err)) from err
+
+
+def save_manifest(federation: Federation, path: str | Path, *, stats: bool = True) -> Path:
+    """Write the manifest as JSON atomically; with ``stats``, also ``stats.json`` and ``label_heatmap.png`` beside it."""
+    path = Path(path)
+    write_text(path, json.dumps(federation.to_manifest(), indent=1))
+    if stats:
+        from hf_lpft.data.stats import save_stats
+
+        save_stats(federation, path.parent)
     return path
 
 
@@ -175,7 +400,7 @@ def load_manifest(path: str | Path, *, num_rows: int | None = None) -> Federatio
     if data.get("version") != MANIFEST_VERSION:
         raise FederationError(f"manifest {str(path)!r} has version {data.get('version')!r}; expected {MANIFEST_VERSION}")
     clients = [ClientSplit(c["client_id"], c["train_indices"], c["test_indices"], c["label_hist_train"],
-                           c["label_hist_test"]) for c in data["clients"]]
+                           c["label_hist_test"], c.get("shift") or {}) for c in data["clients"]]
     fed = Federation(data["scheme"], data["params"], data["seed"], data["num_rows"], data["num_classes"], clients)
     if fed.indices_hash() != data["indices_sha256"]:
         raise FederationError(f"manifest {str(path)!r} is corrupt: its indices do not match its hash")

@@ -1,0 +1,146 @@
+"""Statistics of a federation, saved beside its manifest: sizes, label histograms, skew, a heatmap.
+
+Skew is measured against the pooled label distribution of all clients: the total-variation distance
+``TV_i = 0.5 * sum_k |p_i(k) - p(k)|`` of each client's label distribution (train + test, after any
+label permutation) from the pooled one. Under iid partitions TV is only sampling noise (close to 0);
+it grows towards 1 - 1/K as clients hold fewer classes. The mean over clients is the statistic the
+tests use to show that a large Dirichlet alpha approaches iid.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from hf_lpft.io import atomic_path, write_text
+
+logger = logging.getLogger(__name__)
+
+HEATMAP_MAX = 200  # clients or classes above this: no heatmap (it would be unreadable), said in the log
+
+
+def label_matrix(fed) -> np.ndarray:
+    """Clients x classes counts over each client's train + test split."""
+    return np.asarray([np.add(c.label_hist_train, c.label_hist_test) for c in fed.clients], dtype=np.int64)
+
+
+def label_tv(fed) -> list[float]:
+    """Per-client total-variation distance between its label distribution and the pooled one."""
+    m = label_matrix(fed).astype(float)
+    pooled = m.sum(axis=0) / max(m.sum(), 1.0)
+    per = m / np.maximum(m.sum(axis=1, keepdims=True), 1.0)
+    return (0.5 * np.abs(per - pooled).sum(axis=1)).tolist()
+
+
+def federation_stats(fed) -> dict:
+    """Sizes, label histograms and skew of every client, plus a summary."""
+    sizes = np.asarray([len(c.train_indices) + len(c.test_indices) for c in fed.clients])
+    tv = label_tv(fed)
+    m = label_matrix(fed)
+    clients = [{"client_id": c.client_id, "n_train": len(c.train_indices), "n_test": len(c.test_indices),
+                "n_classes_present": int((row > 0).sum()), "label_tv": round(t, 4),
+                "label_hist_train": c.label_hist_train, "label_hist_test": c.label_hist_test, "shift": c.shift}
+               for c, row, t in zip(fed.clients, m, tv)]
+    summary = {"num_clients": len(fed.clients), "num_classes": fed.num_classes, "rows_used": int(sizes.sum()),
+               "rows_in_source": fed.num_rows, "size_min": int(sizes.min()), "size_max": int(sizes.max()),
+               "size_mean": float(sizes.mean()), "size_cv": float(sizes.std() / sizes.mean()),
+               "label_tv_mean": float(np.mean(tv)), "classes_per_client_mean": float((m > 0).sum(axis=1).mean())}
+    return {"scheme": fed.scheme, "params": fed.params, "seed": fed.seed, "summary": summary, "clients": clients}
+
+
+def plot_label_heatmap(fed, path: str | Path) -> Path | None:
+    """Clients x classes heatmap of example counts (matplotlib Agg), written atomically; None if too large."""
+    m = label_matrix(fed)
+    if max(m.shape) > HEATMAP_MAX:
+        logger.info("no label heatmap: %d clients x %d classes exceeds %d", *m.shape, HEATMAP_MAX)
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(min(2 + 0.35 * m.shape[1], 24), min(1.5 + 0.3 * m.shape[0], 30)))
+    im = ax.imshow(m, aspect="auto", cmap="viridis")
+    ax.set_xlabel("class")
+    ax.set_ylabel("client")
+    ax.set_yticks(range(m.shape[0]), [c.client_id for c in fed.clients], fontsize=7)
+    if m.shape[1] <= 40:
+        ax.set_xticks(range(m.shape[1]))
+    if m.size <= 400:
+        for (i, j), v in np.ndenumerate(m):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=6, color="white" if v < m.max() / 2 else "black")
+    ax.set_title(f"{fed.scheme}: examples per client and class")
+    fig.colorbar(im, ax=ax, label="examples")
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def format_table(fed) -> str:
+    """A per-client plain-text table: sizes, classes present, label TV and shift."""
+    stats = federation_stats(fed)
+    head = f"{'client':<28s} {'train':>6s} {'test':>6s} {'classes':>7s} {'labelTV':>7s}  shift"
+    lines = [head, "-" * len(head)]
+    for c in stats["clients"]:
+        shift = ", ".join(f"{k}={v}" for k, v in c["shift"].items() if k != "label_map")
+        if "label_map" in c["shift"]:
+            moved = {i: j for i, j in enumerate(c["shift"]["label_map"]) if i != j}
+            shift = ", ".join(filter(None, [shift, f"labels {moved}"]))
+        lines.append(f"{c['client_id'][:28]:<28s} {c['n_train']:>6d} {c['n_test']:>6d} {c['n_classes_present']:>7d} "
+                     f"{c['label_tv']:>7.3f}  {shift or '-'}")
+    s = stats["summary"]
+    lines.append(f"{s['num_clients']} clients, {s['rows_used']}/{s['rows_in_source']} rows, sizes {s['size_min']}-"
+                 f"{s['size_max']} (cv {s['size_cv']:.2f}), mean label TV {s['label_tv_mean']:.3f}")
+    return "\n".join(lines)
+
+
+def save_stats(fed, folder: str | Path) -> dict:
+    """Write ``stats.json`` and ``label_heatmap.png`` into ``folder``; return the statistics."""
+    folder = Path(folder)
+    stats = federation_stats(fed)
+    write_text(folder / "stats.json", json.dumps(stats, indent=1) + "\n")
+    plot_label_heatmap(fed, folder / "label_heatmap.png")
+    return stats
+
+
+def plot_client_samples(ds, fed, path: str | Path, *, image_column: str, image_size: int, per_client: int = 8,
+                        max_clients: int = 20) -> Path:
+    """A grid of the first training images of each client (as the clients see them, shifts applied)."""
+    from PIL import Image
+
+    rows = []
+    for c in fed.clients[:max_clients]:
+        idx = c.train_indices[:per_client]
+        tiles = [np.asarray(im.convert("RGB").resize((image_size, image_size))) for im in ds.select(idx)[image_column]]
+        tiles += [np.zeros((image_size, image_size, 3), np.uint8)] * (per_client - len(tiles))
+        rows.append(np.concatenate(tiles, axis=1))
+    with atomic_path(Path(path)) as tmp:
+        Image.fromarray(np.concatenate(rows, axis=0)).save(tmp, format="PNG")
+    return Path(path)
+
+
+def preview_federation(data, output_dir: str | Path, *, builtin_kwargs: dict | None = None):
+    """Load ``data.dataset``, federate it as ``data`` (a DataConfig) says and write ``federation/`` files.
+
+    Writes ``manifest.json``, ``stats.json``, ``label_heatmap.png`` and (image data) ``client_samples.png``
+    under ``output_dir/federation``; trains nothing. Returns the Federation.
+    """
+    from hf_lpft.data.federate import federate_from_config, save_manifest
+    from hf_lpft.data.load import load_source
+
+    kwargs = builtin_kwargs if builtin_kwargs is not None else {"n_per_domain": data.n_per_domain,
+                                                                 "image_size": data.image_size}
+    ds = load_source(data.dataset, split=data.split, config_name=data.dataset_config, builtin_kwargs=kwargs)
+    shifted, fed = federate_from_config(ds, data)
+    folder = Path(output_dir) / "federation"
+    save_manifest(fed, folder / "manifest.json")
+    if not getattr(data, "text_column", None):
+        plot_client_samples(shifted, fed, folder / "client_samples.png", image_column=data.image_column,
+                            image_size=data.image_size)
+    return fed
