@@ -6,6 +6,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# The test models are tiny: one intra-op thread is faster than several fighting over shared cores, and
+# subprocesses the tests start inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import datasets  # noqa: E402
 import numpy as np  # noqa: E402
@@ -15,6 +18,8 @@ from PIL import Image  # noqa: E402
 
 from hf_lpft.data.federate import federate  # noqa: E402
 from hf_lpft.data.load import client_tensors  # noqa: E402
+
+torch.set_num_threads(1)
 
 BACKBONES = ["timm:test_resnet", "timm:test_vit"]
 
