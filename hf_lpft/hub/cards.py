@@ -1,0 +1,186 @@
+"""Model and dataset cards rendered from the Jinja templates with ``ModelCard`` / ``DatasetCard.from_template``.
+
+Templates: the top-level ``model_cards/`` folder of the repository is where they are edited; the same files
+ship inside the package as ``hf_lpft/hub/templates/`` (package data) and are read with
+``importlib.resources``, which works in editable (``pip install -e``) and normal installs alike. A test
+checks the two copies are identical, so they cannot drift apart.
+
+The YAML metadata is built as ``ModelCardData`` / ``DatasetCardData`` (never by concatenating strings):
+model-index eval results carry Local and Global accuracy per strategy on the federated dataset.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import yaml
+from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData
+
+from hf_lpft.evaluation.metrics import format_markdown, summary_table
+
+TEMPLATES = ("global_model.md", "personalized_model.md", "results_dataset.md")
+TAGS = ["federated-learning", "personalized-fine-tuning", "lp-ft"]
+
+
+def template_path(name: str) -> Path:
+    """The packaged template ``name`` (one of :data:`TEMPLATES`)."""
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown card template {name!r}; choose one of {list(TEMPLATES)}")
+    return Path(str(importlib.resources.files("hf_lpft.hub") / "templates" / name))
+
+
+@dataclass
+class RunInfo:
+    """Everything a card says about a run, read from its output folder."""
+
+    config: dict
+    record: dict
+    manifest: dict
+    results: pd.DataFrame
+    experiment: str
+
+    @classmethod
+    def read(cls, output_dir: str | Path, experiment: str) -> RunInfo:
+        out = Path(output_dir)
+        missing = [n for n in ("config.yaml", "run_record.json", "federation/manifest.json", "results.parquet")
+                   if not (out / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{str(out)!r} is not a complete run folder: missing {missing}")
+        return cls(yaml.safe_load((out / "config.yaml").read_text()), json.loads((out / "run_record.json").read_text()),
+                   json.loads((out / "federation/manifest.json").read_text()), pd.read_parquet(out / "results.parquet"),
+                   experiment)
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(self.config["run"]["seeds"])
+
+    @property
+    def ok(self) -> pd.DataFrame:
+        """Result rows of units that did not fail."""
+        return self.results[self.results.error.isna()] if "error" in self.results else self.results
+
+    @property
+    def dataset_name(self) -> str:
+        """The dataset's name without any local folder (a path would leak the user's file system)."""
+        name = str(self.config["data"]["dataset"])
+        return Path(name).name if Path(name).is_absolute() or name.startswith(".") or Path(name).exists() else name
+
+    @property
+    def task(self) -> str:
+        """The Hub task of the run's models: text datasets name a ``text_column``."""
+        return "text-classification" if self.config["data"].get("text_column") else "image-classification"
+
+    def summary(self) -> pd.DataFrame:
+        return summary_table(self.ok)
+
+    def provenance(self) -> dict:
+        """Template variables shared by every card."""
+        data, meta = self.config["data"], self.record.get("meta_info", {})
+        packages = meta.get("packages", {})
+        return {"experiment": self.experiment, "dataset": self.dataset_name, "dataset_config": data.get("dataset_config"),
+                "split": data.get("split"), "scheme": data["scheme"], "partition_by": data.get("partition_by"),
+                "alpha": data.get("alpha"), "client_ids": [c["client_id"] for c in self.manifest["clients"]],
+                "num_clients": len(self.manifest["clients"]), "num_classes": self.manifest.get("num_classes"),
+                "manifest_sha256": self.manifest["indices_sha256"], "seeds": self.seeds,
+                "backbone": self.config["model"]["backbone"], "pretrained": self.config["model"]["pretrained"],
+                "image_size": data.get("image_size"), "task": self.task, "max_seq_len": data.get("max_seq_len"),
+                "fedavg": self.config["fedavg"], "pft": self.config["pft"],
+                "git_commit": meta.get("git", {}).get("commit"), "git_dirty": meta.get("git", {}).get("dirty"),
+                "packages": ", ".join(f"{k} {v}" for k, v in packages.items() if v),
+                "num_test_total": sum(c["n_test"] for c in self.manifest["clients"]),
+                "summary_markdown": format_markdown(self.summary())}
+
+
+def _pct(x: float) -> str:
+    return "n/a" if pd.isna(x) else f"{100 * x:.2f}"
+
+
+def _dataset_args(info: RunInfo) -> dict:
+    d = info.config["data"]
+    return {"scheme": d["scheme"], "partition_by": d.get("partition_by"), "num_clients": len(info.manifest["clients"]),
+            "manifest_sha256": info.manifest["indices_sha256"]}
+
+
+def eval_results(info: RunInfo, rows: pd.DataFrame, *, label: str) -> list[EvalResult]:
+    """Local and Global accuracy (fractions, mean over clients and seeds) of every strategy in ``rows``."""
+    out = []
+    for strategy, group in rows.groupby("strategy", sort=False):
+        for metric, column in (("Local", "local_acc"), ("Global", "global_acc")):
+            out.append(EvalResult(
+                task_type=info.task, dataset_type=info.dataset_name,
+                dataset_name=f"{info.dataset_name} federated ({info.config['data']['scheme']})",
+                dataset_config=info.config["data"].get("dataset_config"), dataset_split="test",
+                dataset_args=_dataset_args(info), metric_type="accuracy",
+                metric_name=f"{metric} accuracy ({strategy}{label})", metric_config=f"{strategy}/{metric.lower()}",
+                metric_value=round(float(group[column].mean()), 6)))
+    return out
+
+
+def _folder_cell(row, client_folders: dict, *, multi_seed: bool) -> str:
+    """Where a result row's weights are: the root / ``global/seed_<s>``, a client folder, or none (failed unit)."""
+    if row.strategy == "global_model":
+        return f"`global/seed_{row.seed}`" if multi_seed else "root"
+    folder = client_folders.get((row.strategy, row.client_id, row.seed))
+    return f"`{folder}`" if folder else "none (the unit failed)"
+
+
+def global_card(info: RunInfo, *, repo_id: str | None, results_repo_id: str | None, endpoint: str,
+                client_folders: dict[tuple[str, str, int], str]) -> ModelCard:
+    """The root card: the global model, every strategy's results, provenance and usage."""
+    ok = info.ok
+    strategies = [s for s in dict.fromkeys(ok.strategy) if s != "global_model"]
+    data = ModelCardData(model_name=repo_id or info.experiment, library_name="hf_lpft", pipeline_tag=info.task,
+                         tags=TAGS + [info.task] + strategies, eval_results=eval_results(info, ok, label=""))
+    rows = [{"strategy": r.strategy, "client_id": r.client_id, "seed": r.seed, "n_train": r.n_train, "n_test": r.n_test,
+             "local": _pct(r.local_acc), "global_": _pct(r.global_acc),
+             "folder": _folder_cell(r, client_folders, multi_seed=len(info.seeds) > 1)}
+            for r in info.results.itertuples()]
+    lora = next((f for (s, _, _), f in client_folders.items() if s in ("lora", "lp_lora")), None)
+    first = next(iter(client_folders), ("ft", info.provenance()["client_ids"][0], 0))
+    strategies_yaml = yaml.safe_dump(info.record["run_info"].get("strategies", {}), sort_keys=False)
+    return ModelCard.from_template(
+        data, template_path=str(template_path("global_model.md")), title=f"{info.experiment}: FedAvg global model + "
+        f"personalized clients", repo_ref=repo_id or "<output_dir>/hub/model", results_repo_id=results_repo_id,
+        results_url=f"{endpoint}/datasets/{results_repo_id}", client_rows=rows, example_strategy=first[0],
+        example_client=first[1], lora_example=lora if len(info.seeds) == 1 else None,
+        strategies_yaml=strategies_yaml, **info.provenance())
+
+
+FORMATS = {"full": "full model weights (`model.safetensors` + `config.json`, a `SplitModel`)",
+           "head": "the classifier head only (`head.safetensors`); the backbone is the global model's, unchanged",
+           "peft_adapter": "a peft LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`) holding the adapters "
+                           "and the head; load it onto the global model"}
+
+
+def client_card(info: RunInfo, row, *, strategy_desc: dict, fmt: str, folder: str, base: str, repo_id: str | None,
+                endpoint: str) -> ModelCard:
+    """The card of one (strategy, client, seed) folder."""
+    rows = pd.DataFrame([row._asdict()])
+    data = ModelCardData(model_name=f"{repo_id or info.experiment}/{folder}", library_name="peft" if fmt == "peft_adapter"
+                         else "hf_lpft", base_model=repo_id, tags=TAGS + [info.task, row.strategy],
+                         eval_results=eval_results(info, rows, label=f", client {row.client_id}"))
+    return ModelCard.from_template(
+        data, template_path=str(template_path("personalized_model.md")),
+        title=f"{info.experiment}: client {row.client_id}, {row.strategy}", client_id=row.client_id,
+        strategy=row.strategy, seed=row.seed, multi_seed=len(info.seeds) > 1, local=_pct(row.local_acc),
+        global_=_pct(row.global_acc), n_train=row.n_train, n_test=row.n_test, format=fmt,
+        format_description=FORMATS[fmt], folder=folder, base=base, repo_id=repo_id, repo_url=f"{endpoint}/{repo_id}",
+        repo_ref=repo_id or "<output_dir>/hub/model", strategy_yaml=yaml.safe_dump(strategy_desc, sort_keys=False))
+
+
+def results_card(info: RunInfo, *, repo_id: str | None, model_repo_id: str | None, endpoint: str,
+                 metadata: dict | None = None) -> DatasetCard:
+    """The results dataset's card; ``metadata`` (e.g. the ``configs`` already on the Hub) is kept."""
+    metadata = {"pretty_name": f"hf_lpft results ({info.experiment})", "task_categories": [info.task],
+                **(metadata or {})}
+    metadata["tags"] = sorted(set(metadata.get("tags") or []) | set(TAGS))
+    data = DatasetCardData(**metadata)
+    names = [c.get("config_name") for c in metadata.get("configs", []) if isinstance(c, dict)]
+    return DatasetCard.from_template(
+        data, template_path=str(template_path("results_dataset.md")), title=f"hf_lpft results: {info.experiment}",
+        repo_ref=repo_id or "<output_dir>/hub/results", model_repo_id=model_repo_id,
+        model_url=f"{endpoint}/{model_repo_id}", config_names=names, **info.provenance())

@@ -1,0 +1,189 @@
+"""Make a run's output folder Hub-ready: ``<output_dir>/hub/model`` and ``<output_dir>/hub/results``.
+
+``hub/model`` is exactly the model repository: the global model at the root (``config.json`` +
+``model.safetensors``, a ``SplitModel``) with its card ``README.md``; each client's personalized weights
+under ``clients/<strategy>/<client_id>/`` (+ ``seed_<s>/`` with several seeds, whose global models are
+then also under ``global/seed_<s>/``), each with its card and a ``personalization.json`` saying how to
+load it:
+
+- ``peft_adapter`` (LoRA, LP-LoRA): the standard peft folder (adapters + head as ``modules_to_save``);
+- ``head`` (LP with frozen BatchNorm, or any client whose backbone equals the global one): ``head.safetensors``;
+- ``full`` (FT, LP-FT, soups, ...): ``model.safetensors`` + ``config.json``.
+
+Plus the provenance files (``config.yaml``, ``run_record.json``, ``federation/manifest.json``,
+``summary.md``). ``hub/results`` is the results dataset repository: ``README.md`` (card whose ``configs``
+metadata makes the folder loadable with ``load_dataset``), ``<experiment>/clients-*.parquet`` and
+``<experiment>-summary/summary-*.parquet``. Weights are hard-linked from the run folder when possible.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import torch
+from safetensors.torch import load_file, save_file
+
+from hf_lpft.hub.cards import RunInfo, client_card, global_card, results_card
+from hf_lpft.io import atomic_path, write_json
+
+logger = logging.getLogger(__name__)
+
+PROVENANCE = ("config.yaml", "run_record.json", "federation/manifest.json", "summary.md")
+CLIENTS_SPLIT, SUMMARY_SPLIT = "clients", "summary"
+
+
+@dataclass
+class HubFolders:
+    """The two Hub-ready folders of a run and the experiment (dataset config) name."""
+
+    model: Path
+    results: Path
+    experiment: str
+
+
+def hub_endpoint() -> str:
+    """The Hub endpoint: ``HF_ENDPOINT`` if set now, else huggingface_hub's (read at its import)."""
+    from huggingface_hub import constants
+
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def experiment_name(output_dir: str | Path, experiment: str | None = None) -> str:
+    """The dataset config name of this run: ``experiment`` or the output folder's name, made Hub-safe."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", experiment or Path(output_dir).resolve().name).strip("-.")
+    if not name:
+        raise ValueError(f"cannot make an experiment name from {experiment or str(output_dir)!r}; pass one")
+    return name
+
+
+def _link(src: Path, dst: Path) -> None:
+    """Hard-link (no extra disk for weights), else copy."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _seed_part(info: RunInfo, seed: int) -> tuple[str, ...]:
+    return (f"seed_{seed}",) if len(info.seeds) > 1 else ()
+
+
+def _same_backbone(state: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> bool:
+    """True when every non-head tensor (weights and BatchNorm buffers) equals the global model's."""
+    body = {k for k in state if not k.startswith("head.")}
+    return body == {k for k in base if not k.startswith("head.")} and all(torch.equal(state[k], base[k]) for k in body)
+
+
+def export_client(src: Path, dst: Path, base_state: dict[str, torch.Tensor], *, repo_id: str | None) -> str:
+    """Write one client's weights in the smallest exact format; returns the format name."""
+    dst.mkdir(parents=True, exist_ok=True)
+    if (src / "adapter_config.json").is_file():
+        config = json.loads((src / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = repo_id  # the global model these adapters apply to
+        write_json(dst / "adapter_config.json", config)
+        _link(src / "adapter_model.safetensors", dst / "adapter_model.safetensors")
+        return "peft_adapter"
+    if not (src / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{str(src)!r} holds neither a peft adapter nor model.safetensors")
+    _link(src / "config.json", dst / "config.json")
+    state = load_file(str(src / "model.safetensors"))
+    if _same_backbone(state, base_state):
+        save_file({k: v.contiguous() for k, v in state.items() if k.startswith("head.")}, str(dst / "head.safetensors"))
+        return "head"
+    _link(src / "model.safetensors", dst / "model.safetensors")
+    return "full"
+
+
+def write_model_folder(info: RunInfo, out: Path, dst: Path, *, repo_id: str | None, results_repo_id: str | None,
+                       endpoint: str) -> None:
+    """Fill ``dst`` with the model repository's files (see the module docstring)."""
+    first = out.joinpath("global", *_seed_part(info, info.seeds[0]))
+    for name in ("config.json", "model.safetensors"):
+        _link(first / name, dst / name)
+    bases = {}
+    for seed in info.seeds:
+        src = out.joinpath("global", *_seed_part(info, seed))
+        bases[seed] = load_file(str(src / "model.safetensors"))
+        if len(info.seeds) > 1:
+            for name in ("config.json", "model.safetensors"):
+                _link(src / name, dst / "global" / f"seed_{seed}" / name)
+    folders = {}
+    strategies = info.record["run_info"].get("strategies", {})
+    for row in info.ok[info.ok.strategy != "global_model"].itertuples(index=False):
+        rel = Path("clients", row.strategy, row.client_id, *_seed_part(info, row.seed))
+        base = f"global/seed_{row.seed}" if len(info.seeds) > 1 else "."
+        fmt = export_client(out / rel, dst / rel, bases[row.seed], repo_id=repo_id)
+        write_json(dst / rel / "personalization.json", {"format": fmt, "strategy": row.strategy, "client_id": row.client_id,
+                                                        "seed": int(row.seed), "base": base})
+        card = client_card(info, row, strategy_desc=strategies.get(row.strategy, {}), fmt=fmt, folder=rel.as_posix(),
+                           base=base, repo_id=repo_id, endpoint=endpoint)
+        card.save(dst / rel / "README.md")
+        folders[(row.strategy, row.client_id, row.seed)] = rel.as_posix()
+    for name in PROVENANCE:
+        if (out / name).is_file():
+            _link(out / name, dst / name)
+    global_card(info, repo_id=repo_id, results_repo_id=results_repo_id, endpoint=endpoint,
+                client_folders=folders).save(dst / "README.md")
+
+
+def results_datasets(info: RunInfo) -> dict[str, datasets.Dataset]:
+    """``{config_name: Dataset}``: per-client rows (``<experiment>``) and the summary (``<experiment>-summary``)."""
+    rows = info.results.copy()
+    rows["error"] = rows["error"].astype("string") if "error" in rows else None
+    summary = info.summary()
+    summary.insert(0, "experiment", info.experiment)
+    return {info.experiment: datasets.Dataset.from_pandas(rows, preserve_index=False),
+            f"{info.experiment}-summary": datasets.Dataset.from_pandas(summary, preserve_index=False)}
+
+
+def dataset_configs(experiment: str) -> list[dict]:
+    """The ``configs`` card metadata of one experiment, in the layout ``Dataset.push_to_hub`` writes."""
+    return [{"config_name": experiment, "data_files": [{"split": CLIENTS_SPLIT, "path": f"{experiment}/{CLIENTS_SPLIT}-*"}]},
+            {"config_name": f"{experiment}-summary",
+             "data_files": [{"split": SUMMARY_SPLIT, "path": f"{experiment}-summary/{SUMMARY_SPLIT}-*"}]}]
+
+
+def write_results_folder(info: RunInfo, dst: Path, *, repo_id: str | None, model_repo_id: str | None,
+                         endpoint: str) -> None:
+    """Fill ``dst`` with the results dataset repository (loadable with ``load_dataset(str(dst), <config>)``)."""
+    for (config, ds), split in zip(results_datasets(info).items(), (CLIENTS_SPLIT, SUMMARY_SPLIT)):
+        (dst / config).mkdir(parents=True, exist_ok=True)
+        ds.to_parquet(str(dst / config / f"{split}-00000-of-00001.parquet"))
+    card = results_card(info, repo_id=repo_id, model_repo_id=model_repo_id, endpoint=endpoint,
+                        metadata={"configs": dataset_configs(info.experiment)})
+    card.save(dst / "README.md")
+
+
+def default_results_repo(repo_id: str | None) -> str | None:
+    return f"{repo_id}-results" if repo_id else None
+
+
+def export_run(output_dir: str | Path, *, repo_id: str | None = None, results_repo_id: str | None = None,
+               experiment: str | None = None, endpoint: str | None = None) -> HubFolders:
+    """Write (or rewrite) ``<output_dir>/hub/{model,results}`` from a finished run folder.
+
+    Args:
+        output_dir: The run's output folder (``config.yaml``, ``results.parquet``, ``global/``, ``clients/``...).
+        repo_id: The model repository the folder is meant for (cards link to it); None = local only.
+        results_repo_id: The results dataset repository; default ``<repo_id>-results``.
+        experiment: Dataset config name; default the output folder's name.
+        endpoint: For links in the cards; default :func:`hub_endpoint`.
+    """
+    out = Path(output_dir)
+    info = RunInfo.read(out, experiment_name(out, experiment))
+    endpoint = endpoint or hub_endpoint()
+    results_repo_id = results_repo_id or default_results_repo(repo_id)
+    with atomic_path(out / "hub" / "model", directory=True) as tmp:
+        write_model_folder(info, out, tmp, repo_id=repo_id, results_repo_id=results_repo_id, endpoint=endpoint)
+    with atomic_path(out / "hub" / "results", directory=True) as tmp:
+        write_results_folder(info, tmp, repo_id=results_repo_id, model_repo_id=repo_id, endpoint=endpoint)
+    logger.info("Hub-ready folders written to %s", out / "hub")
+    return HubFolders(out / "hub" / "model", out / "hub" / "results", info.experiment)

@@ -1,0 +1,92 @@
+"""``load_personalized``: any client's personalized model from a Hub repo, a Hub-ready folder or a run folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file
+from torch import nn
+
+from hf_lpft.models.backbone import SplitModel
+
+
+def _local_root(path: Path) -> Path:
+    """A run folder's Hub-ready ``hub/model`` if it was exported, else the folder itself."""
+    return path / "hub" / "model" if (path / "hub" / "model" / "run_record.json").is_file() else path
+
+
+def _client_rel(record: dict, strategy: str, client_id: str, seed: int | None) -> tuple[str, int]:
+    """``clients/<strategy>/<client>[/seed_<s>]`` after checking the names against the run record."""
+    info = record["run_info"]
+    seeds, strategies, clients = info["seeds"], list(info.get("strategies", {})), info["clients"]
+    if strategy not in strategies:
+        raise ValueError(f"strategy={strategy!r} was not run; this run has {strategies}")
+    if client_id not in clients:
+        raise ValueError(f"client_id={client_id!r} is not a client of this run; clients: {clients}")
+    seed = seeds[0] if seed is None else seed
+    if seed not in seeds:
+        raise ValueError(f"seed={seed!r} was not run; seeds: {seeds}")
+    rel = f"clients/{strategy}/{client_id}" + (f"/seed_{seed}" if len(seeds) > 1 else "")
+    return rel, seed
+
+
+def _fetch(repo_id: str, patterns: list[str], *, revision: str | None, token: str | bool | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id, allow_patterns=patterns, revision=revision, token=token))
+
+
+def load_personalized(repo_or_dir: str | Path, client_id: str, strategy: str, seed: int | None = None, *,
+                      revision: str | None = None, token: str | bool | None = None) -> nn.Module:
+    """Load client ``client_id``'s model personalized with ``strategy``, ready for inference (eval mode).
+
+    Args:
+        repo_or_dir: A Hub model repo id, a Hub-ready folder (``<run>/hub/model``) or a run output folder.
+        client_id: The client (see the card or ``run_record.json``).
+        strategy: The strategy name (``ft``, ``lp``, ``lp_ft``, ``lora``, ...).
+        seed: Which seed's model when the run had several (default: the first).
+        revision, token: For Hub repos (token default: ``HF_TOKEN`` or the login cache).
+
+    Returns:
+        A ``SplitModel`` (full or head-only formats) or a ``peft.PeftModel`` wrapping one (LoRA formats).
+    """
+    local = Path(repo_or_dir)
+    if local.is_dir():
+        root = _local_root(local)
+        record = json.loads((root / "run_record.json").read_text())
+        rel, seed = _client_rel(record, strategy, client_id, seed)
+    else:
+        root = _fetch(str(repo_or_dir), ["run_record.json"], revision=revision, token=token)
+        record = json.loads((root / "run_record.json").read_text())
+        rel, seed = _client_rel(record, strategy, client_id, seed)
+        root = _fetch(str(repo_or_dir), [f"{rel}/*", "config.json", "model.safetensors", "global/*/config.json",
+                                         "global/*/model.safetensors"], revision=revision, token=token)
+    return _build(root, rel, seed=seed, multi_seed=len(record["run_info"]["seeds"]) > 1)
+
+
+def _build(root: Path, rel: str, *, seed: int, multi_seed: bool) -> nn.Module:
+    """Assemble the model from a folder in the Hub layout or in the run layout (``global/`` + ``clients/``)."""
+    folder = root / rel
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no personalized model at {str(folder)!r}")
+    meta_path = folder / "personalization.json"
+    if meta_path.is_file():  # Hub layout
+        meta = json.loads(meta_path.read_text())
+        fmt, base_dir = meta["format"], root / meta["base"]
+    else:  # the run folder itself
+        fmt = "peft_adapter" if (folder / "adapter_config.json").is_file() else "full"
+        base_dir = root / "global" / (f"seed_{seed}" if multi_seed else "")
+    if fmt == "full":
+        return SplitModel.from_pretrained(folder).eval()
+    base = SplitModel.from_pretrained(base_dir)
+    if fmt == "head":
+        result = base.load_state_dict(load_file(str(folder / "head.safetensors")), strict=False)
+        if result.unexpected_keys or any(k.startswith("head.") for k in result.missing_keys):
+            raise RuntimeError(f"{folder}/head.safetensors does not fit the global model: {result}")
+        return base.eval()
+    if fmt == "peft_adapter":
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base, str(folder)).eval()
+    raise ValueError(f"unknown personalization format {fmt!r} in {meta_path}")

@@ -1,0 +1,224 @@
+"""Publishing to the Hub against a local Hub-compatible server (tests/hub_server.py): no network.
+
+A tiny run (FT, LP, LoRA) pushes itself at the end of ``pipeline.run`` (``--push_to_hub``); everything
+is loaded back with the ordinary library calls and compared with the local run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from hf_lpft.config import ConfigError, load_config, parse_overrides
+from hf_lpft.hub.cards import TEMPLATES, template_path
+from hub_server import FakeHub
+
+pytestmark = pytest.mark.hub
+
+TOKEN = "hf_TESTtoken_do_not_leak_4b8c1e"
+REPO = "tester/tiny-study"
+STRATEGIES = ["ft", "lp", "lora"]
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    """The server, with huggingface_hub and datasets pointed at it (both read HF_ENDPOINT at import)."""
+    import datasets
+    import huggingface_hub.hf_api
+    from huggingface_hub import constants
+
+    cache = tmp_path_factory.mktemp("hf_cache")
+    with FakeHub() as server, pytest.MonkeyPatch.context() as mp:
+        for key, value in {"HF_ENDPOINT": server.endpoint, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1",
+                           "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"}.items():
+            mp.setenv(key, value)
+        for name, value in {"ENDPOINT": server.endpoint, "HF_HUB_OFFLINE": False, "HF_HUB_DISABLE_XET": True,
+                            "HF_HUB_CACHE": str(cache / "hub"),
+                            "HUGGINGFACE_CO_URL_TEMPLATE": server.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+                            }.items():
+            mp.setattr(constants, name, value)
+        mp.setattr(huggingface_hub.hf_api.api, "endpoint", server.endpoint)  # the module-level HfApi()
+        mp.setattr(datasets.config, "HF_ENDPOINT", server.endpoint)
+        mp.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+        mp.setattr(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", False)
+        mp.setattr("hf_lpft.hub.push.BACKOFF_SECONDS", 0.01)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def pushed(hub, tmp_path_factory, tiny_ds_path):
+    """A tiny run that publishes itself; returns (RunResult, commits of the model repo after the push)."""
+    from hf_lpft.pipeline import run
+
+    out = tmp_path_factory.mktemp("runs") / "tiny-exp"
+    cfg = load_config(None, {
+        "data": {"dataset": tiny_ds_path, "num_classes": 4}, "fedavg": {"rounds": 1, "batch_size": 16},
+        "pft": {"epochs": 1, "batch_size": 16, "strategies": STRATEGIES},
+        "run": {"output_dir": str(out), "distortion": False, "num_threads": 1},
+        "hub": {"push_to_hub": True, "hub_repo_id": REPO}})
+    return run(cfg)
+
+
+def _inputs() -> torch.Tensor:
+    return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(_inputs())
+
+
+def _local_model(out: Path, strategy: str, client: str):
+    """The model as the run itself saved it (not the Hub-ready copy)."""
+    from peft import PeftModel
+
+    from hf_lpft.models.backbone import SplitModel
+
+    folder = out / "clients" / strategy / client
+    if (folder / "adapter_config.json").is_file():
+        return PeftModel.from_pretrained(SplitModel.from_pretrained(out / "global"), str(folder))
+    return SplitModel.from_pretrained(folder)
+
+
+def test_templates_in_the_package_match_model_cards_folder():
+    root = Path(__file__).resolve().parents[1] / "model_cards"
+    for name in TEMPLATES:
+        assert template_path(name).read_text() == (root / name).read_text(), f"{name}: copies differ"
+
+
+def test_cli_flags_parse_and_validate():
+    assert parse_overrides(["--push_to_hub", "--hub_repo_id", "me/x", "--hub_private"])["hub"] == {
+        "push_to_hub": "true", "hub_repo_id": "me/x", "hub_private": "true"}
+    cfg = load_config(None, ["--push_to_hub", "--hub_repo_id", "me/x"])
+    assert cfg.hub.push_to_hub and cfg.hub.hub_repo_id == "me/x" and not cfg.hub.hub_private
+    with pytest.raises(ConfigError, match="needs hub.hub_repo_id"):
+        load_config(None, ["--push_to_hub"])
+    with pytest.raises(ConfigError, match="namespace/name"):
+        load_config(None, ["--hub_repo_id", "no slash"])
+
+
+def test_hub_ready_folder_layout_and_formats(pushed):
+    folder = pushed.output_dir / "hub" / "model"
+    for rel in ["README.md", "config.json", "model.safetensors", "config.yaml", "run_record.json",
+                "federation/manifest.json", "summary.md"]:
+        assert (folder / rel).is_file(), rel
+    assert (folder / "clients/ft/a/model.safetensors").is_file()
+    assert (folder / "clients/lp/a/head.safetensors").is_file() and not (folder / "clients/lp/a/model.safetensors").exists()
+    assert (folder / "clients/lora/a/adapter_model.safetensors").is_file()
+    assert not list(pushed.output_dir.rglob("*.tmp"))
+
+
+def test_local_folders_load_with_ordinary_calls(pushed):
+    import datasets
+
+    import hf_lpft
+
+    out = pushed.output_dir
+    for strategy in STRATEGIES:
+        expected = _logits(_local_model(out, strategy, "b"))
+        assert torch.equal(_logits(hf_lpft.load_personalized(out, "b", strategy)), expected)
+        assert torch.equal(_logits(hf_lpft.load_personalized(out / "hub" / "model", "b", strategy)), expected)
+    rows = datasets.load_dataset(str(out / "hub" / "results"), "tiny-exp", split="clients")
+    assert len(rows) == len(pushed.results)
+
+
+def test_push_makes_one_model_commit_and_everything_loads_back(pushed, hub, tmp_path):
+    import datasets
+    from huggingface_hub import DatasetCard, ModelCard, hf_hub_download
+    from peft import PeftModel
+
+    import hf_lpft
+    from hf_lpft.models.backbone import SplitModel
+
+    out = pushed.output_dir
+    commits = hub.repos[("model", REPO)].commits
+    assert len(commits) == 2, "repo creation + exactly one commit for the push"
+    local_files = {p.relative_to(out / "hub" / "model").as_posix() for p in (out / "hub" / "model").rglob("*") if p.is_file()}
+    assert set(commits[-1].files) == local_files | {".gitattributes"}
+
+    # the card's model-index parses into eval results matching results.parquet
+    card = ModelCard.load(REPO)
+    found = {r.metric_config: r.metric_value for r in card.data.eval_results}
+    for strategy, group in pushed.results.groupby("strategy"):
+        assert found[f"{strategy}/local"] == pytest.approx(group.local_acc.mean(), abs=1e-6)
+        assert found[f"{strategy}/global"] == pytest.approx(group.global_acc.mean(), abs=1e-6)
+    manifest = json.loads((out / "federation" / "manifest.json").read_text())
+    assert card.data.eval_results[0].dataset_args["manifest_sha256"] == manifest["indices_sha256"]
+
+    assert Path(hf_hub_download(REPO, "config.yaml")).read_bytes() == (out / "config.yaml").read_bytes()
+
+    # LoRA client through plain peft; every strategy through load_personalized: identical logits
+    base = SplitModel.from_pretrained(REPO)
+    lora = PeftModel.from_pretrained(base, REPO, subfolder="clients/lora/a")
+    assert torch.equal(_logits(lora), _logits(_local_model(out, "lora", "a")))
+    for strategy in STRATEGIES:
+        assert torch.equal(_logits(hf_lpft.load_personalized(REPO, "c", strategy)),
+                           _logits(_local_model(out, strategy, "c")))
+
+    # the results dataset: per-client rows and summary, one config each, with the card
+    rows = datasets.load_dataset(f"{REPO}-results", "tiny-exp", split="clients", cache_dir=str(tmp_path))
+    got = rows.to_pandas().sort_values(["strategy", "client_id"]).reset_index(drop=True)
+    want = pushed.results.sort_values(["strategy", "client_id"]).reset_index(drop=True)
+    pd.testing.assert_series_equal(got.local_acc, want.local_acc)
+    summary = datasets.load_dataset(f"{REPO}-results", "tiny-exp-summary", split="summary", cache_dir=str(tmp_path))
+    assert set(summary["strategy"]) == {"global_model", *STRATEGIES}
+    dcard = DatasetCard.load(f"{REPO}-results", repo_type="dataset")
+    assert {c["config_name"] for c in dcard.data.configs} == {"tiny-exp", "tiny-exp-summary"}
+    assert "Latest experiment: `tiny-exp`" in dcard.text
+
+
+def test_token_is_sent_but_never_written_or_logged(pushed, hub, caplog, capfd):
+    from hf_lpft.hub.push import push_run
+
+    assert f"Bearer {TOKEN}" in hub.auth_headers  # it really was used
+    with caplog.at_level(logging.DEBUG):
+        push_run(pushed.output_dir, REPO, experiment="tiny-exp")  # again, now with every log captured
+    captured = capfd.readouterr()
+    assert TOKEN not in caplog.text and TOKEN not in captured.out and TOKEN not in captured.err
+    for path in pushed.output_dir.rglob("*"):
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), path
+    for repo in hub.repos.values():
+        for commit in repo.commits:
+            assert not any(TOKEN.encode() in data for data in commit.files.values())
+
+
+def test_transient_server_error_is_retried(pushed, hub):
+    from hf_lpft.hub.push import push_run
+
+    repo = "tester/retry"
+    hub.fail_next_commits = 1
+    push_run(pushed.output_dir, repo, private=True, results_repo_id="tester/retry-results")
+    assert hub.fail_next_commits == 0
+    assert len(hub.repos[("model", repo)].commits) == 2  # creation + one commit
+    assert hub.repos[("model", repo)].private and hub.repos[("dataset", "tester/retry-results")].private
+
+
+def test_server_error_mid_push_is_clear_and_publishes_nothing(pushed, hub):
+    from hf_lpft.hub import HubPushError
+    from hf_lpft.hub.push import push_run
+
+    repo = "tester/broken"
+    hub.fail_next_commits = 100
+    try:
+        with pytest.raises(HubPushError, match="HTTP 500.*nothing was published"):
+            push_run(pushed.output_dir, repo, results_repo_id="tester/broken-results")
+    finally:
+        hub.fail_next_commits = 0
+    commits = hub.repos[("model", repo)].commits
+    assert len(commits) == 1 and set(commits[0].files) == {".gitattributes"}  # only the empty repo
+    assert ("dataset", "tester/broken-results") not in hub.repos
+
+
+def test_cli_push_command(pushed, hub):
+    from hf_lpft.cli import main
+
+    assert main(["push", str(pushed.output_dir), "--hub_repo_id", "tester/from-cli", "--hub_experiment", "cli"]) == 0
+    assert len(hub.repos[("model", "tester/from-cli")].commits) == 2
+    assert "cli/clients-00000-of-00001.parquet" in hub.repos[("dataset", "tester/from-cli-results")].commits[-1].files
+    assert main(["push", str(pushed.output_dir / "missing"), "--hub_repo_id", "tester/x"]) == 2
