@@ -15,6 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from hf_lpft.io import atomic_path, write_json
 
+_SEP = "::"  # client id / state key separator inside client_bn.safetensors
+
 
 class Checkpoints:
     """The ``checkpoints/`` folder of a run."""
@@ -25,10 +27,14 @@ class Checkpoints:
     def _fedavg_dir(self, seed: int) -> Path:
         return self.root / f"seed_{seed}" / "fedavg"
 
-    def save_round(self, seed: int, state: dict, history: list[dict]) -> None:
-        """Overwrite the seed's FedAvg checkpoint with the global state after ``len(history)`` rounds."""
+    def save_round(self, seed: int, state: dict, history: list[dict], *, client_bn: dict | None = None) -> None:
+        """Overwrite the seed's FedAvg checkpoint with the global state after ``len(history)`` rounds, and
+        with FedBN the clients' own BatchNorm tensors (``{client_id: state}``) in the same atomic folder."""
         with atomic_path(self._fedavg_dir(seed), directory=True) as tmp:
             save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / "state.safetensors"))
+            if client_bn is not None:
+                flat = {f"{cid}{_SEP}{k}": v.detach().contiguous().cpu() for cid, s in client_bn.items() for k, v in s.items()}
+                save_file(flat, str(tmp / "client_bn.safetensors"))
             (tmp / "history.json").write_text(json.dumps(history))
 
     def load_round(self, seed: int) -> tuple[dict[str, torch.Tensor], list[dict]] | None:
@@ -37,6 +43,17 @@ class Checkpoints:
         if not (folder / "history.json").is_file():
             return None
         return load_file(str(folder / "state.safetensors")), json.loads((folder / "history.json").read_text())
+
+    def load_client_bn(self, seed: int) -> dict[str, dict[str, torch.Tensor]] | None:
+        """The clients' own BatchNorm tensors saved with the latest round (FedBN), or None."""
+        path = self._fedavg_dir(seed) / "client_bn.safetensors"
+        if not path.is_file():
+            return None
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for name, tensor in load_file(str(path)).items():
+            cid, _, key = name.rpartition(_SEP)  # state keys never hold the separator; client ids might
+            out.setdefault(cid, {})[key] = tensor
+        return out
 
     def _unit_path(self, seed: int, strategy: str, client_id: str) -> Path:
         return self.root / f"seed_{seed}" / "units" / strategy / f"{client_id}.json"

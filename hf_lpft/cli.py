@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
 import sys
 
 from hf_lpft.config import ConfigError, load_config
+from hf_lpft.hub import HubPushError
+
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)  # disk full, permissions
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -32,6 +36,25 @@ def run_from_args(argv: list[str], *, defaults: dict | None = None, description:
     except ConfigError as err:
         print(f"hf-lpft: configuration error: {err}", file=sys.stderr)
         return 2
+    except HubPushError as err:  # the run's outputs are complete; only publishing failed
+        print(f"hf-lpft: the run finished but publishing failed: {err}", file=sys.stderr)
+        return 3
+    except OSError as err:
+        if err.errno not in WRITE_ERRORS:
+            raise
+        print(f"hf-lpft: cannot write {err.filename or 'an output file'}: {err.strerror}. Nothing half-written was "
+              "left behind; free space or fix permissions, then rerun with --run.resume true to continue from "
+              "the last complete round or client", file=sys.stderr)
+        return 3
+    except RuntimeError as err:
+        from hf_lpft.train.loop import NonFiniteLossError
+
+        if not isinstance(err, NonFiniteLossError):
+            raise
+        print(f"hf-lpft: training stopped: {err}. Rounds and clients completed so far are saved in the output "
+              "folder; with run.on_error continue a client whose loss diverges is recorded as failed and the "
+              "others go on", file=sys.stderr)
+        return 4
     print(f"\nResults ({len(cfg.run.seeds)} seed(s)), accuracy %, mean (std over seeds):\n")
     print(result.markdown)
     print(f"\nOutputs written to {result.output_dir}")
@@ -43,19 +66,75 @@ def list_strategies() -> int:
     from hf_lpft.strategies import STRATEGIES
 
     for name, cls in sorted(STRATEGIES.items()):
-        defaults = {f.name: f.default for f in dataclasses.fields(cls.config_cls)}
+        defaults = dataclasses.asdict(cls.config_cls())  # also resolves default_factory fields
         print(f"{name:12s} {cls.description}\n{'':12s} defaults: {defaults}")
+    return 0
+
+
+def partition_from_args(argv: list[str]) -> int:
+    """``hf-lpft partition``: federate the configured dataset, write manifest + stats + heatmap, print a table."""
+    parser = argparse.ArgumentParser(prog="hf-lpft partition", description="Preview a federation without training.",
+                                     epilog="Data options are overridden as --data.key value, e.g. --data.scheme iid.")
+    parser.add_argument("--config", default=None, help="YAML config (its data section is used).")
+    parser.add_argument("--output_dir", default=None, help="Folder for federation/ (default run.output_dir).")
+    parser.add_argument("--log_level", default="INFO", help="Log level of hf_lpft (DEBUG, INFO, WARNING).")
+    args, overrides = parser.parse_known_args(argv)
+    setup_logging(args.log_level.upper())
+    from hf_lpft.data.federate import FederationError
+    from hf_lpft.data.stats import format_table, preview_federation
+
+    try:
+        cfg = load_config(args.config, overrides)
+        out = args.output_dir or cfg.run.output_dir
+        fed = preview_federation(cfg.data, out)
+    except (ConfigError, FederationError) as err:
+        print(f"hf-lpft: configuration error: {err}", file=sys.stderr)
+        return 2
+    print(format_table(fed))
+    print(f"\nFederation written to {out}/federation (manifest.json, stats.json, label_heatmap.png)")
+    return 0
+
+
+def push_from_args(argv: list[str]) -> int:
+    """``hf-lpft push OUTPUT_DIR --hub_repo_id me/x [--hub_private] [--local_only]``: publish a finished run."""
+    parser = argparse.ArgumentParser(prog="hf-lpft push", description="Publish a run folder: model repo in one "
+                                     "commit + results dataset. Endpoint from HF_ENDPOINT, token from HF_TOKEN or the login cache.")
+    parser.add_argument("output_dir")
+    parser.add_argument("--hub_repo_id", required=True, help="Model repo 'namespace/name'.")
+    parser.add_argument("--hub_private", action="store_true", help="Create the repos private.")
+    parser.add_argument("--hub_results_repo_id", default=None, help="Results dataset repo (default <hub_repo_id>-results).")
+    parser.add_argument("--hub_experiment", default=None, help="Dataset config name (default: the folder's name).")
+    parser.add_argument("--local_only", action="store_true", help="Only rewrite <output_dir>/hub; push nothing.")
+    args = parser.parse_args(argv)
+    setup_logging()
+    from hf_lpft.config import HubConfig
+    from hf_lpft.hub.push import publish_run
+
+    try:
+        hub = HubConfig(push_to_hub=not args.local_only, hub_repo_id=args.hub_repo_id, hub_private=args.hub_private,
+                        hub_results_repo_id=args.hub_results_repo_id, hub_experiment=args.hub_experiment)
+        result = publish_run(argparse.Namespace(hub=hub), args.output_dir)
+    except (ConfigError, FileNotFoundError, HubPushError) as err:
+        print(f"hf-lpft push: {err}", file=sys.stderr)
+        return 2
+    print(f"published: {result.model_commit_url}" if result else f"Hub-ready folders in {args.output_dir}/hub")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"run": "run a study from a config", "strategies": "list the registered PFT strategies"}
+    commands = {"run": "run a study from a config", "strategies": "list the registered PFT strategies",
+                "partition": "preview a federation (manifest, stats, heatmap) without training",
+                "push": "publish a finished run folder to the Hub (or rewrite its Hub-ready folder)"}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: hf-lpft {run,strategies} [options]\n" + "\n".join(f"  {k:12s} {v}" for k, v in commands.items()))
+        print("usage: hf-lpft {" + ",".join(commands) + "} [options]\n" + "\n".join(f"  {k:12s} {v}" for k, v in commands.items()))
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     if argv[0] == "strategies":
         return list_strategies()
+    if argv[0] == "partition":
+        return partition_from_args(argv[1:])
+    if argv[0] == "push":
+        return push_from_args(argv[1:])
     return run_from_args(argv[1:])
 
 

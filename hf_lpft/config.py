@@ -7,6 +7,7 @@ rejects bad values with a message that names the value and what is allowed. Unkn
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -42,52 +43,87 @@ class DataConfig:
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     split: str = field(default="train", metadata={"help": "Split of the source dataset to federate."})
     image_column: str = field(default="image", metadata={"help": "Column holding the images."})
+    text_column: str | None = field(default=None, metadata={"help": "Column holding the text of a text dataset (e.g. text for topics); set, it replaces image_column: examples are tokenized with the backbone's tokenizer (needs an hf: backbone)."})
+    max_seq_len: int = field(default=128, metadata={"help": "Text: tokens kept per example (truncation); each batch is padded to its longest example."})
     label_column: str = field(default="label", metadata={"help": "Column holding the class labels (ClassLabel or int)."})
     domain_column: str = field(default="domain", metadata={"help": "Column naming the domain of each example (natural scheme)."})
-    scheme: str = field(default="natural", metadata={"help": "Partition scheme: natural (one client per value of partition_by) or dirichlet (label skew)."})
-    partition_by: str | None = field(default=None, metadata={"help": "Column to partition by; default domain_column for natural, label_column for dirichlet."})
-    num_clients: int = field(default=5, metadata={"help": "Number of clients (dirichlet); natural uses the number of distinct values."})
+    scheme: str = field(default="natural", metadata={"help": "Partition scheme (flwr-datasets partitioners): iid, dirichlet (label skew, alpha), pathological (classes_per_client classes a client), natural (one client per value of partition_by), quantity (size skew, quantity_mode), natural+dirichlet (clients_per_domain clients a domain with Dirichlet label skew inside each)."})
+    partition_by: str | None = field(default=None, metadata={"help": "Column to partition by, or joint columns as a+b; default domain_column for natural and natural+dirichlet, label_column for dirichlet and pathological."})
+    num_clients: int = field(default=5, metadata={"help": "Number of clients (iid, dirichlet, pathological, quantity); natural uses the number of distinct values."})
     alpha: float = field(default=0.5, metadata={"help": "Dirichlet concentration; smaller = more label skew."})
-    min_partition_size: int = field(default=10, metadata={"help": "Dirichlet: resample until every client has at least this many examples."})
+    min_partition_size: int = field(default=10, metadata={"help": "Dirichlet and quantity: resample (at most 10 times) until every client has at least this many examples."})
+    classes_per_client: int = field(default=2, metadata={"help": "Pathological scheme: classes a client."})
+    quantity_mode: str = field(default="dirichlet", metadata={"help": "Quantity scheme: client sizes from dirichlet(alpha), linear, square or exponential in the client index."})
+    clients_per_domain: int = field(default=2, metadata={"help": "natural+dirichlet: clients a domain."})
+    corruption: str = field(default="none", metadata={"help": "Input-level covariate shift: none, or per_client (client i gets the i-th (corruption, severity) pair of hf_lpft.data.shifts.corruption_schedule, CIFAR-10-C families)."})
+    corruption_families: list[str] | None = field(default=None, metadata={"help": "Corruption families to cycle over; None = all 15 CIFAR-10-C families."})
+    corruption_severities: list[int] | None = field(default=None, metadata={"help": "Severities (1-5) to rotate over; None = 1..5."})
+    label_permutation: int = field(default=0, metadata={"help": "Concept shift: permute this many classes on each client with a seeded per-client cycle (0 = off)."})
     test_fraction: float = field(default=0.25, metadata={"help": "Share of each client's data held out as its test split (stratified by label)."})
     max_examples_per_client: int | None = field(default=None, metadata={"help": "Cap each client's examples (before the train/test split); None = no cap."})
     image_size: int = field(default=32, metadata={"help": "Images are resized to image_size x image_size RGB."})
-    n_per_domain: int = field(default=800, metadata={"help": "Embedded digits5: examples per domain."})
+    n_per_domain: int = field(default=800, metadata={"help": "Embedded datasets (digits5, digits-c, colored-digits): examples per domain (one domain = one client under the natural scheme)."})
     num_classes: int | None = field(default=None, metadata={"help": "Expected number of classes; checked against the dataset when set."})
     seed: int = field(default=0, metadata={"help": "Seed of the partition and the per-client splits."})
     manifest: str | None = field(default=None, metadata={"help": "Path of a saved federation manifest to rebuild exactly the same partition."})
 
     def __post_init__(self) -> None:
-        _check_choice("data.scheme", self.scheme, ("natural", "dirichlet"))
+        _check_choice("data.scheme", self.scheme, ("iid", "dirichlet", "pathological", "natural", "quantity", "natural+dirichlet"))
+        _check(self.classes_per_client >= 1, f"data.classes_per_client={self.classes_per_client!r} must be >= 1")
+        _check_choice("data.quantity_mode", self.quantity_mode, ("dirichlet", "linear", "square", "exponential"))
+        _check(self.clients_per_domain >= 1, f"data.clients_per_domain={self.clients_per_domain!r} must be >= 1")
+        _check_choice("data.corruption", self.corruption, ("none", "per_client"))
+        _check(self.corruption_families is None or len(self.corruption_families) > 0, "data.corruption_families is empty; give at least one family or leave it unset")
+        bad = [s for s in self.corruption_severities or [] if s not in (1, 2, 3, 4, 5)]
+        _check(not bad and self.corruption_severities != [], f"data.corruption_severities={self.corruption_severities!r} must be a non-empty list of values in 1..5")
+        _check(self.label_permutation == 0 or self.label_permutation >= 2, f"data.label_permutation={self.label_permutation!r} must be 0 (off) or >= 2 classes")
         _check(self.num_clients >= 1, f"data.num_clients={self.num_clients!r} must be >= 1")
         _check_positive("data.alpha", self.alpha)
         _check(self.min_partition_size >= 0, f"data.min_partition_size={self.min_partition_size!r} must be >= 0")
         _check(0.0 < self.test_fraction < 1.0, f"data.test_fraction={self.test_fraction!r} must be in (0, 1)")
         _check(self.image_size >= 8, f"data.image_size={self.image_size!r} must be >= 8")
         _check(self.n_per_domain >= 1, f"data.n_per_domain={self.n_per_domain!r} must be >= 1")
+        _check(self.max_seq_len >= 2, f"data.max_seq_len={self.max_seq_len!r} must be >= 2 (room for the special tokens)")
         if self.max_examples_per_client is not None:
             _check(self.max_examples_per_client >= 2, f"data.max_examples_per_client={self.max_examples_per_client!r} must be >= 2")
         if self.num_classes is not None:
             _check(self.num_classes >= 2, f"data.num_classes={self.num_classes!r} must be >= 2")
+        if self.manifest is not None:
+            _check(Path(self.manifest).is_file(), f"data.manifest={self.manifest!r} is not a file; give the path of "
+                   "a federation/manifest.json written by an earlier run, or leave it unset")
 
 
 @dataclass
 class ModelConfig:
     """The backbone and its head."""
 
-    backbone: str = field(default="timm:test_resnet", metadata={"help": "timm:<name> (any timm model; tiny test models included)."})
-    pretrained: bool = field(default=False, metadata={"help": "Load pretrained backbone weights (needs the Hub or a local checkpoint)."})
+    backbone: str = field(default="timm:test_resnet", metadata={"help": "timm:<name> (any timm model; tiny test models included), hf:<model id, local folder or installed alias such as all-MiniLM-L6-v2> (transformers AutoModel), or hf-config:<vit-tiny, vit-test or a config.json path> (architecture only, random weights)."})
+    pretrained: bool = field(default=False, metadata={"help": "Load pretrained backbone weights (timm: the Hub or a local checkpoint; hf: the model id / folder)."})
     checkpoint: str | None = field(default=None, metadata={"help": "Local backbone weights file (safetensors or a timm checkpoint) for pretrained=True offline."})
+    pooling: str = field(default="mean", metadata={"help": "Text backbones (hf:): features are the mean of the last hidden states over the attention mask (mean) or the first token (cls). Vision backbones use their standard pooled output."})
+    dropout: float | None = field(default=None, metadata={"help": "Transformers backbones: replace the hidden/attention dropout probability (0 makes probing cacheable); None keeps the model's."})
 
     def __post_init__(self) -> None:
         prefix = self.backbone.split(":", 1)[0]
-        _check(":" in self.backbone and prefix in ("timm",),
-               f"model.backbone={self.backbone!r} must look like 'timm:<model name>'")
+        _check(":" in self.backbone and prefix in ("timm", "hf", "hf-config") and self.backbone.split(":", 1)[1] != "",
+               f"model.backbone={self.backbone!r} must look like 'timm:<model name>', 'hf:<model id or path>' "
+               "or 'hf-config:<preset or config path>'")
+        _check_choice("model.pooling", self.pooling, ("mean", "cls"))
         if self.checkpoint is not None:
+            _check(prefix == "timm", f"model.checkpoint={self.checkpoint!r} is for timm backbones; for "
+                   f"{self.backbone!r} point hf: at a local folder instead")
             _check(Path(self.checkpoint).is_file(), f"model.checkpoint={self.checkpoint!r} is not a file")
+        _check(not (self.pretrained and prefix == "hf-config"), f"model.pretrained=true but {self.backbone!r} "
+               "has no weights (hf-config: builds an architecture only); use hf:<model id or path>")
+        if self.dropout is not None:
+            _check(prefix != "timm", f"model.dropout={self.dropout!r} applies to hf: backbones only, not {self.backbone!r}")
+            _check(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout!r} must be in [0, 1)")
 
 
 OPTIMIZERS = ("sgd", "adamw")
+REPORT_TO = ("none", "tensorboard", "trackio", "wandb")
+FEDAVG_BN_MODES = ("averaged", "local")
+FEDAVG_ENGINES = ("builtin", "flower")
 
 
 @dataclass
@@ -102,9 +138,16 @@ class FedAvgConfig:
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
     weight_decay: float = field(default=0.0, metadata={"help": "Weight decay."})
     batch_size: int = field(default=64, metadata={"help": "Local batch size."})
+    bn: str = field(default="averaged", metadata={"help": "BatchNorm layers in FedAvg: averaged (plain FedAvg: weights and running statistics averaged like every other float tensor) or local (FedBN, Li et al. 2021: every BatchNorm tensor - affine weight/bias and running statistics - stays with its client across rounds; client i personalizes and is evaluated as the global model with its own BatchNorm)."})
+
+    engine: str = field(default="builtin", metadata={"help": "Who runs FedAvg: builtin (hf_lpft's loop; clients sharded over accelerate/torchrun processes) or flower (a Flower ServerApp/ClientApp in Flower's local simulation; pip install 'hf-lpft[flower]'; one process; the same global model as builtin)."})
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 0, f"fedavg.rounds={self.rounds!r} must be >= 0")
+        _check_choice("fedavg.bn", self.bn, FEDAVG_BN_MODES)
+        _check_choice("fedavg.engine", self.engine, FEDAVG_ENGINES)
+        _check(not (self.engine == "flower" and self.bn == "local"), "fedavg.engine='flower' averages every "
+               "tensor; fedavg.bn='local' (FedBN) needs fedavg.engine='builtin'")
         _check(self.local_epochs >= 1, f"fedavg.local_epochs={self.local_epochs!r} must be >= 1")
         _check(0.0 < self.client_fraction <= 1.0, f"fedavg.client_fraction={self.client_fraction!r} must be in (0, 1]")
         _check_choice("fedavg.optimizer", self.optimizer, OPTIMIZERS)
@@ -128,6 +171,7 @@ class PFTConfig:
     batch_size: int = field(default=64, metadata={"help": "Batch size."})
     eval_every: int = field(default=0, metadata={"help": "Evaluate Local and Global every k personalization epochs (epoch curves); 0 = off."})
     cache_features: bool = field(default=True, metadata={"help": "Probe on cached backbone features when that is exact (head-only phase, BatchNorm frozen, no dropout)."})
+    batched_probe: bool = field(default=False, metadata={"help": "Train the probing heads of all clients together as one batched tensor operation (equal to client-by-client probing within float tolerance; SGD, cached features, no eval_every curves); falls back, logged, when not equal."})
     strategy_args: dict[str, dict] = field(default_factory=dict, metadata={"help": "Per-strategy options, e.g. {lp_ft: {lp_epochs: 5}}; options of strategies not run are still validated."})
 
     def __post_init__(self) -> None:
@@ -157,6 +201,8 @@ class RunConfig:
     on_error: str = field(default="continue", metadata={"help": "A client whose loss becomes NaN/inf: continue (record the error, go on) or raise."})
     eval_batch_size: int = field(default=256, metadata={"help": "Batch size of evaluation."})
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads; None = torch's default."})
+    distortion: bool = field(default=True, metadata={"help": "Measure feature distortion (Δ, linear CKA) of every personalized model against the global model at the head's input, on its own and the other clients' test splits."})
+    report_to: str = field(default="none", metadata={"help": "Experiment tracker for progress scalars, through accelerate: none, tensorboard, trackio or wandb (the tracker's package must be installed)."})
 
     def __post_init__(self) -> None:
         _check(len(self.seeds) > 0, "run.seeds is empty")
@@ -166,10 +212,34 @@ class RunConfig:
         _check(self.eval_batch_size >= 1, f"run.eval_batch_size={self.eval_batch_size!r} must be >= 1")
         if self.num_threads is not None:
             _check(self.num_threads >= 1, f"run.num_threads={self.num_threads!r} must be >= 1")
+        _check_choice("run.report_to", self.report_to, REPORT_TO)
+
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class HubConfig:
+    """Publishing to the Hugging Face Hub (endpoint from HF_ENDPOINT; token from HF_TOKEN or the login cache)."""
+
+    push_to_hub: bool = field(default=False, metadata={"help": "Publish the run at the end: the model repo (global model, personalized clients, cards) in one commit and the results dataset. Without it the same Hub-ready folder is written to <output_dir>/hub."})
+    hub_repo_id: str | None = field(default=None, metadata={"help": "Model repo 'namespace/name' (created if missing); required with push_to_hub."})
+    hub_private: bool = field(default=False, metadata={"help": "Create the repos private."})
+    hub_results_repo_id: str | None = field(default=None, metadata={"help": "Results dataset repo; default '<hub_repo_id>-results'."})
+    hub_experiment: str | None = field(default=None, metadata={"help": "Dataset config name of this run's results; default the output folder's name."})
+
+    def __post_init__(self) -> None:
+        _check(not self.push_to_hub or self.hub_repo_id is not None, "hub.push_to_hub=true needs hub.hub_repo_id "
+               "(e.g. --hub_repo_id me/my-study)")
+        for name in ("hub_repo_id", "hub_results_repo_id"):
+            value = getattr(self, name)
+            _check(value is None or bool(REPO_ID.match(value)), f"hub.{name}={value!r} must look like 'namespace/name' "
+                   "(letters, digits, '_', '.', '-')")
 
 
 SECTIONS: dict[str, type] = {
     "data": DataConfig, "model": ModelConfig, "fedavg": FedAvgConfig, "pft": PFTConfig, "run": RunConfig,
+    "hub": HubConfig,
 }
 
 
@@ -182,6 +252,7 @@ class ExperimentConfig:
     fedavg: FedAvgConfig = field(default_factory=FedAvgConfig)
     pft: PFTConfig = field(default_factory=PFTConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -218,7 +289,8 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         if isinstance(value, str):
             value = yaml.safe_load(value)
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        _check(ok and (hint is float or float(value).is_integer()), f"{name}={value!r} must be a {hint.__name__}")
+        _check(ok and (hint is float or float(value).is_integer()),
+               f"{name}={value!r} must be {'an integer' if hint is int else 'a number'}")
         return hint(value)
     if hint is str:
         _check(isinstance(value, (str, int, float)), f"{name}={value!r} must be a string")
@@ -243,6 +315,13 @@ def _field_index() -> dict[str, list[str]]:
     return index
 
 
+def _is_flag(key: str, index: dict[str, list[str]]) -> bool:
+    """Whether ``--key`` names exactly one boolean field (which may then be given without a value)."""
+    section, _, name = key.rpartition(".")
+    sections = [section] if section else index.get(name, [])
+    return len(sections) == 1 and sections[0] in SECTIONS and typing.get_type_hints(SECTIONS[sections[0]]).get(name) is bool
+
+
 def parse_overrides(args: list[str]) -> dict[str, dict]:
     """Turn ``["--fedavg.rounds", "10", "--lr=0.1"]`` into ``{"fedavg": {"rounds": "10"}, ...}``.
 
@@ -256,8 +335,11 @@ def parse_overrides(args: list[str]) -> dict[str, dict]:
         arg = args[i]
         _check(arg.startswith("--"), f"unexpected argument {arg!r}; overrides look like --section.key value")
         key, _, value = arg[2:].partition("=")
-        if not _:
-            _check(i + 1 < len(args), f"override {arg!r} has no value")
+        if not _ and (i + 1 == len(args) or args[i + 1].startswith("--")) and _is_flag(key, index):
+            value = "true"  # a bare boolean flag, e.g. --push_to_hub
+        elif not _:
+            _check(i + 1 < len(args) and not args[i + 1].startswith("--"), f"override {arg!r} has no value; "
+                   "write --section.key value or --section.key=value")
             value, i = args[i + 1], i + 1
         i += 1
         section, _, name = key.rpartition(".")

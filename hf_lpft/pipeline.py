@@ -4,34 +4,51 @@ Output folder (a contract): ``config.yaml``, ``run_record.json``, ``federation/m
 ``global/`` (the global model), ``clients/<strategy>/<client_id>/`` (personalized weights),
 ``results.parquet`` (one row per seed x strategy x client) and ``summary.md``. With several seeds,
 model folders get a ``seed_<s>`` level: ``global/seed_<s>/``, ``clients/<strategy>/<client_id>/seed_<s>/``.
+Analyses: ``cross_client.parquet`` (model of client i on the test split of client j), ``curves.parquet``
+(Local / Global / Δ every ``pft.eval_every`` epochs), ``report.md`` with ``figures/*.png``
+(hf_lpft.evaluation.report), ``logs/`` (the ``run.report_to`` tracker). Results rows carry
+``distortion_local`` / ``distortion_global`` (Δ on the own / other clients' test splits) and
+``cka_local`` / ``cka_global`` against the model the client started from; ``global_model`` rows hold
+Δ = 0, CKA = 1 by definition, and every row holds NaN when ``run.distortion`` is off.
+With ``fedavg.bn: local`` (FedBN) ``global/`` holds the averaged BatchNorm only as a fallback; each client's
+own BatchNorm tensors are in ``checkpoints/seed_<s>/fedavg/client_bn.safetensors``, client i personalizes
+θ_G with its own BatchNorm, and its ``global_model`` row evaluates that model on every client.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
-import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import pandas as pd
 import torch
 import yaml
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from hf_lpft._faults import fault_point
 from hf_lpft.checkpoint import Checkpoints
 from hf_lpft.config import ConfigError, ExperimentConfig
-from hf_lpft.data.federate import Federation, federate, load_manifest, num_classes_of, save_manifest
-from hf_lpft.data.load import client_tensors, load_source
+from hf_lpft.data.federate import (Federation, FederationError, default_partition_by, federate_from_config,
+                                    load_manifest, num_classes_of, save_manifest)
+from hf_lpft.data.load import client_tensors, client_text_tensors, load_source
 from hf_lpft.data.tensors import ClientData
+from hf_lpft.evaluation.distortion import distortion_by_client, extract_features, features_and_predictions
 from hf_lpft.evaluation.metrics import format_markdown, local_global, summary_table
+from hf_lpft.evaluation.report import cross_client_frame, write_report
+from hf_lpft.evaluation.shared_features import SharedBackbone
 from hf_lpft.federated.fedavg import run_fedavg
+from hf_lpft.hub.push import publish_run
 from hf_lpft.io import atomic_path, meta_info, write_json, write_text
-from hf_lpft.models.backbone import SplitModel, build_model
+from hf_lpft.models.backbone import SplitModel, build_model, load_tokenizer
 from hf_lpft.strategies import Budget, Strategy, build_strategy
-from hf_lpft.strategies.personalize import personalize
+from hf_lpft.strategies.personalize import personalize, probe_all_clients
 from hf_lpft.train.loop import NonFiniteLossError, OptimSettings, accuracy, derive_seed
 
 logger = logging.getLogger(__name__)
@@ -48,13 +65,49 @@ class RunResult:
 def build_strategies(cfg: ExperimentConfig) -> dict[str, Strategy]:
     """Validate and build every requested strategy before any heavy work."""
     budget = Budget(epochs=cfg.pft.epochs, lr=cfg.pft.lr, head_lr=cfg.pft.head_lr)
-    for name, args in cfg.pft.strategy_args.items():  # validate options even of strategies not run now
-        build_strategy(name, args, budget=budget)
-    return {name: build_strategy(name, cfg.pft.strategy_args.get(name), budget=budget) for name in cfg.pft.strategies}
+
+    def build(name: str, where: str) -> Strategy:
+        try:
+            return build_strategy(name, cfg.pft.strategy_args.get(name), budget=budget)
+        except ConfigError as err:  # say which config entry holds the bad name or option
+            raise ConfigError(str(err) if str(err).startswith(where) else f"{where}: {err}") from err
+    for name in cfg.pft.strategy_args:  # validate options even of strategies not run now
+        build(name, f"pft.strategy_args.{name}")
+    return {name: build(name, "pft.strategies") for name in cfg.pft.strategies}
+
+
+def check_backbone(cfg: ExperimentConfig) -> None:
+    """An unknown timm name or an unloadable transformers config fails now, not after the dataset is federated."""
+    import timm
+
+    from hf_lpft.models.backbone import INSTALLED_ALIASES, hf_backbone_config
+
+    prefix, _, name = cfg.model.backbone.partition(":")
+    if prefix == "timm" and not timm.is_model(name):
+        raise ConfigError(f"model.backbone={cfg.model.backbone!r}: {name!r} is not a timm model; choose a name from "
+                          "timm.list_models(), e.g. 'timm:test_resnet', 'timm:test_vit', 'timm:resnet18'")
+    if prefix in ("hf", "hf-config"):
+        try:
+            hf_backbone_config(cfg.model.backbone, image_size=cfg.data.image_size)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"model.backbone={cfg.model.backbone!r} cannot be loaded ({err}); use a local folder "
+                              f"with a config.json, an installed model {sorted(INSTALLED_ALIASES)}, or a Hub id "
+                              "(needs the network or the HF cache)") from err
+
+
+def check_strategies(cfg: ExperimentConfig, strategies: dict[str, Strategy]) -> None:
+    """Architecture-dependent options (LoRA target modules, surgical presets) fail before any training."""
+    if all(type(s).check_model is Strategy.check_model for s in strategies.values()):
+        return
+    with torch.random.fork_rng(devices=[]):  # build_model seeds the global generator; leave it as it was
+        skeleton = build_model(cfg.model.backbone, num_classes=2, image_size=cfg.data.image_size)
+    for strategy in strategies.values():
+        strategy.check_model(skeleton)
 
 
 OUTPUT_NAMES = ("config.yaml", "run_record.json", "federation", "global", "clients", "checkpoints",
-                "results.parquet", "curves.parquet", "summary.md")
+                "results.parquet", "curves.parquet", "summary.md", "cross_client.parquet", "report.md", "figures",
+                "logs", "hub")
 
 
 def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -64,9 +117,21 @@ def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[st
         a, b = saved.get(k), current.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             out += _config_differences(a, b, f"{prefix}{k}.")
-        elif a != b and f"{prefix}{k}" not in ("run.resume", "run.overwrite"):
+        elif a != b and f"{prefix}{k}" not in ("run.resume", "run.overwrite", "run.report_to") \
+                and prefix + k != "hub" \
+                and not prefix.startswith("hub."):  # publishing settings may change on resume
             out.append(f"{prefix}{k}: {a!r} -> {b!r}")
     return out
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Delete what a killed run left half-written (``atomic_path`` names: ``.<name>.<random>.tmp``)."""
+    stale = sorted(p for p in out.rglob(".*.tmp") if p.is_dir() or p.is_file())
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    if stale:
+        logger.info("removed %d half-written file(s) of an interrupted run in %s", len(stale), out)
+    return stale
 
 
 def prepare_output_dir(cfg: ExperimentConfig) -> Path:
@@ -82,33 +147,116 @@ def prepare_output_dir(cfg: ExperimentConfig) -> Path:
         if not cfg.run.overwrite and not cfg.run.resume:
             raise ConfigError(f"run.output_dir={str(out)!r} is not empty; pass --run.resume true to continue "
                               "it, --run.overwrite true to start again, or choose another folder")
+        check_writable(out)
         for name in OUTPUT_NAMES:  # start again: remove only what a run writes
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    if not os.access(out, os.W_OK):
-        raise ConfigError(f"run.output_dir={str(out)!r} is not writable")
+    check_writable(out)
+    remove_stale_temporaries(out)
     return out
 
 
-def build_federation(cfg: ExperimentConfig, out: Path) -> tuple[Federation, list[ClientData]]:
-    """Load the source dataset, partition it (or rebuild a saved manifest), decode client tensors."""
+def check_writable(out: Path) -> None:
+    """Create ``out`` and write (then delete) a probe file in it: ``os.access`` misses read-only mounts and root."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise ConfigError(f"run.output_dir={str(out)!r} is not writable ({err.strerror or err}); "
+                          "choose a folder you can create and write files in") from err
+
+
+def load_dataset_checked(cfg: ExperimentConfig) -> datasets.Dataset:
+    """The source dataset; one that cannot be found fails with a ConfigError naming ``data.dataset``."""
+    from hf_lpft.data.builtin import BUILTIN_DATASETS
+
     d = cfg.data
-    ds = load_source(d.dataset, split=d.split, config_name=d.dataset_config,
-                     builtin_kwargs={"n_per_domain": d.n_per_domain, "image_size": d.image_size})
-    if d.label_column in ds.column_names and d.num_classes is not None:
-        found = num_classes_of(ds, d.label_column)
-        if found != d.num_classes:
-            raise ConfigError(f"data.num_classes={d.num_classes} but column {d.label_column!r} has {found} classes")
-    if d.manifest:
-        fed = load_manifest(d.manifest, num_rows=len(ds))
-    else:
-        fed = federate(ds, scheme=d.scheme, partition_by=d.partition_by, label_column=d.label_column,
-                       domain_column=d.domain_column, num_clients=d.num_clients, alpha=d.alpha,
-                       min_partition_size=d.min_partition_size, test_fraction=d.test_fraction,
-                       max_examples_per_client=d.max_examples_per_client, seed=d.seed)
+    try:
+        return load_source(d.dataset, split=d.split, config_name=d.dataset_config,
+                           builtin_kwargs={"n_per_domain": d.n_per_domain, "image_size": d.image_size})
+    except FederationError as err:  # e.g. a split the dataset does not have
+        raise ConfigError(f"data.{err}") from err
+    except OSError as err:
+        if d.dataset in BUILTIN_DATASETS:  # building the embedded data failed (e.g. disk full): not a config error
+            raise
+        raise ConfigError(f"data.dataset={d.dataset!r} cannot be loaded ({err}); use an embedded dataset "
+                          f"{sorted(BUILTIN_DATASETS)}, a folder written by save_to_disk, or a Hub dataset id "
+                          "(needs the network or the HF cache)") from err
+
+
+def check_dataset(cfg: ExperimentConfig, ds: datasets.Dataset) -> None:
+    """Columns, their types and the class count against the dataset, before anything is written."""
+    d = cfg.data
+    inputs = ("data.text_column", d.text_column) if d.text_column else ("data.image_column", d.image_column)
+    columns = {inputs[0]: inputs[1], "data.label_column": d.label_column}
+    if not d.manifest:
+        if d.partition_by:
+            for k, name in enumerate(d.partition_by.split("+")):
+                columns[f"data.partition_by[{k}]" if "+" in d.partition_by else "data.partition_by"] = name
+        elif (name := default_partition_by(d.scheme, label_column=d.label_column,
+                                           domain_column=d.domain_column)) is not None:
+            columns["data.domain_column" if name == d.domain_column else "data.label_column"] = name
+    for role, name in columns.items():
+        if name not in ds.column_names:
+            raise ConfigError(f"{role}={name!r} is not a column of the dataset; columns: {ds.column_names}")
+    if d.text_column:
+        check_text_inputs(cfg, ds)
+    elif not isinstance(ds.features[d.image_column], datasets.Image):
+        images = [c for c, f in ds.features.items() if isinstance(f, datasets.Image)]
+        raise ConfigError(f"data.image_column={d.image_column!r} is a {type(ds.features[d.image_column]).__name__} "
+                          f"column, not an Image column; Image columns: {images}")
+    label = ds.features[d.label_column]
+    if not (isinstance(label, datasets.ClassLabel) or getattr(label, "dtype", "").startswith(("int", "uint", "bool"))):
+        raise ConfigError(f"data.label_column={d.label_column!r} holds {getattr(label, 'dtype', type(label).__name__)} "
+                          "values; it must be a ClassLabel, an integer or a bool column")
+    if d.num_classes is not None and (found := num_classes_of(ds, d.label_column)) != d.num_classes:
+        raise ConfigError(f"data.num_classes={d.num_classes} but column {d.label_column!r} has {found} classes")
+
+
+def check_text_inputs(cfg: ExperimentConfig, ds: datasets.Dataset) -> None:
+    """A text dataset needs a string column and a transformers backbone (whose tokenizer it uses)."""
+    feature = ds.features[cfg.data.text_column]
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        strings = [c for c, f in ds.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
+        raise ConfigError(f"data.text_column={cfg.data.text_column!r} is not a string column; string columns: {strings}")
+    if not cfg.model.backbone.startswith("hf:"):
+        raise ConfigError(f"data.text_column={cfg.data.text_column!r} needs a text backbone with a tokenizer, "
+                          f"'hf:<model id or path>'; got model.backbone={cfg.model.backbone!r}")
+
+
+def client_inputs(cfg: ExperimentConfig, ds: datasets.Dataset, fed: Federation) -> list[ClientData]:
+    """Every client's tensors: decoded images, or text tokenized with the backbone's tokenizer."""
+    d = cfg.data
+    if d.text_column:
+        return client_text_tensors(ds, fed, text_column=d.text_column, label_column=d.label_column,
+                                   tokenizer=load_tokenizer(cfg.model.backbone), max_length=d.max_seq_len)
+    return client_tensors(ds, fed, image_column=d.image_column, label_column=d.label_column, image_size=d.image_size)
+
+
+def build_federation(cfg: ExperimentConfig, out: Path, timings: dict | None = None) -> tuple[Federation, list[ClientData]]:
+    """Load and check the source dataset, partition it (or rebuild a saved manifest), decode client tensors
+    (seconds of each step into ``timings``: data_load, partition, decode_inputs)."""
+    d = cfg.data
+    t = time.perf_counter()
+    ds = load_dataset_checked(cfg)
+    check_dataset(cfg, ds)
+    stage_seconds = {"data_load": time.perf_counter() - t}
+    try:
+        ds, fed = federate_from_config(ds, d)  # partition (or rebuild the manifest), then client shifts
+    except FederationError as err:
+        raise ConfigError(f"data: {err}") from err
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        if not d.manifest:
+            raise
+        raise ConfigError(f"data.manifest={d.manifest!r} is not a manifest written by hf_lpft "
+                          f"({type(err).__name__}: {err})") from err
     save_manifest(fed, out / "federation" / "manifest.json")
-    clients = client_tensors(ds, fed, image_column=d.image_column, label_column=d.label_column, image_size=d.image_size)
+    stage_seconds["partition"] = time.perf_counter() - t - stage_seconds["data_load"]
+    clients = client_inputs(cfg, ds, fed)
+    stage_seconds["decode_inputs"] = time.perf_counter() - t - sum(stage_seconds.values())
+    if timings is not None:
+        timings.update(stage_seconds)
     return fed, clients
 
 
@@ -119,11 +267,53 @@ def save_model(model: SplitModel, path: Path, strategy: Strategy | None = None) 
             model.save_pretrained(tmp)
         else:
             strategy.export(model, tmp)
+        fault_point("export_model")  # test hook (hf_lpft._faults); a no-op in real runs
 
 
-def cross_accuracy(model, clients: list[ClientData], *, cfg: ExperimentConfig, device) -> list[float]:
-    """The model's accuracy on every client's test split (row of the cross-client matrix)."""
+def cross_accuracy(model, clients: list[ClientData], *, cfg: ExperimentConfig, device,
+                   shared: SharedBackbone | None = None) -> list[float]:
+    """The model's accuracy on every client's test split (row of the cross-client matrix); from θ_G's
+    features computed once (``shared``) when the model's backbone is θ_G's (e.g. LP)."""
+    if shared is not None and (accs := shared.accuracies(model)) is not None:
+        return accs
     return [accuracy(model, c.test_x, c.test_y, batch_size=cfg.run.eval_batch_size, device=device) for c in clients]
+
+
+NO_DISTORTION = {"distortion_local": float("nan"), "distortion_global": float("nan"),
+                 "cka_local": float("nan"), "cka_global": float("nan")}
+# A global_model row compares the model a client starts from with itself: Δ = 0 and CKA = 1 by definition
+# (NaN, like every row, when run.distortion is off).
+SELF_DISTORTION = {"distortion_local": 0.0, "distortion_global": 0.0, "cka_local": 1.0, "cka_global": 1.0}
+
+
+def evaluate_on_clients(model, clients: list[ClientData], i: int, *, cfg: ExperimentConfig, device,
+                        reference: list | None = None, shared: SharedBackbone | None = None) -> tuple[list[float], dict]:
+    """Accuracy on every client's test split and, given the start model's features there (``reference``),
+    the distortion columns (hf_lpft.evaluation.distortion), from one forward pass per split."""
+    if reference is None:
+        return cross_accuracy(model, clients, cfg=cfg, device=device, shared=shared), dict(NO_DISTORTION)
+    if shared is not None and (accs := shared.accuracies(model)) is not None:
+        return accs, distortion_by_client(reference, reference, i)  # θ_G's backbone bit for bit: Δ = 0
+    accs, feats = [], []
+    for c in clients:
+        f, pred = features_and_predictions(model, c.test_x, batch_size=cfg.run.eval_batch_size, device=device)
+        feats.append(f)
+        accs.append((pred == c.test_y).float().mean().item() if len(c.test_y) else float("nan"))
+    return accs, distortion_by_client(reference, feats, i)
+
+
+def reference_features(cfg: ExperimentConfig, global_model: SplitModel, clients: list[ClientData],
+                       client_bn: dict | None, device) -> list[list] | None:
+    """Per client i: head-input features, on every client's test split, of the model client i starts from
+    (θ_G, or with FedBN θ_G with client i's BatchNorm); None when ``run.distortion`` is off."""
+    if not cfg.run.distortion:
+        return None
+
+    def feats(model):
+        return [extract_features(model, c.test_x, batch_size=cfg.run.eval_batch_size, device=device) for c in clients]
+    if not client_bn:
+        return [feats(global_model)] * len(clients)
+    return [feats(client_global_model(global_model, client_bn, c.client_id)) for c in clients]
 
 
 def result_row(seed: int, strategy: str, i: int, client: ClientData, accs: list[float], final_loss: float | None) -> dict:
@@ -148,76 +338,202 @@ def pretrain(cfg: ExperimentConfig, clients: list[ClientData], num_classes: int,
     if saved is not None and len(saved[1]) == f.rounds and (done / "model.safetensors").is_file():
         return SplitModel.from_pretrained(done).to(accelerator.device).eval(), saved[1]
     model = build_model(cfg.model.backbone, num_classes=num_classes, image_size=cfg.data.image_size,
-                        pretrained=cfg.model.pretrained, checkpoint=cfg.model.checkpoint,
-                        seed=derive_seed(seed, "init") % 2**31).to(accelerator.device)
+                        pretrained=cfg.model.pretrained, checkpoint=cfg.model.checkpoint, pooling=cfg.model.pooling,
+                        dropout=cfg.model.dropout, seed=derive_seed(seed, "init") % 2**31).to(accelerator.device)
     if saved is not None:
         model.load_state_dict(saved[0])
     settings = OptimSettings(f.optimizer, f.momentum, f.weight_decay, f.batch_size)
+    client_bn = ((ckpt.load_client_bn(seed) if saved else None) or {}) if f.bn == "local" else None
+
+    def round_end(rnd: int, state: dict, hist: list) -> None:
+        ckpt.save_round(seed, state, hist, client_bn=client_bn)
+        _log(accelerator, {f"seed_{seed}/fedavg/{k}": v for k, v in hist[-1].items() if k != "round"}, step=rnd)
     model, history = run_fedavg(model, clients, rounds=f.rounds, local_epochs=f.local_epochs, lr=f.lr,
                                 client_fraction=f.client_fraction, settings=settings, accelerator=accelerator,
                                 seed=seed, start_round=len(saved[1]) if saved else 0,
-                                history=saved[1] if saved else None,
-                                on_round_end=lambda r, state, hist: ckpt.save_round(seed, state, hist))
+                                history=saved[1] if saved else None, client_bn=client_bn,
+                                on_round_end=round_end)
     save_model(model, done)
     if f.rounds == 0:
-        ckpt.save_round(seed, model.state_dict(), [])
+        ckpt.save_round(seed, model.state_dict(), [], client_bn=client_bn)
     return model, history
 
 
-def epoch_curve_callback(cfg: ExperimentConfig, clients: list[ClientData], i: int, curves: list, device):
-    """Record Local and Global every ``pft.eval_every`` epochs (counted across phases)."""
-    if not cfg.pft.eval_every:
-        return None
+def client_global_model(global_model: SplitModel, client_bn: dict | None, client_id: str) -> SplitModel:
+    """The global model client ``client_id`` starts from: with FedBN (``fedavg.bn: local``) a copy that
+    carries the client's own BatchNorm tensors (saved with the last FedAvg round), otherwise θ_G itself."""
+    if not client_bn or client_id not in client_bn:
+        return global_model
+    model = copy.deepcopy(global_model)
+    model.load_state_dict({k: v.to(next(model.parameters()).device) for k, v in client_bn[client_id].items()},
+                          strict=False)
+    return model.eval()
+
+
+def global_model_accuracies(cfg: ExperimentConfig, global_model: SplitModel, clients: list[ClientData],
+                            client_bn: dict | None, device) -> list[list[float]]:
+    """Row i: accuracies on every client's test split of the model client i personalizes from (the
+    ``global_model`` rows: with FedBN, θ_G with client i's BatchNorm, also on the other clients' data)."""
+    if not client_bn:
+        return [cross_accuracy(global_model, clients, cfg=cfg, device=device)] * len(clients)
+    return [cross_accuracy(client_global_model(global_model, client_bn, c.client_id), clients, cfg=cfg, device=device)
+            for c in clients]
+
+
+def batchnorm_record(cfg: ExperimentConfig, strategies: dict[str, Strategy]) -> dict:
+    """The BatchNorm choices of the run, for ``run_record.json``."""
+    return {"fedavg": cfg.fedavg.bn,
+            "global_model_rows": ("theta_G with client i's own BatchNorm tensors, evaluated on every client"
+                                  if cfg.fedavg.bn == "local" else "theta_G (BatchNorm averaged)"),
+            "pft_phases": {n: {p.name: p.bn for p in s.phases()} for n, s in strategies.items()}}
+
+
+def epoch_curve_callback(cfg: ExperimentConfig, clients: list[ClientData], i: int, curves: list, device,
+                         reference: list | None = None, strategy: Strategy | None = None):
+    """Record Local and Global (and, with ``reference``, Δ) every ``pft.eval_every`` epochs (counted across phases)."""
     counter = {"epoch": 0}
 
     def callback(model, phase: str, epoch: int, loss: float) -> None:
+        fault_point("personalize_epoch")
         counter["epoch"] += 1
-        if counter["epoch"] % cfg.pft.eval_every == 0:
-            local, global_ = local_global(cross_accuracy(model, clients, cfg=cfg, device=device), i)
-            curves.append({"epoch": counter["epoch"], "phase": phase, "train_loss": loss,
-                           "local_acc": local, "global_acc": global_})
+        if cfg.pft.eval_every and counter["epoch"] % cfg.pft.eval_every == 0:
+            view = strategy.eval_view(model) if strategy is not None else model
+            accs, dist = evaluate_on_clients(view, clients, i, cfg=cfg, device=device, reference=reference)
+            local, global_ = local_global(accs, i)
+            curves.append({"epoch": counter["epoch"], "phase": phase, "train_loss": loss, "local_acc": local,
+                           "global_acc": global_, "distortion_local": dist["distortion_local"],
+                           "distortion_global": dist["distortion_global"]})
     return callback
 
 
 def personalize_unit(cfg: ExperimentConfig, strategy: Strategy, global_model: SplitModel, clients: list[ClientData],
-                     i: int, *, seed: int, out: Path, accelerator: Accelerator) -> dict:
-    """One (seed, strategy, client) unit: train, evaluate on every client, export; return its record."""
+                     i: int, *, seed: int, out: Path, accelerator: Accelerator, reference: list | None = None,
+                     probed=None, shared: SharedBackbone | None = None) -> dict:
+    """One (seed, strategy, client) unit: train, evaluate on every client, export; return its record.
+
+    ``reference``: the start model's features on every client's test split (adds the distortion columns).
+    ``probed``: this client's batched probing result (replaces the first phase); ``shared``: θ_G's test
+    features for models that keep θ_G's backbone. ``stage_seconds`` splits the unit's time."""
     p, client, start = cfg.pft, clients[i], time.perf_counter()
     settings = OptimSettings(p.optimizer, p.momentum, p.weight_decay, p.batch_size, cache_features=p.cache_features)
     curves: list[dict] = []
+    unit_seed = derive_seed(seed, strategy.name, client.client_id)
     try:
-        model, records = personalize(strategy, global_model, client, settings=settings, accelerator=accelerator,
-                                     seed=derive_seed(seed, strategy.name, client.client_id),
-                                     on_epoch_end=epoch_curve_callback(cfg, clients, i, curves, accelerator.device))
+        # Draws from torch's global generator (e.g. LoRA's init in prepare) then depend on this unit alone, not
+        # on which units ran before it in this process: resumed runs and any client order give the same result.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(unit_seed)
+            model, records = personalize(strategy, global_model, client, settings=settings, accelerator=accelerator,
+                                         seed=unit_seed, probed=probed,
+                                         on_epoch_end=epoch_curve_callback(cfg, clients, i, curves,
+                                                                           accelerator.device, reference,
+                                                                           strategy))
     except NonFiniteLossError as err:
         if cfg.run.on_error == "raise":
             raise
         logger.error("%s / %s / seed %d failed: %s", strategy.name, client.client_id, seed, err)
         nan = [float("nan")] * len(clients)
-        return {"row": result_row(seed, strategy.name, i, client, nan, None) | {"error": str(err)}, "phases": [],
-                "curves": [], "seconds": time.perf_counter() - start}
-    accs = cross_accuracy(model, clients, cfg=cfg, device=accelerator.device)
+        return {"row": result_row(seed, strategy.name, i, client, nan, None) | NO_DISTORTION | {"error": str(err)},
+                "phases": [], "curves": [], "seconds": time.perf_counter() - start}
+    trained = time.perf_counter()
+    accs, dist = evaluate_on_clients(model, clients, i, cfg=cfg, device=accelerator.device, reference=reference,
+                                     shared=shared)
+    evaluated = time.perf_counter()
     losses = [r["epoch_loss"][-1] for r in records if r["epoch_loss"]]
     save_model(model, model_dir(out, cfg, seed, "clients", strategy.name, client.client_id), strategy)
-    row = result_row(seed, strategy.name, i, client, accs, losses[-1] if losses else None) | {"error": None}
-    return {"row": row, "phases": records, "curves": curves, "seconds": time.perf_counter() - start}
+    row = result_row(seed, strategy.name, i, client, accs, losses[-1] if losses else None) | dist | {"error": None}
+    shared_probe = probed.record["seconds"] if probed is not None else 0.0  # its share of the batched probing
+    stages = {"train": trained - start + shared_probe, "evaluate": evaluated - trained,
+              "export": time.perf_counter() - evaluated}
+    return {"row": row, "phases": records, "curves": curves, "seconds": sum(stages.values()), "stage_seconds": stages}
+
+
+def batched_probes(cfg: ExperimentConfig, strategy: Strategy, global_model: SplitModel, clients: list[ClientData], *,
+                   seed: int, accelerator: Accelerator, client_bn: dict | None) -> list | None:
+    """With ``pft.batched_probe``: ``strategy``'s probing phase for all clients at once, or None (the
+    loop probes each client) when batching is off or would not equal the loop."""
+    p = cfg.pft
+    if not p.batched_probe:
+        return None
+    if p.eval_every or client_bn:
+        logger.info("%s: probing client by client, not batched (%s)", strategy.name,
+                    "epoch curves need every epoch's head" if p.eval_every else "FedBN: each client has its own backbone")
+        return None
+    settings = OptimSettings(p.optimizer, p.momentum, p.weight_decay, p.batch_size, cache_features=p.cache_features)
+    return probe_all_clients(strategy, global_model, clients, settings=settings, accelerator=accelerator,
+                             seeds=[derive_seed(seed, strategy.name, c.client_id) for c in clients])
 
 
 def personalize_all(cfg: ExperimentConfig, strategies: dict[str, Strategy], global_model: SplitModel,
-                    clients: list[ClientData], *, seed: int, out: Path, accelerator: Accelerator) -> list[dict]:
-    """Every strategy on every client, skipping units a previous (interrupted) run completed."""
+                    clients: list[ClientData], *, seed: int, out: Path, accelerator: Accelerator,
+                    client_bn: dict | None = None, references: list | None = None) -> list[dict]:
+    """Every strategy on every client, skipping units a previous (interrupted) run completed; with FedBN
+    (``client_bn``) client i personalizes θ_G carrying its own BatchNorm tensors."""
     ckpt = Checkpoints(out)
     units = [(s, i) for s in strategies for i in range(len(clients))]
-    records = []
+    records, probed = [], {}
+    shared = None if client_bn else SharedBackbone(global_model, clients, batch_size=cfg.run.eval_batch_size,
+                                                   device=accelerator.device)
     for name, i in tqdm(units, desc=f"personalize (seed {seed})", disable=not accelerator.is_main_process):
         cid = clients[i].client_id
         record = ckpt.load_unit(seed, name, cid) if cfg.run.resume else None
         if record is None:
-            record = personalize_unit(cfg, strategies[name], global_model, clients, i, seed=seed, out=out,
-                                      accelerator=accelerator)
+            if name not in probed:
+                probed[name] = batched_probes(cfg, strategies[name], global_model, clients, seed=seed,
+                                              accelerator=accelerator, client_bn=client_bn)
+            record = personalize_unit(cfg, strategies[name], client_global_model(global_model, client_bn, cid),
+                                      clients, i, seed=seed, out=out, accelerator=accelerator,
+                                      reference=references[i] if references else None,
+                                      probed=probed[name][i] if probed[name] else None, shared=shared)
+            fault_point("unit_exported")
             ckpt.save_unit(seed, name, cid, record)
+            log_unit(accelerator, record)
+            if i == len(clients) - 1:
+                fault_point("strategy_done")
         records.append(record)
     return records
+
+
+def make_accelerator(cfg: ExperimentConfig, out: Path, accelerator: Accelerator | None) -> Accelerator:
+    """The run's Accelerator; with ``run.report_to`` set, one whose tracker logs under ``<output_dir>/logs``.
+
+    A caller-supplied Accelerator is used as it is: configure its ``log_with`` yourself.
+    """
+    report_to = cfg.run.report_to
+    if accelerator is not None:
+        if report_to != "none" and not accelerator.log_with:
+            logger.warning("run.report_to=%r ignored: the Accelerator passed to run() has no log_with", report_to)
+        return accelerator
+    if report_to == "none":
+        return Accelerator()
+    from accelerate.tracking import get_available_trackers
+
+    if report_to not in {str(t) for t in get_available_trackers()}:
+        raise ConfigError(f"run.report_to={report_to!r} needs the {report_to!r} package, which is not installed; "
+                          f"pip install {report_to} or choose run.report_to none")
+    accelerator = Accelerator(log_with=report_to, project_dir=str(out / "logs"))
+    flat = {f"{sec}.{k}": v if isinstance(v, (bool, int, float, str)) or v is None else str(v)
+            for sec, values in cfg.to_dict().items() for k, v in values.items()}
+    accelerator.init_trackers(out.name or "hf_lpft", config=flat)
+    return accelerator
+
+
+def _log(accelerator: Accelerator, values: dict, step: int | None = None) -> None:
+    """Scalars to the trackers (numbers only; None dropped); a no-op without trackers."""
+    values = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if accelerator.trackers and values:
+        accelerator.log(values, step=step)
+
+
+def log_unit(accelerator: Accelerator, record: dict) -> None:
+    """A unit's results (``seed_<s>/<strategy>/<client>/<metric>``) and its epoch curve (step = epoch)."""
+    row = record["row"]
+    prefix = f"seed_{row['seed']}/{row['strategy']}/{row['client_id']}"
+    keys = ("local_acc", "global_acc", "distortion_local", "distortion_global", "final_train_loss")
+    _log(accelerator, {f"{prefix}/{k}": row.get(k) for k in keys})
+    for point in record["curves"]:
+        _log(accelerator, {f"{prefix}/curve/{k}": point.get(k) for k in keys[:4] + ("train_loss",)},
+             step=point["epoch"])
 
 
 def write_curves(out: Path, records: list[dict]) -> None:
@@ -249,24 +565,37 @@ def run_seed(cfg: ExperimentConfig, strategies: dict[str, Strategy], clients: li
     t = time.perf_counter()
     global_model, history = pretrain(cfg, clients, num_classes, seed=seed, out=out, accelerator=accelerator)
     timings[f"fedavg_seed_{seed}"] = time.perf_counter() - t
-    accs = cross_accuracy(global_model, clients, cfg=cfg, device=accelerator.device)
-    global_rows = [{"row": result_row(seed, "global_model", i, c, accs, None) | {"error": None}, "phases": [],
-                    "curves": [], "fedavg_history": history if i == 0 else None} for i, c in enumerate(clients)]
+    client_bn = Checkpoints(out).load_client_bn(seed) if cfg.fedavg.bn == "local" else None
     t = time.perf_counter()
-    units = personalize_all(cfg, strategies, global_model, clients, seed=seed, out=out, accelerator=accelerator)
+    accs = global_model_accuracies(cfg, global_model, clients, client_bn, accelerator.device)
+    references = reference_features(cfg, global_model, clients, client_bn, accelerator.device)
+    timings[f"evaluate_global_model_seed_{seed}"] = time.perf_counter() - t
+    self_dist = SELF_DISTORTION if references else NO_DISTORTION
+    global_rows = [{"row": result_row(seed, "global_model", i, c, accs[i], None) | self_dist | {"error": None},
+                    "phases": [], "curves": [], "fedavg_history": history if i == 0 else None} for i, c in enumerate(clients)]
+    t = time.perf_counter()
+    units = personalize_all(cfg, strategies, global_model, clients, seed=seed, out=out, accelerator=accelerator,
+                            client_bn=client_bn, references=references)
     timings[f"personalize_seed_{seed}"] = time.perf_counter() - t
+    for r in units:  # per strategy and stage (units resumed from an older run may lack stage_seconds)
+        for stage, sec in (r.get("stage_seconds") or {}).items():
+            key = f"personalize_{r['row']['strategy']}_{stage}_seed_{seed}"
+            timings[key] = timings.get(key, 0.0) + sec
     return global_rows, units
 
 
 def run(cfg: ExperimentConfig, *, accelerator: Accelerator | None = None) -> RunResult:
     """Run the whole study described by ``cfg`` and write the output folder."""
     strategies = build_strategies(cfg)  # fail on bad strategy options before any heavy work
+    check_backbone(cfg)
+    check_strategies(cfg, strategies)
     out = prepare_output_dir(cfg)
-    accelerator = accelerator or Accelerator()
+    own_trackers = accelerator is None and cfg.run.report_to != "none"
+    accelerator = make_accelerator(cfg, out, accelerator)
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
     timings, t0 = {}, time.perf_counter()
-    fed, clients = build_federation(cfg, out)
+    fed, clients = build_federation(cfg, out, timings)
     write_text(out / "config.yaml", cfg.to_yaml())
     timings["federate"] = time.perf_counter() - t0
     records = []
@@ -274,16 +603,30 @@ def run(cfg: ExperimentConfig, *, accelerator: Accelerator | None = None) -> Run
         global_rows, units = run_seed(cfg, strategies, clients, fed.num_classes, seed=seed, out=out,
                                       accelerator=accelerator, timings=timings)
         records += global_rows + units
+    t = time.perf_counter()
     results, summary, markdown = write_results(out, [r["row"] for r in records])
+    fault_point("export_results")
     write_curves(out, records)
+    with atomic_path(out / "cross_client.parquet") as tmp:
+        cross_client_frame(results).to_parquet(tmp, index=False)
+    timings["write_results"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     write_json(out / "run_record.json", {
         "run_info": {"seeds": cfg.run.seeds, "timings_seconds": timings, "manifest_sha256": fed.indices_hash(),
                      "clients": fed.client_ids, "resumed": cfg.run.resume,
-                     "strategies": {n: s.describe() for n, s in strategies.items()}},
+                     "strategies": {n: s.describe() for n, s in strategies.items()},
+                     "batchnorm": batchnorm_record(cfg, strategies)},
         "train_info": {"fedavg_history": {r["row"]["seed"]: r["fedavg_history"] for r in records if r.get("fedavg_history")},
                        "personalization": [{k: r["row"][k] for k in ("seed", "strategy", "client_id", "error")}
-                                           | {"phases": r["phases"], "seconds": r.get("seconds")}
+                                           | {"phases": r["phases"], "seconds": r.get("seconds"),
+                                              "stage_seconds": r.get("stage_seconds")}
                                            for r in records if r["row"]["strategy"] != "global_model"]},
         "meta_info": meta_info()})
+    if accelerator.is_main_process:
+        write_report(out)
+    if own_trackers:
+        for tracker in accelerator.trackers:  # flush and close (end_training would also tear down the process group)
+            tracker.finish()
+    if accelerator.is_main_process:
+        publish_run(cfg, out)  # <out>/hub: the Hub-ready folders, pushed when cfg.hub.push_to_hub
     return RunResult(out, results, summary, markdown)

@@ -162,3 +162,16 @@ def test_cli_lists_every_strategy_with_description_and_defaults(capsys):
         assert line is not None and cls.description in line, name
     assert "'presets': ['first_block']" in out and "'mu': 0.01" in out  # default_factory fields resolved too
     assert "MISSING" not in out
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_eval_view_is_a_split_model_for_epoch_curves(name, tiny_clients):
+    """Epoch curves evaluate ``eval_view`` mid-training: it must expose features and predict like a SplitModel."""
+    strategy = build_strategy(name, budget=MATRIX_BUDGET)
+    model = strategy.prepare(_global_like("timm:test_resnet"))
+    view = strategy.eval_view(model)
+    x = to_float(tiny_clients[0].test_x[:4])
+    view.eval()
+    with torch.no_grad():
+        assert view.features(x).shape[0] == 4
+        assert view(x).shape == (4, 4)

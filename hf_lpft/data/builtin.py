@@ -15,10 +15,15 @@ dataset is cached (``$HF_LPFT_CACHE`` or ``~/.cache/hf_lpft/builtin``) and the f
 seconds (about 5 s for the default 800 images a domain on 2 CPU cores).
 
 This rendering code is hand-written because no library builds these domains; the sources are real data.
+
+``topics`` (text: chatterbot-corpus utterances labelled by topic) is built in ``text_builtin.py``.
+``digits-c`` (one CIFAR-10-C corruption a client) and ``colored-digits`` (a colour that predicts the label
+with a client-specific strength) are built in ``shift_builtin.py``.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import shutil
@@ -28,6 +33,9 @@ from pathlib import Path
 import datasets
 import numpy as np
 from PIL import Image, ImageFilter
+
+from hf_lpft.data.shift_builtin import build_colored_digits, build_digits_c
+from hf_lpft.data.text_builtin import build_topics
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +176,8 @@ def build_digits5(*, n_per_domain: int = 800, image_size: int = 32, seed: int = 
     return datasets.DatasetDict({"train": ds})
 
 
-BUILTIN_DATASETS = {"digits5": build_digits5}
+BUILTIN_DATASETS = {"digits5": build_digits5, "topics": build_topics, "digits-c": build_digits_c,
+                    "colored-digits": build_colored_digits}
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -179,9 +188,15 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def load_builtin(name: str, cache_dir: str | os.PathLike | None = None, **kwargs) -> datasets.DatasetDict:
-    """Load an embedded dataset, building and caching it on first use (written atomically)."""
+    """Load an embedded dataset, building and caching it on first use (written atomically).
+
+    Keyword arguments the dataset's builder does not take are ignored: the pipeline passes the image
+    options (``n_per_domain``, ``image_size``) to every builder, and a text corpus has no use for them.
+    """
     if name not in BUILTIN_DATASETS:
         raise ValueError(f"unknown embedded dataset {name!r}; available: {sorted(BUILTIN_DATASETS)}")
+    accepted = inspect.signature(BUILTIN_DATASETS[name]).parameters  # e.g. image_size means nothing to text
+    kwargs = {k: v for k, v in kwargs.items() if k in accepted}
     key = "-".join([name, f"v{_VERSION}"] + [f"{k}{v}" for k, v in sorted(kwargs.items())])
     target = cache_root(cache_dir) / key
     if (target / "dataset_dict.json").exists():

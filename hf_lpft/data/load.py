@@ -1,4 +1,5 @@
-"""Load the source dataset (embedded, local folder, or Hub) and turn client splits into tensors."""
+"""Load the source dataset (embedded, local folder, or Hub) and turn client splits into tensors (images)
+or token ids (text)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hf_lpft.data.federate import Federation, FederationError, check_columns
-from hf_lpft.data.tensors import ClientData
+from hf_lpft.data.tensors import ClientData, TextInputs
 
 logger = logging.getLogger(__name__)
 
@@ -69,3 +70,34 @@ def client_tensors(ds: datasets.Dataset, federation: Federation, *, image_column
         te = torch.as_tensor([pos[i] for i in c.test_indices], dtype=torch.long)
         out.append(ClientData(c.client_id, images[tr], labels[tr], images[te], labels[te]))
     return out
+
+
+def tokenize(ds: datasets.Dataset, *, text_column: str, tokenizer, max_length: int) -> datasets.Dataset:
+    """``input_ids`` of every row, truncated to ``max_length``, not padded (the attention mask follows
+    from the lengths when batches are padded).
+
+    A batched ``datasets.map``: for a dataset backed by files (embedded, ``save_to_disk``, Hub) the result
+    is cached next to them and reused while the tokenizer and ``max_length`` stay the same.
+    """
+    if not isinstance(ds.features[text_column], datasets.Value) or ds.features[text_column].dtype not in ("string", "large_string"):
+        raise FederationError(f"text_column={text_column!r} is a {ds.features[text_column]!r} column, not a string column")
+
+    def encode(batch: dict) -> dict:
+        return {"input_ids": tokenizer(batch[text_column], truncation=True, max_length=max_length)["input_ids"]}
+
+    return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenize")
+
+
+def client_text_tensors(ds: datasets.Dataset, federation: Federation, *, text_column: str, label_column: str,
+                        tokenizer, max_length: int) -> list[ClientData]:
+    """Token ids (:class:`TextInputs`) and labels of every client's train and test split."""
+    check_columns(ds, {"text_column": text_column, "label_column": label_column})
+    tokens = list(tokenize(ds, text_column=text_column, tokenizer=tokenizer, max_length=max_length)["input_ids"])
+    labels = torch.as_tensor(np.asarray(ds[label_column]), dtype=torch.long)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def inputs(rows: list[int]) -> TextInputs:
+        return TextInputs.from_lists([tokens[i] for i in rows], pad_token_id=pad, padding_side=tokenizer.padding_side)
+
+    return [ClientData(c.client_id, inputs(c.train_indices), labels[c.train_indices], inputs(c.test_indices),
+                       labels[c.test_indices]) for c in federation.clients]

@@ -1,1 +1,2 @@
-"""Evaluation: accuracy metrics and the Section 4 theory simulator."""
+"""Evaluation: accuracy metrics (also as offline ``evaluate`` metrics), feature distortion, run reports,
+and the Section 4 theory simulator."""

@@ -15,6 +15,9 @@ import numpy as np
 import pandas as pd
 
 METRIC_COLUMNS = ("local", "global", "c_std", "worst", "avg_lg", "avg_lgw", "below_global_share")
+# Per-client columns of the results table that are averaged over clients when present (feature
+# distortion against the global model, hf_lpft.evaluation.distortion); shown after the accuracies.
+EXTRA_COLUMNS = {"distortion_local": "Δ own", "distortion_global": "Δ others"}
 
 
 def local_global(acc_row: list[float] | np.ndarray, own: int) -> tuple[float, float]:
@@ -51,8 +54,9 @@ def per_seed_summary(results: pd.DataFrame) -> pd.DataFrame:
         group = group.sort_values("client_index")
         ref = results[(results.seed == seed) & (results.strategy == "global_model")].sort_values("client_index")
         reference = ref.global_acc.to_numpy() if len(ref) == len(group) and strategy != "global_model" else None
+        extra = {c: float(group[c].astype(float).mean()) for c in EXTRA_COLUMNS if c in group}
         rows.append({"seed": seed, "strategy": strategy,
-                     **summarize_clients(group.local_acc.to_numpy(), group.global_acc.to_numpy(), reference)})
+                     **summarize_clients(group.local_acc.to_numpy(), group.global_acc.to_numpy(), reference), **extra})
     return pd.DataFrame(rows)
 
 
@@ -64,7 +68,7 @@ def summary_table(results: pd.DataFrame) -> pd.DataFrame:
     for strategy in order:
         group = per_seed[per_seed.strategy == strategy]
         row = {"strategy": strategy, "seeds": len(group)}
-        for col in METRIC_COLUMNS:
+        for col in METRIC_COLUMNS + tuple(c for c in EXTRA_COLUMNS if c in per_seed):
             values = group[col].to_numpy(float)
             row[col] = float(np.mean(values))
             row[f"{col}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
@@ -80,11 +84,14 @@ DISPLAY_NAMES = {"global_model": "global-model", "ft": "FT", "lp": "LP", "lp_ft"
 
 def format_markdown(summary: pd.DataFrame) -> str:
     """The summary as a Markdown table, accuracies in %, 'mean (std)'."""
+    extras = [c for c in EXTRA_COLUMNS if c in summary and summary[c].notna().any()]
     headers = ["strategy", "Local", "Global", "C-Std", "Worst", "Avg (L+G)/2", "Avg (L+G+W)/3", "Global < global model"]
+    headers += [EXTRA_COLUMNS[c] for c in extras]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for _, r in summary.iterrows():
         cells = [DISPLAY_NAMES.get(r.strategy, r.strategy)] + [f"{100 * r[c]:.2f} ({100 * r[c + '_std']:.2f})" for c in METRIC_COLUMNS[:-1]]
         share = r["below_global_share"]
         cells.append("-" if np.isnan(share) else f"{100 * share:.0f}%")
+        cells += [f"{r[c]:.3g} ({r[c + '_std']:.2g})" for c in extras]  # feature units, not %
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

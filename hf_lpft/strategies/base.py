@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 from hf_lpft.config import ConfigError, _coerce
@@ -85,8 +86,27 @@ class Strategy(ABC):
         """A callable run after backward and before the step (e.g. a gradient mask), or None."""
         return None
 
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ConfigError when options do not fit ``model``'s architecture (e.g. unknown module names).
+
+        The pipeline calls this on a throwaway model before FedAvg, so such errors come before any training.
+        """
+
+    def post_step(self, model: nn.Module, phase: Phase):
+        """A callable run after every optimizer step (e.g. restore masked weights), or None."""
+        return None
+
+    def frozen_entries(self, model: nn.Module, phase: Phase) -> dict[str, torch.Tensor] | None:
+        """Boolean masks (by parameter name) of entries ``phase`` keeps fixed although their tensor is
+        trainable (e.g. a sparse update mask), or None. Lets tests check exactly what may change."""
+        return None
+
     def on_phase_start(self, model: nn.Module, phase: Phase, data) -> None:
         """Called before each phase (e.g. snapshot the global weights, compute a mask)."""
+
+    def eval_view(self, model: nn.Module) -> nn.Module:
+        """The model to evaluate mid-training (epoch curves); default the trained model itself."""
+        return model
 
     def finalize(self, models: list[nn.Module]) -> nn.Module:
         """Combine the ingredient models into the personalized model (default: the only one)."""

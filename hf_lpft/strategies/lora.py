@@ -12,7 +12,9 @@ statistics are frozen by default for the same reason (the folder is then the who
 θ_G); with ``bn=train`` they adapt and the BatchNorm layers are exported as ``modules_to_save`` too.
 
 Target modules, when not given: attention ``qkv`` projections if the backbone has them (timm ViTs; the
-LoRA paper adapts the attention projections), else every ``Conv2d`` of the backbone (CNNs have no
+LoRA paper adapts the attention projections), else the attention query and value projections of a
+transformers backbone (peft's default for its ``model_type``: ``query``/``value`` for BERT-like models and
+HF ViT, as in the LoRA paper's RoBERTa experiments), else every ``Conv2d`` of the backbone (CNNs have no
 attention and keep almost all their weights in convolutions; peft supports LoRA on Conv2d), else every
 ``Linear`` of the backbone. Defaults r=8, alpha=16 (scale alpha/r = 2), dropout 0, are common LoRA
 choices; the paper states none.
@@ -43,7 +45,7 @@ class LoRAStrategyConfig(StrategyConfig):
     r: int = field(default=8, metadata={"help": "LoRA rank (>= 1)."})
     alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator: updates are scaled by alpha / r."})
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input, in [0, 1). 0 keeps probing cacheable."})
-    target_modules: list[str] | None = field(default=None, metadata={"help": "Backbone module names (or name suffixes) to adapt; None = qkv for ViTs, Conv2d layers for CNNs."})
+    target_modules: list[str] | None = field(default=None, metadata={"help": "Backbone module names (or name suffixes) to adapt; None = qkv for timm ViTs, attention query/value for transformers models, Conv2d layers for CNNs."})
     bn: str = field(default="frozen", metadata={"help": "BatchNorm statistics during the LoRA phase: frozen (the backbone stays θ_G apart from the adapters) or train (BatchNorm layers are then exported too)."})
 
     def __post_init__(self) -> None:
@@ -84,12 +86,32 @@ def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
+# Attention query/value projections of transformers models whose model_type peft's table does not list.
+QUERY_VALUE = ("query", "value", "q_proj", "v_proj", "q_lin", "v_lin")
+
+
+def attention_query_value(backbone: nn.Module) -> list[str]:
+    """Query/value projections of a transformers backbone: peft's default LoRA targets for its
+    ``model_type`` (BERT, RoBERTa...: ``query``, ``value``), else Linear layers named as in QUERY_VALUE."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    model_type = getattr(getattr(backbone, "config", None), "model_type", None)
+    if model_type is None:
+        return []
+    suffixes = PEFT_DEFAULTS.get(model_type, QUERY_VALUE)
+    return [n for n, m in backbone.named_modules() if isinstance(m, nn.Linear) and any(_matches(n, s) for s in suffixes)]
+
+
 def default_targets(backbone: nn.Module) -> list[str]:
-    """qkv projections (ViT), else Conv2d layers (CNN), else Linear layers."""
+    """qkv projections (timm ViT), else attention query/value projections (transformers), else Conv2d
+    layers (CNN), else Linear layers."""
     named = list(backbone.named_modules())
     qkv = [n for n, m in named if isinstance(m, nn.Linear) and n.split(".")[-1] == "qkv"]
     if qkv:
         return qkv
+    query_value = attention_query_value(backbone)
+    if query_value:
+        return query_value
     convs = [n for n, m in named if isinstance(m, nn.Conv2d)]
     return convs or [n for n, m in named if isinstance(m, nn.Linear)]
 
@@ -133,6 +155,9 @@ class LoRA(Strategy):
 
     def phases(self) -> list[Phase]:
         return [Phase("lora", "adapters_and_head", self.budget.epochs, self.budget.lr, bn=self.config.bn)]
+
+    def check_model(self, model: nn.Module) -> None:
+        resolve_targets(model, self.config.target_modules, where=self.name)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         # The head stays a plain Linear while training (freeze.py trains it through the adapters_and_head

@@ -13,7 +13,7 @@ from hf_lpft.train.phase import Phase
 
 @dataclass
 class LPConfig(StrategyConfig):
-    bn: str = field(default="frozen", metadata={"help": "BatchNorm statistics while probing: frozen (a true linear probe) or train."})
+    bn: str = field(default="frozen", metadata={"help": "BatchNorm statistics while probing: frozen (a true linear probe), train or reestimate (reset, then a cumulative average: LP on the client's own statistics)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()

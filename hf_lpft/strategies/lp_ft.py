@@ -19,8 +19,8 @@ from hf_lpft.train.phase import Phase
 @dataclass
 class LPFTConfig(StrategyConfig):
     lp_epochs: int = field(default=5, metadata={"help": "Probing epochs taken from the shared budget; the rest fine-tunes."})
-    lp_bn: str = field(default="frozen", metadata={"help": "BatchNorm statistics while probing: frozen or train."})
-    ft_bn: str = field(default="train", metadata={"help": "BatchNorm statistics while fine-tuning: train or frozen."})
+    lp_bn: str = field(default="frozen", metadata={"help": "BatchNorm statistics while probing: frozen, train or reestimate (reset, then a cumulative average)."})
+    ft_bn: str = field(default="train", metadata={"help": "BatchNorm statistics while fine-tuning: train, frozen or reestimate (reset, then a cumulative average)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -36,6 +36,8 @@ models inside the simplex, whose centre is the final average. The final model ke
 
 from __future__ import annotations
 
+import copy
+
 import math
 from dataclasses import dataclass, field
 
@@ -157,7 +159,8 @@ class VertexSoup(nn.Module):
         n = self.n_fixed + 1
         # Training samples a point of the simplex; evaluation uses its centre, the model finalize returns.
         weights = dirichlet_weights(n, self.generator) if self.training else torch.full((n,), 1.0 / n)
-        return functional_call(self.active, self.interpolate(weights.to(x.device)), (x,))
+        device = next(self.active.parameters()).device  # x may be a dict of tensors (tokenized text)
+        return functional_call(self.active, self.interpolate(weights.to(device)), (x,))
 
     @torch.no_grad()
     def average(self) -> nn.Module:
@@ -210,6 +213,16 @@ class LSSFT(Strategy):
         if model.n_fixed == 0 or self.config.div == 0:
             return loss
         return loss - self.config.div * simplex_volume_sq(pairwise_squared_distances(model.vertices()))
+
+    @torch.no_grad()
+    def eval_view(self, model: VertexSoup) -> nn.Module:
+        """Epoch curves follow the soup so far: a copy holding the average of the vertices up to now."""
+        view = copy.deepcopy(model.active)
+        names = [n for n, _ in view.named_parameters()]
+        avg = average_state_dicts([dict(zip(names, v)) for v in model.vertices()])
+        for name, p in view.named_parameters():
+            p.copy_(avg[name])
+        return view
 
     def finalize(self, models: list[nn.Module]) -> nn.Module:
         return models[0].average()

@@ -29,6 +29,8 @@ def head_module(model: nn.Module) -> nn.Module:
 
 def trainable_names(model: nn.Module, phase: Phase) -> set[str]:
     """Names of the parameters that ``phase`` trains."""
+    if phase.trainable == "none":
+        return set()
     head_ids = {id(p) for p in head_module(model).parameters()}
     names = set()
     for name, p in model.named_parameters():
@@ -67,3 +69,32 @@ def set_train_mode(model: nn.Module, bn: str) -> None:
         for module in model.modules():
             if isinstance(module, _BatchNorm):
                 module.eval()
+
+
+def set_statistics_mode(model: nn.Module) -> None:
+    """Eval mode except BatchNorm layers (train mode): forward passes then update only the BatchNorm
+    statistics, on activations as evaluation sees them (dropout / drop-path off)."""
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, _BatchNorm):
+            module.train()
+
+
+def begin_bn_statistics(model: nn.Module, bn: str) -> dict[nn.Module, float | None]:
+    """For ``bn == "reestimate"``: reset every BatchNorm layer's running statistics and switch it to a
+    cumulative average (``momentum=None``); return the previous momenta for :func:`end_bn_statistics`."""
+    saved: dict[nn.Module, float | None] = {}
+    if bn != "reestimate":
+        return saved
+    for module in model.modules():
+        if isinstance(module, _BatchNorm) and module.track_running_stats:
+            saved[module] = module.momentum
+            module.reset_running_stats()
+            module.momentum = None
+    return saved
+
+
+def end_bn_statistics(model: nn.Module, saved: dict[nn.Module, float | None]) -> None:
+    """Restore the momenta saved by :func:`begin_bn_statistics` (later phases average as usual)."""
+    for module, momentum in saved.items():
+        module.momentum = momentum

@@ -18,7 +18,8 @@ from accelerate import Accelerator
 from torch import nn
 
 from hf_lpft.data.tensors import ClientData, iterate_batches
-from hf_lpft.train.freeze import apply_phase, head_module, set_train_mode
+from hf_lpft.train.freeze import (apply_phase, begin_bn_statistics, end_bn_statistics, head_module,
+                                  set_statistics_mode, set_train_mode)
 from hf_lpft.train.phase import Phase
 
 logger = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def cached_features(model: nn.Module, x: torch.Tensor, phase: Phase, *, batch_si
 def train_phase(model: nn.Module, phase: Phase, data: ClientData, *, settings: OptimSettings,
                 accelerator: Accelerator, seed: int, extra_loss: LossHook | None = None,
                 grad_hook: GradHook | None = None, flood: float | None = None,
-                on_epoch_end: Callable[[int, float], None] | None = None) -> dict:
+                post_step: GradHook | None = None, on_epoch_end: Callable[[int, float], None] | None = None) -> dict:
     """Train ``model`` for ``phase.epochs`` epochs on ``data``'s train split.
 
     Returns:
@@ -108,7 +109,13 @@ def train_phase(model: nn.Module, phase: Phase, data: ClientData, *, settings: O
     trainable, total = apply_phase(model, phase)
     record = {"phase": phase.name, "trainable_params": trainable, "total_params": total,
               "epoch_loss": [], "seconds": 0.0}
-    if phase.epochs == 0 or trainable == 0:
+    if phase.epochs == 0 or (trainable == 0 and phase.bn == "frozen"):
+        return record
+    momenta = begin_bn_statistics(model, phase.bn)
+    if trainable == 0:  # nothing to optimise: no optimizer, so no weight decay or momentum touches a weight
+        record.update(statistics_passes(model, phase, data, batch_size=settings.batch_size, seed=seed,
+                                        device=accelerator.device, on_epoch_end=on_epoch_end))
+        end_bn_statistics(model, momenta)
         return record
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, phase.lr, settings)
@@ -141,12 +148,33 @@ def train_phase(model: nn.Module, phase: Phase, data: ClientData, *, settings: O
             if grad_hook is not None:
                 grad_hook(model)
             optimizer.step()
+            if post_step is not None:
+                post_step(model)
         record["epoch_loss"].append(loss_sum / max(n_seen, 1))
         if on_epoch_end is not None:
             on_epoch_end(epoch, record["epoch_loss"][-1])
     record["seconds"] = time.perf_counter() - start
+    end_bn_statistics(model, momenta)
     model.eval()
     return record
+
+
+@torch.no_grad()
+def statistics_passes(model: nn.Module, phase: Phase, data: ClientData, *, batch_size: int, seed: int, device,
+                      on_epoch_end: Callable[[int, float], None] | None = None) -> dict:
+    """A phase that trains no parameter: ``phase.epochs`` forward passes over ``data``'s train split
+    without gradients, BatchNorm layers in train mode, so only their running statistics change."""
+    generator = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    for epoch in range(phase.epochs):
+        set_statistics_mode(model)
+        for xb, _ in iterate_batches(data.train_x, data.train_y, batch_size=batch_size, generator=generator,
+                                     device=device):
+            model(xb)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, float("nan"))  # no loss is computed
+    model.eval()
+    return {"seconds": time.perf_counter() - start, "statistics_passes": phase.epochs}
 
 
 @torch.no_grad()

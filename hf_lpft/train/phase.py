@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SELECTORS = ("head", "all", "adapters_and_head", "patterns")
-BN_MODES = ("train", "frozen")
+SELECTORS = ("head", "all", "adapters_and_head", "patterns", "none")
+BN_MODES = ("train", "frozen", "reestimate")
 
 
 @dataclass(frozen=True)
@@ -15,10 +15,15 @@ class Phase:
     Args:
         name: Label for logs and records ("probe", "finetune", ...).
         trainable: ``head`` (our linear head), ``all``, ``adapters_and_head`` (peft adapters + head) or
-            ``patterns`` (parameters whose name matches one of ``patterns``, plus the head).
+            ``patterns`` (parameters whose name matches one of ``patterns``, plus the head), or ``none``
+            (no parameter trains and no optimizer is made: the phase only runs forward passes, which
+            update the BatchNorm statistics unless ``bn="frozen"``).
         epochs: Epochs of this phase (0 allowed: the phase is skipped).
-        lr: Learning rate.
-        bn: ``train`` updates BatchNorm running statistics in train mode; ``frozen`` keeps them (eval mode).
+        lr: Learning rate (unused when ``trainable="none"``).
+        bn: ``train`` updates BatchNorm running statistics in train mode (exponential average with the
+            layer's momentum, starting from the current statistics); ``frozen`` keeps them (eval mode);
+            ``reestimate`` resets them when the phase starts and accumulates a cumulative average over
+            every batch of the phase (``momentum=None``), then restores each layer's momentum.
         patterns: Regular expressions over parameter names, for ``trainable="patterns"``.
     """
 
