@@ -55,6 +55,10 @@ def run_from_args(argv: list[str], *, defaults: dict | None = None, description:
               "folder; with run.on_error continue a client whose loss diverges is recorded as failed and the "
               "others go on", file=sys.stderr)
         return 4
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # several processes: the main one prints the table
+        return 0
     print(f"\nResults ({len(cfg.run.seeds)} seed(s)), accuracy %, mean (std over seeds):\n")
     print(result.markdown)
     print(f"\nOutputs written to {result.output_dir}")

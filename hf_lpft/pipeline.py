@@ -13,12 +13,21 @@ Analyses: ``cross_client.parquet`` (model of client i on the test split of clien
 With ``fedavg.bn: local`` (FedBN) ``global/`` holds the averaged BatchNorm only as a fallback; each client's
 own BatchNorm tensors are in ``checkpoints/seed_<s>/fedavg/client_bn.safetensors``, client i personalizes
 θ_G with its own BatchNorm, and its ``global_model`` row evaluates that model on every client.
+
+Several processes (``accelerate launch`` / ``torchrun``): FedAvg deals each round's sampled clients out to the
+processes and all-reduces their sums (hf_lpft.federated.fedavg); personalization deals out the (strategy,
+client) units, the k-th to process ``k % num_processes``, and gathers their records on every process. The
+main process writes everything shared (the folder itself, manifest, config, round checkpoints, ``global/``,
+results, run record, report); each process exports the client models of its own units and their unit
+records (disjoint paths, each written atomically, so ``run.resume`` works with any number of processes).
+The output folder must therefore be on a filesystem every process sees (one node, or a shared mount).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -29,7 +38,8 @@ import datasets
 import pandas as pd
 import torch
 import yaml
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from hf_lpft._faults import fault_point
@@ -43,7 +53,7 @@ from hf_lpft.evaluation.distortion import distortion_by_client, extract_features
 from hf_lpft.evaluation.metrics import format_markdown, local_global, summary_table
 from hf_lpft.evaluation.report import cross_client_frame, write_report
 from hf_lpft.evaluation.shared_features import SharedBackbone
-from hf_lpft.federated.fedavg import run_fedavg
+from hf_lpft.federated.fedavg import my_share, run_fedavg
 from hf_lpft.hub.push import publish_run
 from hf_lpft.io import atomic_path, meta_info, write_json, write_text
 from hf_lpft.models.backbone import SplitModel, build_model, load_tokenizer
@@ -234,9 +244,11 @@ def client_inputs(cfg: ExperimentConfig, ds: datasets.Dataset, fed: Federation) 
     return client_tensors(ds, fed, image_column=d.image_column, label_column=d.label_column, image_size=d.image_size)
 
 
-def build_federation(cfg: ExperimentConfig, out: Path, timings: dict | None = None) -> tuple[Federation, list[ClientData]]:
+def build_federation(cfg: ExperimentConfig, out: Path, timings: dict | None = None, *,
+                     write: bool = True) -> tuple[Federation, list[ClientData]]:
     """Load and check the source dataset, partition it (or rebuild a saved manifest), decode client tensors
-    (seconds of each step into ``timings``: data_load, partition, decode_inputs)."""
+    (seconds of each step into ``timings``: data_load, partition, decode_inputs); ``write``: save the
+    manifest (False on all but the main process)."""
     d = cfg.data
     t = time.perf_counter()
     ds = load_dataset_checked(cfg)
@@ -251,7 +263,8 @@ def build_federation(cfg: ExperimentConfig, out: Path, timings: dict | None = No
             raise
         raise ConfigError(f"data.manifest={d.manifest!r} is not a manifest written by hf_lpft "
                           f"({type(err).__name__}: {err})") from err
-    save_manifest(fed, out / "federation" / "manifest.json")
+    if write:
+        save_manifest(fed, out / "federation" / "manifest.json")
     stage_seconds["partition"] = time.perf_counter() - t - stage_seconds["data_load"]
     clients = client_inputs(cfg, ds, fed)
     stage_seconds["decode_inputs"] = time.perf_counter() - t - sum(stage_seconds.values())
@@ -346,17 +359,41 @@ def pretrain(cfg: ExperimentConfig, clients: list[ClientData], num_classes: int,
     client_bn = ((ckpt.load_client_bn(seed) if saved else None) or {}) if f.bn == "local" else None
 
     def round_end(rnd: int, state: dict, hist: list) -> None:
-        ckpt.save_round(seed, state, hist, client_bn=client_bn)
+        if accelerator.is_main_process:  # one writer when several processes run
+            ckpt.save_round(seed, state, hist, client_bn=client_bn)
         _log(accelerator, {f"seed_{seed}/fedavg/{k}": v for k, v in hist[-1].items() if k != "round"}, step=rnd)
-    model, history = run_fedavg(model, clients, rounds=f.rounds, local_epochs=f.local_epochs, lr=f.lr,
-                                client_fraction=f.client_fraction, settings=settings, accelerator=accelerator,
-                                seed=seed, start_round=len(saved[1]) if saved else 0,
-                                history=saved[1] if saved else None, client_bn=client_bn,
-                                on_round_end=round_end)
-    save_model(model, done)
-    if f.rounds == 0:
-        ckpt.save_round(seed, model.state_dict(), [], client_bn=client_bn)
+    if f.engine == "flower":
+        model, history = flower_pretrain(cfg, model, clients, seed=seed, saved=saved, accelerator=accelerator,
+                                         on_round_end=round_end)
+    else:
+        model, history = run_fedavg(model, clients, rounds=f.rounds, local_epochs=f.local_epochs, lr=f.lr,
+                                    client_fraction=f.client_fraction, settings=settings, accelerator=accelerator,
+                                    seed=seed, start_round=len(saved[1]) if saved else 0,
+                                    history=saved[1] if saved else None, client_bn=client_bn,
+                                    on_round_end=round_end)
+    if accelerator.is_main_process:
+        save_model(model, done)
+        if f.rounds == 0:
+            ckpt.save_round(seed, model.state_dict(), [], client_bn=client_bn)
+    accelerator.wait_for_everyone()  # global/ and the FedBN checkpoint are complete before any process reads them
     return model, history
+
+
+def flower_pretrain(cfg: ExperimentConfig, model: SplitModel, clients: list[ClientData], *, seed: int,
+                    saved: tuple | None, accelerator: Accelerator, on_round_end) -> tuple[SplitModel, list[dict]]:
+    """FedAvg on Flower's local simulation (``fedavg.engine: flower``), resumable from a round checkpoint."""
+    if accelerator.num_processes > 1:
+        raise ConfigError(f"fedavg.engine='flower' runs in one process (Flower's simulation runs the clients in "
+                          f"parallel itself), not {accelerator.num_processes}; launch without accelerate/torchrun "
+                          "or choose fedavg.engine builtin")
+    try:
+        from hf_lpft.federated.flower import run_flower_fedavg
+    except ImportError as err:
+        raise ConfigError(f"fedavg.engine='flower' needs Flower ({err}); pip install 'hf-lpft[flower]' or choose "
+                          "fedavg.engine builtin") from err
+    model, history = run_flower_fedavg(model, clients, cfg, seed=seed, start_round=len(saved[1]) if saved else 0,
+                                       history=saved[1] if saved else None, on_round_end=on_round_end)
+    return model.to(accelerator.device), history
 
 
 def client_global_model(global_model: SplitModel, client_bn: dict | None, client_id: str) -> SplitModel:
@@ -471,10 +508,11 @@ def personalize_all(cfg: ExperimentConfig, strategies: dict[str, Strategy], glob
     (``client_bn``) client i personalizes θ_G carrying its own BatchNorm tensors."""
     ckpt = Checkpoints(out)
     units = [(s, i) for s in strategies for i in range(len(clients))]
-    records, probed = [], {}
+    records, probed, fresh = {}, {}, set()
     shared = None if client_bn else SharedBackbone(global_model, clients, batch_size=cfg.run.eval_batch_size,
                                                    device=accelerator.device)
-    for name, i in tqdm(units, desc=f"personalize (seed {seed})", disable=not accelerator.is_main_process):
+    mine = my_share(list(enumerate(units)), accelerator)  # several processes: unit k on process k % n
+    for k, (name, i) in tqdm(mine, desc=f"personalize (seed {seed})", disable=not accelerator.is_main_process):
         cid = clients[i].client_id
         record = ckpt.load_unit(seed, name, cid) if cfg.run.resume else None
         if record is None:
@@ -488,10 +526,29 @@ def personalize_all(cfg: ExperimentConfig, strategies: dict[str, Strategy], glob
             fault_point("unit_exported")
             ckpt.save_unit(seed, name, cid, record)
             log_unit(accelerator, record)
+            fresh.add(k)
             if i == len(clients) - 1:
                 fault_point("strategy_done")
-        records.append(record)
-    return records
+        records[k] = record
+    return gather_units(records, fresh, accelerator)
+
+
+def gather_units(records: dict[int, dict], fresh: set[int], accelerator: Accelerator) -> list[dict]:
+    """Every process's unit records (unit index -> record), in unit order, on every process; the main
+    process logs the units the others trained (trackers live on the main process)."""
+    if accelerator.num_processes == 1:
+        return [records[k] for k in sorted(records)]
+    everything = gather_object([(k, r, k in fresh) for k, r in records.items()])
+    for k, record, new in everything:
+        if new and k not in records:
+            log_unit(accelerator, record)
+    return [record for _, record, _ in sorted(everything, key=lambda t: t[0])]
+
+
+def cpu_only_launch() -> bool:
+    """Several processes (``torchrun``) on a machine without GPUs: accelerate's multi-CPU (gloo) mode needs
+    ``cpu=True`` (``accelerate launch --cpu`` says so through ``ACCELERATE_USE_CPU``; plain torchrun does not)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 def make_accelerator(cfg: ExperimentConfig, out: Path, accelerator: Accelerator | None) -> Accelerator:
@@ -505,13 +562,13 @@ def make_accelerator(cfg: ExperimentConfig, out: Path, accelerator: Accelerator 
             logger.warning("run.report_to=%r ignored: the Accelerator passed to run() has no log_with", report_to)
         return accelerator
     if report_to == "none":
-        return Accelerator()
+        return Accelerator(cpu=cpu_only_launch())
     from accelerate.tracking import get_available_trackers
 
     if report_to not in {str(t) for t in get_available_trackers()}:
         raise ConfigError(f"run.report_to={report_to!r} needs the {report_to!r} package, which is not installed; "
                           f"pip install {report_to} or choose run.report_to none")
-    accelerator = Accelerator(log_with=report_to, project_dir=str(out / "logs"))
+    accelerator = Accelerator(log_with=report_to, project_dir=str(out / "logs"), cpu=cpu_only_launch())
     flat = {f"{sec}.{k}": v if isinstance(v, (bool, int, float, str)) or v is None else str(v)
             for sec, values in cfg.to_dict().items() for k, v in values.items()}
     accelerator.init_trackers(out.name or "hf_lpft", config=flat)
@@ -589,20 +646,27 @@ def run(cfg: ExperimentConfig, *, accelerator: Accelerator | None = None) -> Run
     strategies = build_strategies(cfg)  # fail on bad strategy options before any heavy work
     check_backbone(cfg)
     check_strategies(cfg, strategies)
-    out = prepare_output_dir(cfg)
+    main = PartialState(cpu=cpu_only_launch()).is_main_process  # only the main process prepares the folder
+    out = prepare_output_dir(cfg) if main else Path(cfg.run.output_dir)
     own_trackers = accelerator is None and cfg.run.report_to != "none"
     accelerator = make_accelerator(cfg, out, accelerator)
+    accelerator.wait_for_everyone()
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
     timings, t0 = {}, time.perf_counter()
-    fed, clients = build_federation(cfg, out, timings)
-    write_text(out / "config.yaml", cfg.to_yaml())
+    fed, clients = build_federation(cfg, out, timings, write=accelerator.is_main_process)
+    if accelerator.is_main_process:
+        write_text(out / "config.yaml", cfg.to_yaml())
     timings["federate"] = time.perf_counter() - t0
     records = []
     for seed in cfg.run.seeds:
         global_rows, units = run_seed(cfg, strategies, clients, fed.num_classes, seed=seed, out=out,
                                       accelerator=accelerator, timings=timings)
         records += global_rows + units
+    if not accelerator.is_main_process:  # every process holds all records; the main process writes them
+        results = pd.DataFrame([r["row"] for r in records])
+        summary = summary_table(results[results.error.isna()])
+        return RunResult(out, results, summary, format_markdown(summary))
     t = time.perf_counter()
     results, summary, markdown = write_results(out, [r["row"] for r in records])
     fault_point("export_results")
@@ -614,6 +678,7 @@ def run(cfg: ExperimentConfig, *, accelerator: Accelerator | None = None) -> Run
     write_json(out / "run_record.json", {
         "run_info": {"seeds": cfg.run.seeds, "timings_seconds": timings, "manifest_sha256": fed.indices_hash(),
                      "clients": fed.client_ids, "resumed": cfg.run.resume,
+                     "num_processes": accelerator.num_processes,
                      "strategies": {n: s.describe() for n, s in strategies.items()},
                      "batchnorm": batchnorm_record(cfg, strategies)},
         "train_info": {"fedavg_history": {r["row"]["seed"]: r["fedavg_history"] for r in records if r.get("fedavg_history")},
