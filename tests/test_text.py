@@ -12,6 +12,8 @@ import pytest
 import torch
 from peft import PeftModel
 
+import hf_lpft
+
 from hf_lpft.config import ConfigError, load_config
 from hf_lpft.data.federate import federate
 from hf_lpft.data.load import client_text_tensors, tokenize
@@ -290,7 +292,7 @@ def test_resolve_installed_alias():
     assert resolve_hf_source("some/other-id") == "some/other-id"
 
 
-def test_pipeline_on_text(text_ds, tiny_bert, tmp_path):
+def test_pipeline_on_text(text_ds, tiny_bert, tmp_path, text_clients):
     datasets.DatasetDict({"train": text_ds}).save_to_disk(str(tmp_path / "d"))
     cfg = load_config(overrides={
         "data": {"dataset": str(tmp_path / "d"), "text_column": "text", "max_seq_len": 16, "scheme": "dirichlet",
@@ -308,6 +310,15 @@ def test_pipeline_on_text(text_ds, tiny_bert, tmp_path):
     client = sorted((out / "clients" / "lora").iterdir())[0]
     assert isinstance(PeftModel.from_pretrained(global_model, client), PeftModel)
     assert SplitModel.from_pretrained(sorted((out / "clients" / "ft").iterdir())[0]).is_text
+    # load_personalized gives the same logits from the run folder and from the Hub-ready folder, for every format
+    x = text_clients[0].test_x
+    for strategy in ("ft", "lp_ft", "lora"):
+        cid = sorted(p.name for p in (out / "clients" / strategy).iterdir())[0]
+        direct = (PeftModel.from_pretrained(SplitModel.from_pretrained(out / "global"), out / "clients" / strategy / cid)
+                  if strategy == "lora" else SplitModel.from_pretrained(out / "clients" / strategy / cid)).eval()
+        for source in (out, out / "hub" / "model"):
+            loaded = hf_lpft.load_personalized(source, client_id=cid, strategy=strategy)
+            assert torch.equal(predict(loaded, x, batch_size=16), predict(direct, x, batch_size=16)), (strategy, source)
 
 
 @pytest.mark.slow
