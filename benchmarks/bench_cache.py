@@ -15,7 +15,6 @@ Measured side by side (interleaved) in one process, through ``train_phase`` (the
 
 from __future__ import annotations
 
-import argparse
 import copy
 import time
 
@@ -23,7 +22,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from common import interleaved, median, report, synthetic_client
+from common import interleaved, median, model_parser, report, set_threads, synthetic_client
 from hf_lpft.data.tensors import ClientData
 from hf_lpft.models.backbone import build_model
 from hf_lpft.train.batched_probe import probe_clients
@@ -48,17 +47,13 @@ def feature_clients(k: int, *, n: int, dim: int, num_classes: int) -> list[Clien
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backbone", default="timm:test_resnet")
-    ap.add_argument("--n_train", type=int, default=512)
+    ap = model_parser(__doc__, n_train=512)
     ap.add_argument("--epochs", type=int, default=5, help="epochs of the probing phase")
     ap.add_argument("--clients", type=int, default=10, help="clients for the batched-heads comparison")
-    ap.add_argument("--batch_size", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.epochs < 2:  # the per-epoch time is measured on the epochs after the first (which caches)
+        ap.error(f"--epochs {args.epochs}: need at least 2 (the first epoch also computes the cache)")
+    set_threads(args.threads)
     accelerator = Accelerator(cpu=True)
     data = synthetic_client("c0", n_train=args.n_train)
     base = build_model(args.backbone, num_classes=10, image_size=32, seed=0)

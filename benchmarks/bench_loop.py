@@ -10,14 +10,13 @@ forward / cross-entropy / zero_grad / backward / SGD step, nothing else. Goal: o
 
 from __future__ import annotations
 
-import argparse
 import copy
 
 import torch
 from accelerate import Accelerator
 from torch import nn
 
-from common import interleaved, median, report, synthetic_client
+from common import interleaved, median, model_parser, report, set_threads, synthetic_client
 from hf_lpft.data.tensors import to_float
 from hf_lpft.models.backbone import build_model
 from hf_lpft.strategies import build_strategy
@@ -40,16 +39,10 @@ def bare_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backbone", default="timm:test_resnet")
-    ap.add_argument("--n_train", type=int, default=512)
-    ap.add_argument("--batch_size", type=int, default=64)
+    ap = model_parser(__doc__, n_train=512, repeats=9)
     ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=9)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads for both loops (0 = torch's default)")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)  # the same threads for both loops
     data = synthetic_client("c0", n_train=args.n_train)
     base = build_model(args.backbone, num_classes=10, image_size=32, seed=0)
     accelerator = Accelerator(cpu=True)

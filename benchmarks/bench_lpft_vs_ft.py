@@ -10,12 +10,10 @@ LP-FT spends ``lp_epochs`` of the budget probing the head on cached features, so
 
 from __future__ import annotations
 
-import argparse
 
-import torch
 from accelerate import Accelerator
 
-from common import interleaved, median, report, synthetic_client
+from common import interleaved, median, model_parser, report, set_threads, synthetic_client
 from hf_lpft.models.backbone import build_model
 from hf_lpft.strategies import build_strategy
 from hf_lpft.strategies.base import Budget
@@ -24,17 +22,11 @@ from hf_lpft.train.loop import OptimSettings
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backbone", default="timm:test_resnet")
-    ap.add_argument("--n_train", type=int, default=256)
+    ap = model_parser(__doc__, n_train=256)
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--lp_epochs", type=int, default=5)
-    ap.add_argument("--batch_size", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     accelerator = Accelerator(cpu=True)
     data = synthetic_client("c0", n_train=args.n_train)
     global_model = build_model(args.backbone, num_classes=10, image_size=32, seed=0)

@@ -13,17 +13,15 @@ Torch tensors live outside Python's allocator, so tracemalloc would not see them
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import psutil
-import torch
 from accelerate import Accelerator
 
-from common import report, synthetic_client
+from common import model_parser, report, set_threads, synthetic_client
 from hf_lpft.config import load_config
 from hf_lpft.models.backbone import build_model
 import hf_lpft.pipeline as pipeline
@@ -80,17 +78,13 @@ def personalize_clients(k: int, args, accelerator) -> tuple[float, float, list[f
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backbone", default="timm:test_resnet")
+    ap = model_parser(__doc__, n_train=32, batch_size=None)
     ap.add_argument("--few", type=int, default=5)
     ap.add_argument("--many", type=int, default=50)
     ap.add_argument("--strategies", default="ft,lp,lp_ft")
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--n_train", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     accelerator = Accelerator(cpu=True)
     personalize_clients(2, args, accelerator)  # warm-up: allocator pools, lazy imports, kernels
     few = personalize_clients(args.few, args, accelerator)

@@ -6,6 +6,7 @@ ratio of medians, so slow phases of a shared machine hit both sides alike.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import statistics
@@ -19,6 +20,26 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from hf_lpft.data.tensors import ClientData  # noqa: E402
+
+
+def model_parser(doc: str, *, n_train: int | None, repeats: int = 3,
+                 batch_size: int | None = 64) -> argparse.ArgumentParser:
+    """The options every model benchmark shares: backbone, data size, batch size, repeats, threads."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", default="timm:test_resnet")
+    if n_train is not None:
+        ap.add_argument("--n_train", type=int, default=n_train)
+    if batch_size is not None:
+        ap.add_argument("--batch_size", type=int, default=batch_size)
+    ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
+    return ap
+
+
+def set_threads(threads: int) -> None:
+    """``torch.set_num_threads`` unless 0 (torch's default)."""
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def synthetic_client(client_id: str, *, n_train: int, n_test: int = 64, num_classes: int = 10,
