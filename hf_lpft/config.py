@@ -120,7 +120,8 @@ class ModelConfig:
             _check(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout!r} must be in [0, 1)")
 
 
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = ("sgd", "adam", "adamw")  # = hf_lpft.train.optim (config stays free of torch imports)
+SCHEDULES = ("constant", "cosine")
 REPORT_TO = ("none", "tensorboard", "trackio", "wandb")
 FEDAVG_BN_MODES = ("averaged", "local")
 FEDAVG_ENGINES = ("builtin", "flower")
@@ -133,13 +134,14 @@ class FedAvgConfig:
     rounds: int = field(default=30, metadata={"help": "Communication rounds."})
     local_epochs: int = field(default=1, metadata={"help": "Local epochs per client per round."})
     client_fraction: float = field(default=1.0, metadata={"help": "Share of clients sampled each round."})
-    optimizer: str = field(default="sgd", metadata={"help": "sgd or adamw (local optimizer, re-created each round)."})
+    optimizer: str = field(default="sgd", metadata={"help": "sgd, adam or adamw (local optimizer, re-created for every client every round: no state carries over)."})
     lr: float = field(default=0.05, metadata={"help": "Local learning rate."})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
     weight_decay: float = field(default=0.0, metadata={"help": "Weight decay."})
     batch_size: int = field(default=64, metadata={"help": "Local batch size."})
     bn: str = field(default="averaged", metadata={"help": "BatchNorm layers in FedAvg: averaged (plain FedAvg: weights and running statistics averaged like every other float tensor) or local (FedBN, Li et al. 2021: every BatchNorm tensor - affine weight/bias and running statistics - stays with its client across rounds; client i personalizes and is evaluated as the global model with its own BatchNorm)."})
 
+    schedule: str = field(default="constant", metadata={"help": "Local lr over the rounds: constant, or cosine (round r uses lr x 0.5 (1 + cos(pi r / rounds)))."})
     engine: str = field(default="builtin", metadata={"help": "Who runs FedAvg: builtin (hf_lpft's loop; clients sharded over accelerate/torchrun processes) or flower (a Flower ServerApp/ClientApp in Flower's local simulation; pip install 'hf-lpft[flower]'; one process; the same global model as builtin)."})
 
     def __post_init__(self) -> None:
@@ -151,6 +153,7 @@ class FedAvgConfig:
         _check(self.local_epochs >= 1, f"fedavg.local_epochs={self.local_epochs!r} must be >= 1")
         _check(0.0 < self.client_fraction <= 1.0, f"fedavg.client_fraction={self.client_fraction!r} must be in (0, 1]")
         _check_choice("fedavg.optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("fedavg.schedule", self.schedule, SCHEDULES)
         _check_positive("fedavg.lr", self.lr)
         _check(0.0 <= self.momentum < 1.0, f"fedavg.momentum={self.momentum!r} must be in [0, 1)")
         _check_positive("fedavg.weight_decay", self.weight_decay, allow_zero=True)
@@ -163,7 +166,7 @@ class PFTConfig:
 
     strategies: list[str] = field(default_factory=lambda: ["ft", "lp", "lp_ft"], metadata={"help": "Strategies to run (see `hf-lpft strategies`)."})
     epochs: int = field(default=15, metadata={"help": "Local epochs of personalization (the paper: 15 for every method)."})
-    optimizer: str = field(default="sgd", metadata={"help": "sgd or adamw."})
+    optimizer: str = field(default="sgd", metadata={"help": "sgd, adam or adamw; a new optimizer for every client and every phase (no state carries over between stages)."})
     lr: float = field(default=0.01, metadata={"help": "Learning rate of the fine-tuning phases."})
     head_lr: float | None = field(default=None, metadata={"help": "Learning rate of probing phases; default = lr."})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
@@ -172,6 +175,7 @@ class PFTConfig:
     eval_every: int = field(default=0, metadata={"help": "Evaluate Local and Global every k personalization epochs (epoch curves); 0 = off."})
     cache_features: bool = field(default=True, metadata={"help": "Probe on cached backbone features when that is exact (head-only phase, BatchNorm frozen, no dropout)."})
     batched_probe: bool = field(default=False, metadata={"help": "Train the probing heads of all clients together as one batched tensor operation (equal to client-by-client probing within float tolerance; SGD, cached features, no eval_every curves); falls back, logged, when not equal."})
+    schedule: str = field(default="constant", metadata={"help": "Learning rate within each phase: constant, or cosine (annealed to 0 over the phase's steps)."})
     strategy_args: dict[str, dict] = field(default_factory=dict, metadata={"help": "Per-strategy options, e.g. {lp_ft: {lp_epochs: 5}}; options of strategies not run are still validated."})
 
     def __post_init__(self) -> None:
@@ -179,6 +183,7 @@ class PFTConfig:
         _check(len(set(self.strategies)) == len(self.strategies), f"pft.strategies={self.strategies!r} has duplicates")
         _check(self.epochs >= 1, f"pft.epochs={self.epochs!r} must be >= 1")
         _check_choice("pft.optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("pft.schedule", self.schedule, SCHEDULES)
         _check_positive("pft.lr", self.lr)
         if self.head_lr is not None:
             _check_positive("pft.head_lr", self.head_lr)

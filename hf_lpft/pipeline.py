@@ -50,7 +50,7 @@ from hf_lpft.data.federate import (Federation, FederationError, default_partitio
 from hf_lpft.data.load import client_tensors, client_text_tensors, load_source
 from hf_lpft.data.tensors import ClientData
 from hf_lpft.evaluation.distortion import distortion_by_client, extract_features, features_and_predictions
-from hf_lpft.evaluation.metrics import format_markdown, local_global, summary_table
+from hf_lpft.evaluation.metrics import format_markdown, global_drop_split, local_global, summary_table
 from hf_lpft.evaluation.report import cross_client_frame, write_report
 from hf_lpft.evaluation.shared_features import SharedBackbone
 from hf_lpft.federated.fedavg import my_share, run_fedavg
@@ -59,7 +59,8 @@ from hf_lpft.io import atomic_path, meta_info, write_json, write_text
 from hf_lpft.models.backbone import SplitModel, build_model, load_tokenizer
 from hf_lpft.strategies import Budget, Strategy, build_strategy
 from hf_lpft.strategies.personalize import personalize, probe_all_clients
-from hf_lpft.train.loop import NonFiniteLossError, OptimSettings, accuracy, derive_seed
+from hf_lpft.train.loop import NonFiniteLossError, accuracy, derive_seed
+from hf_lpft.train.optim import settings_from
 
 logger = logging.getLogger(__name__)
 
@@ -355,7 +356,7 @@ def pretrain(cfg: ExperimentConfig, clients: list[ClientData], num_classes: int,
                         dropout=cfg.model.dropout, seed=derive_seed(seed, "init") % 2**31).to(accelerator.device)
     if saved is not None:
         model.load_state_dict(saved[0])
-    settings = OptimSettings(f.optimizer, f.momentum, f.weight_decay, f.batch_size)
+    settings = settings_from(f)
     client_bn = ((ckpt.load_client_bn(seed) if saved else None) or {}) if f.bn == "local" else None
 
     def round_end(rnd: int, state: dict, hist: list) -> None:
@@ -452,7 +453,7 @@ def personalize_unit(cfg: ExperimentConfig, strategy: Strategy, global_model: Sp
     ``probed``: this client's batched probing result (replaces the first phase); ``shared``: θ_G's test
     features for models that keep θ_G's backbone. ``stage_seconds`` splits the unit's time."""
     p, client, start = cfg.pft, clients[i], time.perf_counter()
-    settings = OptimSettings(p.optimizer, p.momentum, p.weight_decay, p.batch_size, cache_features=p.cache_features)
+    settings = settings_from(p)
     curves: list[dict] = []
     unit_seed = derive_seed(seed, strategy.name, client.client_id)
     try:
@@ -496,7 +497,7 @@ def batched_probes(cfg: ExperimentConfig, strategy: Strategy, global_model: Spli
         logger.info("%s: probing client by client, not batched (%s)", strategy.name,
                     "epoch curves need every epoch's head" if p.eval_every else "FedBN: each client has its own backbone")
         return None
-    settings = OptimSettings(p.optimizer, p.momentum, p.weight_decay, p.batch_size, cache_features=p.cache_features)
+    settings = settings_from(p)
     return probe_all_clients(strategy, global_model, clients, settings=settings, accelerator=accelerator,
                              seeds=[derive_seed(seed, strategy.name, c.client_id) for c in clients])
 
@@ -603,7 +604,7 @@ def write_curves(out: Path, records: list[dict]) -> None:
 
 def write_results(out: Path, rows: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     """``results.parquet`` and ``summary.md``; rows of failed clients are kept with their error."""
-    results = pd.DataFrame(rows)
+    results = global_drop_split(pd.DataFrame(rows))  # + where Global went: BN statistics vs weights
     with atomic_path(out / "results.parquet") as tmp:
         results.to_parquet(tmp, index=False)
     failed = results[results.error.notna()]

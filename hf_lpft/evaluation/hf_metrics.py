@@ -88,7 +88,7 @@ class FederatedSummary(evaluate.Metric):
         per_client = [local_global(matrix[i], i) for i in range(len(matrix))]
         local = np.array([lg[0] for lg in per_client])
         global_ = np.array([lg[1] for lg in per_client])
-        out = summarize_clients(local, global_, reference_global)
+        out = summarize_clients(local, global_, reference_global, matrix)
         if reference_global is None:
             out.pop("below_global_share")
         return out | {"local_per_client": local.tolist(), "global_per_client": global_.tolist(),

@@ -23,7 +23,8 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from hf_lpft.evaluation.metrics import DISPLAY_NAMES, format_markdown, summary_table
+from hf_lpft.evaluation.metrics import (DISPLAY_NAMES, drop_split_table, format_drop_split, format_markdown,
+                                        summary_table)
 from hf_lpft.io import atomic_path, write_text
 
 FIGURES = "figures"
@@ -152,6 +153,17 @@ def _read(path: Path) -> pd.DataFrame | None:
     return pd.read_parquet(path) if path.is_file() else None
 
 
+def drop_split_section(ok: pd.DataFrame) -> list[str]:
+    """Where Global goes: the drop from the global model split into BatchNorm statistics and weights."""
+    head = ["", "## Where Global goes (accuracy points, mean (std) over seeds)", ""]
+    if not {"global_model", "bn_adapt"} <= set(ok.strategy):
+        return head + ["Not split: the run has no bn_adapt rows (add bn_adapt to pft.strategies)."]
+    table = drop_split_table(ok[ok.strategy != "bn_adapt"])
+    return head + [format_drop_split(table), "", "Global drop = Global(global model) − Global(method), per client; "
+                   "of which BN statistics = the drop of BN-adapt (statistics re-estimated on the client's data, no "
+                   "weight changed) on the same client; of which weights = the rest."]
+
+
 def write_report(output_dir: str | Path) -> Path:
     """Write ``report.md`` and ``figures/*.png`` for a finished run folder; returns the report's path."""
     out = Path(output_dir)
@@ -165,7 +177,9 @@ def write_report(output_dir: str | Path) -> Path:
     measured = "distortion_local" in ok and ok.distortion_local.notna().any()
     parts = [f"# Run report: {out.name}", "",
              f"## Summary (accuracy %, mean (std) over {seeds} seed(s))", "", format_markdown(summary_table(ok)), "",
-             "Global = mean accuracy on the *other* clients' test splits; Worst = lowest Local."
+             "Global = mean accuracy on the *other* clients' test splits; C-Std / Worst (Local) = over the "
+             "clients' Local; C-Std / Worst (matrix) = over every entry of the cross-client matrix (as the paper's "
+             "Table 2)."
              + (" Δ own / Δ others = feature distortion, mean ‖f(θ_G; x) − f(θ_c; x)‖₂ at the head's input, on "
                 "the own test split / the other clients' splits, in feature units (global model: 0 by "
                 "definition)." if measured else "")]
@@ -173,6 +187,7 @@ def write_report(output_dir: str | Path) -> Path:
     if len(failed):
         parts += ["", "Failed units (excluded): " + ", ".join(
             f"{r.strategy}/{r.client_id}/seed {r.seed}: {r.error}" for r in failed.itertuples())]
+    parts += drop_split_section(ok)
     parts += ["", "## Feature distortion vs Global accuracy (Figure 3a analogue)", ""]
     parts.append("![distortion vs Global](figures/distortion_vs_global.png)"
                  if plot_distortion_vs_global(ok, fig_dir / "distortion_vs_global.png")

@@ -16,6 +16,7 @@ float32 leaves the global weights bit-identical except, rarely, a 1-ulp (~6e-8 r
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 from hf_lpft._faults import fault_point
 from hf_lpft.data.tensors import ClientData
 from hf_lpft.train.loop import OptimSettings, accuracy, derive_seed, train_phase
+from hf_lpft.train.optim import round_lr
 from hf_lpft.train.phase import Phase
 
 logger = logging.getLogger(__name__)
@@ -195,14 +197,15 @@ def run_fedavg(model: nn.Module, clients: list[ClientData], *, rounds: int, loca
         client_bn: FedBN (``fedavg.bn: local``): client id -> that client's BatchNorm tensors, updated in
             place every round (pass the saved one to resume); None = BatchNorm averaged like the rest.
     """
-    phase = Phase("fedavg_local", "all", local_epochs, lr, bn="train")
+    local = dataclasses.replace(settings, schedule="constant")  # a schedule anneals over rounds (round_lr), not within
     history = list(history or [])
     bar = tqdm(range(start_round, rounds), desc="FedAvg", initial=start_round, total=rounds,
                disable=not accelerator.is_main_process)
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     for rnd in bar:
+        phase = Phase("fedavg_local", "all", local_epochs, round_lr(lr, settings, rnd=rnd, rounds=rounds), bn="train")
         global_state = fedavg_round(model, global_state, clients, rnd=rnd, phase=phase, client_fraction=client_fraction,
-                                    settings=settings, accelerator=accelerator, seed=seed, client_bn=client_bn)
+                                    settings=local, accelerator=accelerator, seed=seed, client_bn=client_bn)
         model.load_state_dict(global_state)
         row = {"round": rnd + 1}
         if eval_every and ((rnd + 1) % eval_every == 0 or rnd + 1 == rounds):

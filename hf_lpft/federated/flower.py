@@ -22,6 +22,7 @@ seeds, same sampling, same summation order; tested). FedBN (``fedavg.bn: local``
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -38,7 +39,8 @@ from torch import nn
 from hf_lpft.config import ExperimentConfig
 from hf_lpft.data.tensors import ClientData
 from hf_lpft.federated.fedavg import accumulate, finish, sample_clients
-from hf_lpft.train.loop import OptimSettings, accuracy, derive_seed, train_phase
+from hf_lpft.train.loop import accuracy, derive_seed, train_phase
+from hf_lpft.train.optim import round_lr, settings_from
 from hf_lpft.train.phase import Phase
 
 logger = logging.getLogger(__name__)
@@ -56,8 +58,10 @@ def local_update(model: nn.Module, state: dict, client: ClientData, *, cfg: Expe
     """One client's FedAvg local training from ``state``, exactly as the built-in engine does it."""
     f = cfg.fedavg
     model.load_state_dict(state)
-    train_phase(model, Phase("fedavg_local", "all", f.local_epochs, f.lr, bn="train"), client,
-                settings=OptimSettings(f.optimizer, f.momentum, f.weight_decay, f.batch_size),
+    settings = settings_from(f)
+    lr = round_lr(f.lr, settings, rnd=rnd, rounds=f.rounds)  # rnd is 0-based, as in the built-in engine
+    train_phase(model, Phase("fedavg_local", "all", f.local_epochs, lr, bn="train"), client,
+                settings=dataclasses.replace(settings, schedule="constant"),
                 accelerator=accelerator, seed=derive_seed(seed, "fedavg", rnd, client.client_id))
     return model.state_dict()
 

@@ -7,6 +7,7 @@ test matrix.
 from __future__ import annotations
 
 import copy
+import math
 import dataclasses
 import typing
 from abc import ABC, abstractmethod
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from hf_lpft.config import ConfigError, _coerce
-from hf_lpft.train.phase import BN_MODES, Phase
+from hf_lpft.train.phase import BN_MODES, SOLVERS, Phase
 
 STRATEGIES: dict[str, type[Strategy]] = {}
 
@@ -49,6 +50,17 @@ class StrategyConfig:
 def check_bn(name: str, value: str) -> None:
     if value not in BN_MODES:
         raise ConfigError(f"{name}={value!r} is not allowed; choose one of {list(BN_MODES)}")
+
+
+def check_probe(prefix: str, probe: str, l2: list[float] | None, bn: str) -> None:
+    """Options of a probing phase: its solver, the L2 grid of the converged probe, its BatchNorm mode."""
+    if probe not in SOLVERS:
+        raise ConfigError(f"{prefix}.probe={probe!r} is not allowed; choose one of {list(SOLVERS)}")
+    if probe == "logreg" and bn == "train":
+        raise ConfigError(f"{prefix}.probe='logreg' fits the head on fixed features, so the probe's BatchNorm mode "
+                          f"must be frozen or reestimate, not {bn!r}")
+    if l2 is not None and (not l2 or any(not (v > 0 and math.isfinite(v)) for v in l2)):
+        raise ConfigError(f"{prefix}.probe_l2={l2!r} must be a non-empty list of finite L2 strengths > 0 (or unset)")
 
 
 class Strategy(ABC):

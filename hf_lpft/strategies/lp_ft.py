@@ -9,10 +9,11 @@ fit it to the client, and LP-FT keeps two thirds of FT's fine-tuning budget.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from hf_lpft.config import ConfigError
-from hf_lpft.strategies.base import Strategy, StrategyConfig, check_bn, register_strategy
+from hf_lpft.strategies.base import Strategy, StrategyConfig, check_bn, check_probe, register_strategy
 from hf_lpft.train.phase import Phase
 
 
@@ -20,6 +21,9 @@ from hf_lpft.train.phase import Phase
 class LPFTConfig(StrategyConfig):
     lp_epochs: int = field(default=5, metadata={"help": "Probing epochs taken from the shared budget; the rest fine-tunes."})
     lp_bn: str = field(default="frozen", metadata={"help": "BatchNorm statistics while probing: frozen, train or reestimate (reset, then a cumulative average)."})
+    ft_lr_factor: float = field(default=1.0, metadata={"help": "Learning rate of the fine-tuning stage = pft.lr x this factor (Kumar et al. tune LP-FT's FT-stage lr separately, often 10x lower than FT's: 0.1)."})
+    probe: str = field(default="sgd", metadata={"help": "Probe solver: sgd (the run's optimizer for the probing epochs) or logreg (to convergence: L2-regularised multinomial logistic regression on frozen eval-mode features, L-BFGS, strength chosen on 20% held-out training data, warm-started from the global head; Kumar et al. 2022)."})
+    probe_l2: list[float] | None = field(default=None, metadata={"help": "L2 strengths the logreg probe chooses from; None = 1e-5 ... 1."})
     ft_bn: str = field(default="train", metadata={"help": "BatchNorm statistics while fine-tuning: train, frozen or reestimate (reset, then a cumulative average)."})
 
     def __post_init__(self) -> None:
@@ -28,6 +32,9 @@ class LPFTConfig(StrategyConfig):
             raise ConfigError(f"lp_ft.lp_epochs={self.lp_epochs!r} must be >= 0")
         check_bn("lp_ft.lp_bn", self.lp_bn)
         check_bn("lp_ft.ft_bn", self.ft_bn)
+        check_probe("lp_ft", self.probe, self.probe_l2, self.lp_bn)
+        if not (math.isfinite(self.ft_lr_factor) and self.ft_lr_factor > 0):
+            raise ConfigError(f"lp_ft.ft_lr_factor={self.ft_lr_factor!r} must be a finite number > 0")
 
 
 @register_strategy
@@ -42,5 +49,7 @@ class LPFT(Strategy):
         lp = self.config.lp_epochs
         if lp > self.budget.epochs:
             raise ConfigError(f"lp_ft.lp_epochs={lp!r} exceeds the budget pft.epochs={self.budget.epochs}")
-        return [Phase("probe", "head", lp, self.budget.probe_lr, bn=self.config.lp_bn),
-                Phase("finetune", "all", self.budget.epochs - lp, self.budget.lr, bn=self.config.ft_bn)]
+        return [Phase("probe", "head", lp, self.budget.probe_lr, bn=self.config.lp_bn, solver=self.config.probe,
+                      l2_grid=tuple(self.config.probe_l2 or ())),
+                Phase("finetune", "all", self.budget.epochs - lp, self.budget.lr * self.config.ft_lr_factor,
+                      bn=self.config.ft_bn)]

@@ -44,6 +44,10 @@ class ProbeResult:
 
 def batch_blocker(model: nn.Module, phase: Phase, settings: OptimSettings) -> str | None:
     """Why ``phase`` cannot be probed batched and equal to the loop (None = it can)."""
+    if phase.solver != "sgd":
+        return f"the probe is fitted with the {phase.solver!r} solver, not SGD epochs"
+    if settings.schedule != "constant":
+        return f"schedule {settings.schedule!r} (batched probing implements a constant lr only)"
     if settings.optimizer != "sgd":
         return f"optimizer {settings.optimizer!r} (batched probing implements SGD only)"
     if phase.epochs == 0:

@@ -11,7 +11,6 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
@@ -20,6 +19,8 @@ from torch import nn
 from hf_lpft.data.tensors import ClientData, iterate_batches
 from hf_lpft.train.freeze import (apply_phase, begin_bn_statistics, end_bn_statistics, head_module,
                                   set_statistics_mode, set_train_mode)
+from hf_lpft.train.logreg import DEFAULT_L2_GRID, choose_l2, fit_logreg
+from hf_lpft.train.optim import OptimSettings, make_optimizer, make_scheduler
 from hf_lpft.train.phase import Phase
 
 logger = logging.getLogger(__name__)
@@ -29,30 +30,10 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-@dataclass(frozen=True)
-class OptimSettings:
-    """Optimizer settings shared by all phases of a run (the lr comes from the phase)."""
-
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    batch_size: int = 64
-    cache_features: bool = True
-
-
 def derive_seed(*parts: object) -> int:
     """A 63-bit seed from any parts, e.g. (seed, strategy, client_id): independent of processing order."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
-
-
-def make_optimizer(params: list[nn.Parameter], lr: float, settings: OptimSettings) -> torch.optim.Optimizer:
-    """SGD with momentum or AdamW over the trainable parameters."""
-    if settings.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
-    if settings.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
-    raise ValueError(f"optimizer={settings.optimizer!r} is not allowed; choose 'sgd' or 'adamw'")
 
 
 LossHook = Callable[[nn.Module], torch.Tensor | None]
@@ -111,6 +92,10 @@ def train_phase(model: nn.Module, phase: Phase, data: ClientData, *, settings: O
               "epoch_loss": [], "seconds": 0.0}
     if phase.epochs == 0 or (trainable == 0 and phase.bn == "frozen"):
         return record
+    if phase.solver == "logreg":
+        record.update(probe_to_convergence(model, phase, data, batch_size=settings.batch_size, seed=seed,
+                                           device=accelerator.device, on_epoch_end=on_epoch_end))
+        return record
     momenta = begin_bn_statistics(model, phase.bn)
     if trainable == 0:  # nothing to optimise: no optimizer, so no weight decay or momentum touches a weight
         record.update(statistics_passes(model, phase, data, batch_size=settings.batch_size, seed=seed,
@@ -118,7 +103,8 @@ def train_phase(model: nn.Module, phase: Phase, data: ClientData, *, settings: O
         end_bn_statistics(model, momenta)
         return record
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, phase.lr, settings)
+    optimizer = make_optimizer(params, phase.lr, settings)  # new for every phase: no state leaks between stages
+    scheduler = make_scheduler(optimizer, settings, phase.epochs * math.ceil(len(data.train_y) / settings.batch_size))
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     inputs, forward = data.train_x, model
@@ -148,6 +134,8 @@ def train_phase(model: nn.Module, phase: Phase, data: ClientData, *, settings: O
             if grad_hook is not None:
                 grad_hook(model)
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             if post_step is not None:
                 post_step(model)
         record["epoch_loss"].append(loss_sum / max(n_seen, 1))
@@ -159,14 +147,43 @@ def train_phase(model: nn.Module, phase: Phase, data: ClientData, *, settings: O
     return record
 
 
+def probe_to_convergence(model: nn.Module, phase: Phase, data: ClientData, *, batch_size: int, seed: int, device,
+                         on_epoch_end: Callable[[int, float], None] | None = None) -> dict:
+    """A ``logreg`` phase: the head fitted to convergence on the backbone's eval-mode features (Kumar et al.,
+    arXiv 2202.10054), L2 strength chosen on held-out training data, warm-started from the current head."""
+    start = time.perf_counter()
+    if phase.bn == "reestimate":  # the client's own statistics first (one cumulative pass), then frozen
+        momenta = begin_bn_statistics(model, "reestimate")
+        statistics_passes(model, phase, data, batch_size=batch_size, seed=seed, device=device, epochs=1)
+        end_bn_statistics(model, momenta)
+    model.eval()  # deterministic features: BatchNorm statistics frozen, dropout off
+    with torch.no_grad():
+        feats = torch.cat([model.features(xb) for xb, _ in iterate_batches(
+            data.train_x, data.train_y, batch_size=256, shuffle=False, device=device)])
+    head = head_module(model)
+    y = data.train_y.to(feats.device)
+    grid = phase.l2_grid or DEFAULT_L2_GRID
+    l2, scores = choose_l2(feats, y, grid=grid, init_weight=head.weight, init_bias=head.bias, seed=seed)
+    fit = fit_logreg(feats, y, l2=l2, init_weight=head.weight, init_bias=head.bias)
+    with torch.no_grad():
+        head.weight.copy_(fit.weight.to(head.weight.dtype))
+        head.bias.copy_(fit.bias.to(head.bias.dtype))
+        loss = nn.functional.cross_entropy(head(feats), y).item()
+    for epoch in range(phase.epochs if on_epoch_end is not None else 0):
+        on_epoch_end(epoch, loss)  # after the fact: the budget's probing epochs, all holding the converged head
+    return {"epoch_loss": [loss], "seconds": time.perf_counter() - start, "cached_features": True,
+            "solver": "logreg", "l2": l2, "heldout_accuracy": {str(k): v for k, v in scores.items()},
+            "iterations": fit.iterations}
+
+
 @torch.no_grad()
 def statistics_passes(model: nn.Module, phase: Phase, data: ClientData, *, batch_size: int, seed: int, device,
-                      on_epoch_end: Callable[[int, float], None] | None = None) -> dict:
+                      on_epoch_end: Callable[[int, float], None] | None = None, epochs: int | None = None) -> dict:
     """A phase that trains no parameter: ``phase.epochs`` forward passes over ``data``'s train split
     without gradients, BatchNorm layers in train mode, so only their running statistics change."""
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
-    for epoch in range(phase.epochs):
+    for epoch in range(phase.epochs if epochs is None else epochs):
         set_statistics_mode(model)
         for xb, _ in iterate_batches(data.train_x, data.train_y, batch_size=batch_size, generator=generator,
                                      device=device):

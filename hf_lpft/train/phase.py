@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 SELECTORS = ("head", "all", "adapters_and_head", "patterns", "none")
 BN_MODES = ("train", "frozen", "reestimate")
+SOLVERS = ("sgd", "logreg")
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,12 @@ class Phase:
             ``reestimate`` resets them when the phase starts and accumulates a cumulative average over
             every batch of the phase (``momentum=None``), then restores each layer's momentum.
         patterns: Regular expressions over parameter names, for ``trainable="patterns"``.
+        solver: ``sgd`` (the run's optimizer for ``epochs`` epochs) or ``logreg`` (head-only phases: the head
+            fitted to convergence as L2-regularised multinomial logistic regression on the frozen backbone's
+            eval-mode features, strength chosen from ``l2_grid`` on held-out training data; ``epochs`` then
+            only counts towards the budget). With ``logreg``, ``bn`` is ``frozen`` or ``reestimate``
+            (statistics re-estimated on the client's data first, then frozen).
+        l2_grid: L2 strengths the ``logreg`` solver chooses from (empty = hf_lpft.train.logreg.DEFAULT_L2_GRID).
     """
 
     name: str
@@ -33,6 +40,8 @@ class Phase:
     lr: float
     bn: str = "train"
     patterns: tuple[str, ...] = ()
+    solver: str = "sgd"
+    l2_grid: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.trainable not in SELECTORS:
@@ -45,3 +54,10 @@ class Phase:
             raise ValueError(f"Phase.lr={self.lr!r} must be > 0")
         if self.trainable == "patterns" and not self.patterns:
             raise ValueError("Phase.trainable='patterns' needs at least one pattern")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"Phase.solver={self.solver!r} is not allowed; choose one of {list(SOLVERS)}")
+        if self.solver == "logreg" and (self.trainable != "head" or self.bn == "train"):
+            raise ValueError(f"Phase.solver='logreg' fits the head on fixed features: it needs trainable='head' "
+                             f"(got {self.trainable!r}) and bn 'frozen' or 'reestimate' (got {self.bn!r})")
+        if any(not (v > 0) for v in self.l2_grid):
+            raise ValueError(f"Phase.l2_grid={self.l2_grid!r} must hold L2 strengths > 0")
