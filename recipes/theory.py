@@ -1,19 +1,21 @@
 """Section 4 theory simulator (Chen et al., arXiv 2511.12695): FT vs LP-FT global loss against lambda.
 
     python recipes/theory.py                              # both shifts, defaults of TheoryConfig
-    python recipes/theory.py --shift combined --lams 0.05:40:160 --eps 1.0
+    python recipes/theory.py --shift combined --lams 0.05:40:160 --eps 1.0 --global_target mixture
 
-Writes <output_dir>/theory_sweep.png and theory_sweep.json; prints a table and lambda* per shift.
-The model, its geometry and the conditions behind each claim: hf_lpft/evaluation/theory.py.
+lambda* and lambda** are the exact roots of FT - LP-FT = lambda^2 (c0 + c1 lambda + c2 lambda^2); the sweep
+over --lams is a cross-check and the plot. Prints the Markdown report and writes theory_report.md,
+theory_sweep.json and theory_sweep.png into --output_dir. The model and its conditions:
+hf_lpft/evaluation/theory.py.
 """
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 
-from hf_lpft.evaluation.theory import TheoryConfig, find_lambda_star, plot_sweep, save_sweep, sweep_lambda
+from hf_lpft.evaluation.theory import GLOBAL_TARGETS, TheoryConfig
+from hf_lpft.evaluation.theory_report import analyse, render_report, save_report
 
 
 def parse_lams(spec: str) -> np.ndarray:
@@ -36,35 +38,20 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=TheoryConfig.lr)
     p.add_argument("--overlap", type=float, default=TheoryConfig.overlap)
     p.add_argument("--seed", type=int, default=TheoryConfig.seed)
+    p.add_argument("--global_target", choices=GLOBAL_TARGETS, default=TheoryConfig.global_target,
+                   help="global loss over the other clients, or the mixture of all clients (own included)")
     p.add_argument("--output_dir", default="outputs/theory")
     args = p.parse_args(argv)
     shifts = ["concept", "combined"] if args.shift == "both" else [args.shift]
     try:
-        cfgs = {s: TheoryConfig(shift=s, eps=args.eps, lr=args.lr, overlap=args.overlap, seed=args.seed)
-                for s in shifts}
+        cfgs = {s: TheoryConfig(shift=s, eps=args.eps, lr=args.lr, overlap=args.overlap, seed=args.seed,
+                                global_target=args.global_target) for s in shifts}
     except ValueError as exc:
         p.error(str(exc))
-    rows, lam_star = [], {}
-    for shift, cfg in cfgs.items():
-        sub = sweep_lambda(cfg, args.lams)
-        lam_star[shift] = find_lambda_star(cfg, args.lams)
-        rows += sub
-        print(f"\n{shift} shift  ({cfg})")
-        print(f"{'lambda':>8} {'FT global':>12} {'LP-FT global':>13} {'FT local':>11} {'LP-FT local':>12}"
-              "  LP-FT<=FT")
-        for r in sub[:: max(1, len(sub) // 20)]:
-            print(f"{r['lam']:8.3f} {r['ft_global']:12.5g} {r['lpft_global']:13.5g} {r['ft_local']:11.4g} "
-                  f"{r['lpft_local']:12.4g}  {r['lpft_global'] <= r['ft_global']}")
-        worse = np.array([r["lpft_global"] > r["ft_global"] for r in sub])
-        flips = [f"{sub[k]['lam']:.3g}-{sub[k + 1]['lam']:.3g}" for k in np.flatnonzero(np.diff(worse))]
-        star = lam_star[shift]
-        print(f"lambda* ({shift}) = {'none in range' if star is None else f'{star:.6g}'};"
-              f" sign changes of LP-FT - FT on the grid: {flips or 'none'}")
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    plot_sweep(rows, out / "theory_sweep.png", lam_star=lam_star)
-    save_sweep(rows, lam_star, cfgs, out / "theory_sweep.json")
-    print(f"\nwrote {out / 'theory_sweep.png'} and {out / 'theory_sweep.json'}")
+    results = {shift: analyse(cfg, args.lams) for shift, cfg in cfgs.items()}
+    print(render_report(results))
+    paths = save_report(results, args.output_dir)
+    print("wrote " + ", ".join(str(x) for x in paths))
     return 0
 
 

@@ -38,18 +38,25 @@ concept shift (hence no lam-dependence there) and has the sign of overlap under 
       provided it is lower as lam -> 0 (needs eps large enough, e.g. eps = 0.5 at the defaults).
       The lam^4 term wins again for very large lam: FT's advantage is a window (lam*, lam**).
     * overlap >= 0: LP-FT / FT can only fall as lam grows; no threshold of the paper's kind.
+Exactly (lambda_coefficients, crossings): D(lam) = FT - LP-FT global loss = lam^2 (c0 + c1 lam + c2 lam^2);
+D >= 0 means LP-FT <= FT. c2 >= 0 always; c1 has the sign of overlap (0 under concept shift, and at overlap 0).
+    * Theorem 4.4 (concept shift): c1 = c2 = 0 and c0 has the sign of c - 1, c = lr (1 + |V_com|^2): LP-FT <= FT
+      for every lam iff c >= 1, and LP-FT > FT for every lam > 0 otherwise.
+    * Theorem 4.5 (combined shift): a finite lam* exists iff c0 > 0 (LP-FT better at small lam; needs lr and eps
+      large enough), c1 < 0 (overlap < 0) and c1^2 > 4 c0 c2 (fails again when lr and eps are too large);
+      then LP-FT <= FT on [0, lam*] U [lam**, inf). With c0 < 0 (seed 39 at the defaults) there is no threshold.
 B*'s remaining columns carry a seeded random rotation that no loss depends on.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 SHIFTS = ("concept", "combined")
+GLOBAL_TARGETS = ("others", "mixture")
 
 
 def _require(name: str, value, ok: bool, allowed: str) -> None:
@@ -81,6 +88,9 @@ class TheoryConfig:
         seed: seed of V_com ~ N(0, I_m / m) and of B*'s free columns.
         overlap: signed strength with which each client's typical input activates the common features,
             |overlap| < 1 / sqrt(n_clients); see the module docstring. Unused by the concept shift.
+        global_target: which losses make client i's "global" loss: "others" (mean of L_j over j != i, the
+            default) or "mixture" (mean over all n clients, i's own loss included: the paper's wording of
+            the global distribution as a mixture of the clients' distributions).
     """
 
     d: int = 16
@@ -92,6 +102,7 @@ class TheoryConfig:
     shift: str = "combined"
     seed: int = 0
     overlap: float = -0.2
+    global_target: str = "others"
 
     def __post_init__(self) -> None:
         _require("m", self.m, _is_int(self.m) and self.m >= 1, "an integer >= 1")
@@ -106,6 +117,8 @@ class TheoryConfig:
         bound = 1.0 / math.sqrt(self.n_clients)
         _require("overlap", self.overlap, _is_real(self.overlap) and abs(self.overlap) < bound,
                  f"a real in the open interval (-{bound:.4g}, {bound:.4g}) = +-1/sqrt(n_clients)")
+        _require("global_target", self.global_target, self.global_target in GLOBAL_TARGETS,
+                 f"one of {GLOBAL_TARGETS}")
 
 
 @dataclass(frozen=True)
@@ -236,10 +249,20 @@ def lpft_step(V: np.ndarray, B: np.ndarray, instance: Instance, client: int, lr:
     return ft_step(lp_fit(V, B, instance, client), B, instance, client, lr)
 
 
-def global_loss(V: np.ndarray, B: np.ndarray, instance: Instance, own_client: int) -> float:
-    """Mean population loss of the model over all clients j != own_client, each against its own V_j, S_j."""
-    others = [j for j in range(instance.n_clients) if j != own_client]
-    return float(np.mean([population_loss(V, B, instance, j) for j in others]))
+def _targets(n_clients: int, own_client: int, mixture: bool) -> list[int]:
+    """Clients whose losses make own_client's global loss: all of them ("mixture") or all but own_client."""
+    return [j for j in range(n_clients) if mixture or j != own_client]
+
+
+def global_loss(V: np.ndarray, B: np.ndarray, instance: Instance, own_client: int, *,
+                mixture: bool = False) -> float:
+    """Mean population loss of the model over the clients j != own_client, each against its own V_j, S_j.
+
+    With mixture=True the mean runs over all n clients, own_client included (the global distribution as
+    the uniform mixture of the clients', Chen et al., Section 4).
+    """
+    targets = _targets(instance.n_clients, own_client, mixture)
+    return float(np.mean([population_loss(V, B, instance, j) for j in targets]))
 
 
 def compare(cfg: TheoryConfig) -> dict:
@@ -253,7 +276,8 @@ def compare(cfg: TheoryConfig) -> dict:
     for i in range(inst.n_clients):
         for name, step in (("ft", ft_step), ("lpft", lpft_step)):
             V, B = step(inst.V0, inst.B_star, inst, i, cfg.lr)
-            acc[f"{name}_global"].append(global_loss(V, B, inst, i))
+            mixture = cfg.global_target == "mixture"
+            acc[f"{name}_global"].append(global_loss(V, B, inst, i, mixture=mixture))
             acc[f"{name}_local"].append(population_loss(V, B, inst, i))
     return {"lam": float(cfg.lam), "shift": cfg.shift, **{k: float(np.mean(v)) for k, v in acc.items()}}
 
@@ -289,77 +313,176 @@ def sweep_lambda(base_cfg: TheoryConfig, lams) -> list[dict]:
     return [compare(replace(base_cfg, lam=float(lam))) for lam in lams]
 
 
+def _ft_step_terms(inst: Instance, i: int, lr: float) -> tuple[np.ndarray, np.ndarray]:
+    """(a1, a2): FT's end-to-end move is w' - w_0 = lam a1 + lam^2 a2 for client i (see lambda_coefficients)."""
+    m = inst.V_com.shape[0]
+    B, S = inst.B_star, inst.sigmas[i]
+    sb = S @ B[m + i]
+    w0 = B.T @ inst.V0
+    a1 = lr * (B.T @ (B @ sb) + float(inst.V_com @ inst.V_com) * sb)
+    return a1, lr ** 2 * float(w0 @ sb) * sb
+
+
+def lambda_coefficients(cfg: TheoryConfig) -> dict:
+    """Exact lambda-polynomials of the global losses (Chen et al., arXiv 2511.12695, Section 4, Thms 4.4-4.5).
+
+    With b_j = B*^T e_{m+j}, P = B*^T B*, w_0 = B*^T V_0, nu = |V_com|^2: the start's residual against client
+    i is -lam b_i, so FT's gradient is linear in lam and its step gives w' = B'^T V' = w_0 + lam a1 + lam^2 a2,
+    a1 = lr (P + nu) S_i b_i, a2 = lr^2 (w_0^T S_i b_i) S_i b_i (a2: the bilinear (dB)^T dV term). Against
+    client j, FT's residual is lam (a1 - b_j) + lam^2 a2 and LP-FT's (a no-op step after the exact fit V_i)
+    lam (b_i - b_j). Hence, averaged over the (i, j) pairs of compare():
+    FT global = lam^2 (f0 + f1 lam + f2 lam^2), LP-FT global = lam^2 l0 and
+    D(lam) = FT - LP-FT = lam^2 (c0 + c1 lam + c2 lam^2), c0 = f0 - l0, c1 = f1, c2 = f2 >= 0 exactly.
+    D > 0 means LP-FT's global loss is below FT's. B*, V_com and S_i do not depend on cfg.lam.
+
+    Returns:
+        dict with c0, c1, c2, f0, f1, f2, l0 (floats).
+    """
+    inst = make_instance(cfg)
+    m, mixture = inst.V_com.shape[0], cfg.global_target == "mixture"
+    acc = np.zeros(4)
+    pairs = [(i, j) for i in range(inst.n_clients) for j in _targets(inst.n_clients, i, mixture)]
+    for i, j in pairs:
+        a1, a2 = _ft_step_terms(inst, i, cfg.lr)
+        S, u, d = inst.sigmas[j], a1 - inst.B_star[m + j], inst.B_star[m + i] - inst.B_star[m + j]
+        acc += [0.5 * u @ S @ u, u @ S @ a2, 0.5 * a2 @ S @ a2, 0.5 * d @ S @ d]
+    f0, f1, f2, l0 = (float(x) for x in acc / len(pairs))
+    return {"c0": f0 - l0, "c1": f1, "c2": f2, "f0": f0, "f1": f1, "f2": f2, "l0": l0}
+
+
+@dataclass(frozen=True)
+class Crossings:
+    """Sign of D(lam) = FT - LP-FT global loss = lam^2 q(lam), q = c0 + c1 lam + c2 lam^2 (Section 4).
+
+    Attributes:
+        c0, c1, c2: coefficients of q (those within the tie tolerance set to 0).
+        roots: the positive lambdas where D changes sign, ascending (at most two).
+        lpft_better_near_zero: True if LP-FT < FT for all small lam > 0, False if worse, None if D = 0 always.
+        lambda_star: the paper's lambda* (Thm 4.5): the first sign change, only when LP-FT is better below it;
+            None ("no threshold") when LP-FT is already worse at small lam, or never worse.
+        lambda_star2: lambda** > lambda*, where LP-FT becomes better again; None if it does not exist.
+        lpft_le_ft: the closed intervals of lam >= 0 on which LP-FT's global loss is at most FT's.
+    """
+
+    c0: float
+    c1: float
+    c2: float
+    roots: tuple[float, ...]
+    lpft_better_near_zero: bool | None
+    lambda_star: float | None
+    lambda_star2: float | None
+    lpft_le_ft: tuple[tuple[float, float], ...]
+
+    def describe(self) -> str:
+        """One line: whether a threshold exists, and where LP-FT <= FT as a union of closed intervals."""
+        if self.lpft_better_near_zero is None:
+            return "no threshold: FT and LP-FT tie for every lam"
+        where = " U ".join(_interval(lo, hi) for lo, hi in self.lpft_le_ft) or "lam = 0 only"
+        if self.lambda_star is None:
+            why = "LP-FT is never worse" if self.lpft_better_near_zero else "LP-FT is already worse at small lam"
+            return f"no threshold ({why}): LP-FT <= FT on {where}"
+        star2 = "none" if self.lambda_star2 is None else f"{self.lambda_star2:.6g}"
+        return f"lambda* = {self.lambda_star:.6g}, lambda** = {star2}: LP-FT <= FT on {where}"
+
+
+def _interval(lo: float, hi: float) -> str:
+    """'[lo, hi]' or '[lo, inf)'."""
+    return f"[{lo:.6g}, inf)" if math.isinf(hi) else f"[{lo:.6g}, {hi:.6g}]"
+
+
+def _positive_sign_changes(c0: float, c1: float, c2: float) -> tuple[float, ...]:
+    """Positive roots of c0 + c1 x + c2 x^2 at which it changes sign (double roots excluded), ascending."""
+    if c2 == 0.0:
+        return (-c0 / c1,) if c1 != 0.0 and -c0 / c1 > 0 else ()
+    disc = c1 * c1 - 4.0 * c2 * c0
+    if disc <= 0.0:
+        return ()
+    q = -0.5 * (c1 + math.copysign(math.sqrt(disc), c1))  # stable: no cancellation in either root
+    roots = [q / c2] + ([c0 / q] if q != 0.0 else [])
+    return tuple(sorted(r for r in roots if r > 0))
+
+
+def crossings(c0: float, c1: float, c2: float, *, tol: float = 0.0) -> Crossings:
+    """Where LP-FT <= FT from the quadratic q of D(lam) = lam^2 q(lam) (Chen et al., Section 4, Thm 4.5).
+
+    Args:
+        c0, c1, c2: coefficients of q (lambda_coefficients). tol: |c| <= tol counts as exactly 0.
+
+    Returns:
+        Crossings. lambda* is reported only when LP-FT is better for small lam (c0 > 0, or the first non-zero
+        coefficient > 0); then LP-FT <= FT on [0, lambda*] U [lambda**, inf) when both roots exist.
+    """
+    c0, c1, c2 = (0.0 if abs(c) <= tol else float(c) for c in (c0, c1, c2))
+    roots = _positive_sign_changes(c0, c1, c2)
+    first = next((c for c in (c0, c1, c2) if c != 0.0), 0.0)
+    better = None if first == 0.0 else first > 0
+    edges = (0.0, *roots, math.inf)
+    ok = [better is None or better == (k % 2 == 0) for k in range(len(edges) - 1)]  # D's sign alternates
+    intervals = tuple((edges[k], edges[k + 1]) for k in range(len(edges) - 1) if ok[k])
+    star = roots[0] if better and roots else None
+    star2 = roots[1] if better and len(roots) > 1 else None
+    return Crossings(c0, c1, c2, roots, better, star, star2, intervals)
+
+
+def lambda_thresholds(cfg: TheoryConfig, *, rtol: float = 1e-12) -> Crossings:
+    """lambda* and lambda** of cfg from the exact coefficients (lam of cfg unused; Section 4, Thm 4.5).
+
+    Args:
+        cfg: the model. rtol: coefficients below rtol * max(|f0|, |f1|, |f2|, |l0|) count as 0 (exact ties,
+            e.g. the concept shift at lr (1 + |V_com|^2) = 1, are otherwise decided by rounding).
+    """
+    co = lambda_coefficients(cfg)
+    scale = max(abs(co[k]) for k in ("f0", "f1", "f2", "l0"))
+    return crossings(co["c0"], co["c1"], co["c2"], tol=rtol * scale)
+
+
 def _lpft_worse(cfg: TheoryConfig, lam: float, rtol: float) -> bool:
     """True when LP-FT's global loss exceeds FT's by more than rtol (relative) at this lambda."""
     r = compare(replace(cfg, lam=float(lam)))
     return r["lpft_global"] - r["ft_global"] > rtol * max(abs(r["ft_global"]), abs(r["lpft_global"]), 1e-300)
 
 
-def find_lambda_star(base_cfg: TheoryConfig, lams, rtol: float = 1e-10, xtol: float = 1e-10):
-    """Smallest lambda at which LP-FT's global loss exceeds FT's (the lambda* of Chen et al., Thm 4.5).
+def _bisect(cfg: TheoryConfig, lo: float, hi: float, rtol: float, xtol: float) -> float:
+    """Bisect [lo, hi], on which _lpft_worse differs at the ends, to a bracket narrower than xtol (1 + hi)."""
+    worse_lo = _lpft_worse(cfg, lo, rtol)
+    while hi - lo > xtol * (1.0 + hi):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if _lpft_worse(cfg, mid, rtol) == worse_lo else (lo, mid)
+    return 0.5 * (lo + hi)
 
-    Scans the sorted grid for the first point where LP-FT is worse, then bisects between it and the grid
-    point before. A crossing narrower than the grid spacing can be missed.
+
+def grid_sign_changes(base_cfg: TheoryConfig, lams, rtol: float = 1e-10, xtol: float = 1e-10) -> list[dict]:
+    """Cross-check of crossings() by simulation: every sign change of LP-FT - FT on the grid, bisected.
+
+    Runs compare() only (not lambda_coefficients), so it checks the closed form; a pair of crossings
+    closer than the grid spacing is missed (Chen et al., Section 4).
+
+    Returns:
+        list of {"lam": crossing, "lpft_worse_above": bool} in ascending order.
+    """
+    grid = np.sort(np.asarray(lams, dtype=float))
+    worse = [_lpft_worse(base_cfg, lam, rtol) for lam in grid]
+    flips = [k for k in range(len(grid) - 1) if worse[k] != worse[k + 1]]
+    return [{"lam": _bisect(base_cfg, float(grid[k]), float(grid[k + 1]), rtol, xtol),
+             "lpft_worse_above": worse[k + 1]} for k in flips]
+
+
+def find_lambda_star(base_cfg: TheoryConfig, lams, rtol: float = 1e-10, xtol: float = 1e-10):
+    """Grid estimate of lambda* (Chen et al., Thm 4.5): where LP-FT turns worse than FT, from a grid.
+
+    A cross-check of lambda_thresholds(): the first grid sign change, bisected, if LP-FT is not worse at
+    the first grid point. When LP-FT is already worse there, there is no threshold of the paper's kind
+    from the grid's start on, and this returns None (it does not report the first grid point).
 
     Args:
         base_cfg: settings other than lam. lams: grid of lambdas. rtol: relative tie tolerance.
         xtol: bisection stops when the bracket is narrower than xtol * (1 + upper end).
 
     Returns:
-        lambda* as a float; the first grid value if LP-FT is already worse there; None if never in range.
+        lambda* as a float, or None.
     """
     grid = np.sort(np.asarray(lams, dtype=float))
-    worse = [_lpft_worse(base_cfg, lam, rtol) for lam in grid]
-    if not any(worse):
+    if _lpft_worse(base_cfg, grid[0], rtol):
         return None
-    first = worse.index(True)
-    if first == 0:
-        return float(grid[0])
-    lo, hi = float(grid[first - 1]), float(grid[first])
-    while hi - lo > xtol * (1.0 + hi):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (lo, mid) if _lpft_worse(base_cfg, mid, rtol) else (mid, hi)
-    return hi
-
-
-def plot_sweep(rows: list[dict], path, lam_star=None) -> None:
-    """Global loss of FT and LP-FT against lambda (one column per shift), with lambda* as a vertical line.
-
-    Args:
-        rows: output of sweep_lambda (may mix shifts). path: image file to write.
-        lam_star: lambda* as a float, or a dict shift -> lambda* (None entries draw no line).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shifts = list(dict.fromkeys(r["shift"] for r in rows))
-    fig, axes = plt.subplots(2, len(shifts), figsize=(5.5 * len(shifts), 7), squeeze=False, sharex="col")
-    for c, shift in enumerate(shifts):
-        sub = sorted((r for r in rows if r["shift"] == shift), key=lambda r: r["lam"])
-        lam = np.array([r["lam"] for r in sub])
-        ft, lpft = np.array([r["ft_global"] for r in sub]), np.array([r["lpft_global"] for r in sub])
-        top, bottom = axes[0, c], axes[1, c]
-        top.plot(lam, ft, label="FT")
-        top.plot(lam, lpft, "--", label="LP-FT")
-        star = lam_star.get(shift) if isinstance(lam_star, dict) else lam_star
-        note = "none in range" if star is None else f"{star:.3g}"
-        top.set(yscale="log", ylabel="global loss", title=f"{shift} shift ($\\lambda^*$: {note})")
-        bottom.plot(lam, lpft / np.maximum(ft, 1e-300), color="k")
-        bottom.axhline(1.0, color="grey", lw=0.8)
-        bottom.set(xlabel="heterogeneity $\\lambda$", ylabel="LP-FT / FT global loss")
-        for ax in (top, bottom):
-            if star is not None:
-                ax.axvline(star, color="r", lw=1, label=f"$\\lambda^*$ = {star:.3g}")
-        top.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def save_sweep(rows: list[dict], lam_star: dict, cfgs: dict, path) -> None:
-    """Write rows, lambda* per shift and the configs (as dicts) to a JSON file."""
-    payload = {"lambda_star": lam_star, "configs": {s: asdict(c) for s, c in cfgs.items()}, "rows": rows}
-    with open(path, "w") as fh:
-        json.dump(payload, fh, indent=2)
+    changes = grid_sign_changes(base_cfg, grid, rtol, xtol)
+    return changes[0]["lam"] if changes else None
