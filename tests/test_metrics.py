@@ -43,3 +43,44 @@ def test_summary_table_mean_and_std_over_seeds():
     assert row["global"] == pytest.approx(0.25)
     md = format_markdown(table)
     assert "| FT | 75.00 (35.36) | 25.00 (35.36) |" in md
+
+
+def test_cross_client_matrix_worst_and_c_std_hand_example():
+    # Client 0's model: 0.9 on its own split, 0.3 on client 1's; client 1's model: 0.5 / 0.7.
+    rows = []
+    for i, row in enumerate([[0.9, 0.3], [0.5, 0.7]]):
+        local, global_ = local_global(row, i)
+        rows.append({"seed": 0, "strategy": "ft", "client_id": f"c{i}", "client_index": i, "local_acc": local,
+                     "global_acc": global_, "acc_by_client": row})
+    table = summary_table(pd.DataFrame(rows)).iloc[0]
+    entries = [0.9, 0.3, 0.5, 0.7]  # mean 0.6; deviations .3 -.3 -.1 .1
+    assert table["worst_matrix"] == pytest.approx(0.3)  # over the matrix; over Local it is 0.7
+    assert table["worst"] == pytest.approx(0.7)
+    assert table["c_std_matrix"] == pytest.approx(np.sqrt((0.09 + 0.09 + 0.01 + 0.01) / 4))
+    assert table["c_std"] == pytest.approx(0.1)  # Local 0.9 / 0.7
+    assert table["avg_lgw_matrix"] == pytest.approx((0.8 + 0.4 + 0.3) / 3)
+    assert np.std(entries) == pytest.approx(table["c_std_matrix"])
+    md = format_markdown(summary_table(pd.DataFrame(rows)))
+    assert "C-Std (Local)" in md and "Worst (matrix)" in md and "| 70.00 (0.00) |" in md
+
+
+def test_global_drop_split_hand_example():
+    from hf_lpft.evaluation.metrics import drop_split_table, global_drop_split
+
+    # Global per (seed, client): global model 0.80 / 0.70; bn_adapt 0.60 / 0.65; ft 0.50 / 0.45; lp (no bn row
+    # for client c1 in seed 1 -> NaN split there).
+    g = {("global_model", "c0"): 0.80, ("global_model", "c1"): 0.70, ("bn_adapt", "c0"): 0.60,
+         ("bn_adapt", "c1"): 0.65, ("ft", "c0"): 0.50, ("ft", "c1"): 0.45}
+    rows = [{"seed": 0, "strategy": s, "client_id": c, "global_acc": v} for (s, c), v in g.items()]
+    out = global_drop_split(pd.DataFrame(rows)).set_index(["strategy", "client_id"])
+    assert out.loc[("ft", "c0"), "global_drop"] == pytest.approx(0.30)
+    assert out.loc[("ft", "c0"), "global_drop_bn"] == pytest.approx(0.20)
+    assert out.loc[("ft", "c0"), "global_drop_weights"] == pytest.approx(0.10)
+    assert out.loc[("ft", "c1"), "global_drop_bn"] == pytest.approx(0.05)
+    assert out.loc[("ft", "c1"), "global_drop_weights"] == pytest.approx(0.20)
+    assert out.loc[("global_model", "c1"), "global_drop"] == pytest.approx(0.0)
+    table = drop_split_table(pd.DataFrame(rows)).set_index("strategy")
+    assert table.loc["ft", "global_drop_mean"] == pytest.approx(0.275)  # (0.30 + 0.25) / 2
+    assert table.loc["ft", "global_drop_bn_mean"] == pytest.approx(0.125)
+    no_bn = global_drop_split(pd.DataFrame([r for r in rows if r["strategy"] != "bn_adapt"]))
+    assert no_bn.global_drop_bn.isna().all() and no_bn.global_drop.notna().all()
