@@ -155,3 +155,31 @@ def test_wrong_class_count_fails_naming_the_model(tmp_path, tiny_ds_path, no_fed
     cfg = _cfg(tmp_path, "out", tiny_ds_path, model={"global_model": str(tmp_path / "three")})
     with pytest.raises(ConfigError, match=r"model.global_model=.*three.* 3 classes but the federation has 4"):
         run(cfg)
+
+
+def test_timm_checkpoint_file_and_transformers_folder_load_as_global_models(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModel
+
+    from hf_lpft.run.given_model import load_global_model
+
+    source = timm.create_model("test_resnet", num_classes=4).eval()
+    save_file(source.state_dict(), str(tmp_path / "weights.safetensors"))
+    cfg = load_config(None, {"model": {"global_model": str(tmp_path / "weights.safetensors")}})
+    model, info = load_global_model(cfg, 4, seed=0)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert info["kind"] == "timm_checkpoint" and torch.allclose(model.eval()(x), source(x))
+    cfg = load_config(None, {"model": {"global_model": str(tmp_path / "weights.safetensors"), "backbone": "hf:x"}})
+    with pytest.raises(ConfigError, match="needs model.backbone timm:<architecture>"):
+        load_global_model(cfg, 4, seed=0)
+
+    vit = AutoModel.from_config(AutoConfig.for_model("vit", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                     intermediate_size=64, patch_size=8, image_size=32)).eval()
+    vit.save_pretrained(tmp_path / "vit")
+    cfg = load_config(None, {"model": {"global_model": str(tmp_path / "vit"), "backbone": f"hf:{tmp_path / 'vit'}"}})
+    model, info = load_global_model(cfg, 4, seed=0)
+    with torch.no_grad():
+        assert torch.allclose(model.eval().features(x), vit(pixel_values=x).last_hidden_state[:, 0], atol=1e-6)
+    assert info["kind"] == "transformers" and info["head"].startswith("new (nn.Linear default init")

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,10 +153,34 @@ def load_entry(entry: Path, device) -> tuple[SplitModel, list[dict], dict | None
     return SplitModel.from_pretrained(entry).to(device).eval(), history, ckpt.load_client_bn(0)
 
 
+def remove_dead_temporaries(entry: Path) -> list[Path]:
+    """Delete the temporary folders of ``entry``'s key that killed writers on this host left (their process
+    is gone); a writer that is alive, or on another host, is left alone."""
+    removed, mark = [], f".{entry.name}."
+    for tmp in entry.parent.glob(f"{mark}*.tmp"):
+        pid, _, rest = tmp.name[len(mark):].partition("@")
+        if pid.isdigit() and rest.startswith(f"{socket.gethostname()}.") and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def store_entry(entry: Path, model: SplitModel, history: list[dict], client_bn: dict | None, payload: dict) -> bool:
     """Store a FedAvg result under ``entry`` atomically; False (theirs kept) when another run stored it first."""
     entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}.", suffix=".tmp"))
+    remove_dead_temporaries(entry)
+    tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}.{os.getpid()}@{socket.gethostname()}.",
+                                suffix=".tmp"))
     try:
         model.save_pretrained(tmp)
         Checkpoints(tmp).save_round(0, {}, history, client_bn=client_bn)
