@@ -21,6 +21,7 @@ POINTS = (
     "strategy_done",       # between strategies: every client of one strategy is done
     "export_model",        # during a model export: files written into the temporary folder, not renamed
     "export_results",      # during the final export: results.parquet written, run_record.json not yet
+    "fedavg_cache_store",  # storing a FedAvg result in run.fedavg_cache: files written, not renamed onto the key
 )
 _counts: dict[str, int] = {}
 

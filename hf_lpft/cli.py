@@ -125,9 +125,39 @@ def push_from_args(argv: list[str]) -> int:
     return 0
 
 
+def personalize_from_args(argv: list[str]) -> int:
+    """``hf-lpft personalize --global_model X [--config FILE] [--section.key value ...]``: PFT, evaluation and
+    export of a given global model (no FedAvg); the backbone (and image size) default to the model's own."""
+    parser = argparse.ArgumentParser(prog="hf-lpft personalize", add_help=False)
+    parser.add_argument("--global_model", "--model.global_model", dest="global_model", default=None)
+    args, rest = parser.parse_known_args(argv)
+    if args.global_model is None:
+        if any(a in ("-h", "--help") for a in rest):
+            return run_from_args(rest, description=PERSONALIZE_HELP)
+        print("hf-lpft personalize: --global_model is required (a run's global/ folder, a timm or transformers "
+              "model folder, a timm checkpoint file, or a Hub model id)", file=sys.stderr)
+        return 2
+    from hf_lpft.run.given_model import backbone_of
+
+    try:
+        load_config(None, {"model": {"global_model": args.global_model}})  # a bad value fails here, named
+        defaults = backbone_of(args.global_model)
+    except ConfigError as err:
+        print(f"hf-lpft: configuration error: {err}", file=sys.stderr)
+        return 2
+    return run_from_args(rest + ["--model.global_model", args.global_model], defaults=defaults,
+                         description=PERSONALIZE_HELP)
+
+
+PERSONALIZE_HELP = ("Personalize a given global model (--global_model: a run's global/ folder, a timm or transformers "
+                    "model folder, a timm checkpoint file, or a Hub id) on a federation (--config and/or "
+                    "--data.manifest): PFT, evaluation and export only, no FedAvg.")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"run": "run a study from a config", "strategies": "list the registered PFT strategies",
+                "personalize": "personalize a given global model (no FedAvg): PFT, evaluation, export",
                 "partition": "preview a federation (manifest, stats, heatmap) without training",
                 "push": "publish a finished run folder to the Hub (or rewrite its Hub-ready folder)"}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
@@ -139,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         return partition_from_args(argv[1:])
     if argv[0] == "push":
         return push_from_args(argv[1:])
+    if argv[0] == "personalize":
+        return personalize_from_args(argv[1:])
     return run_from_args(argv[1:])
 
 

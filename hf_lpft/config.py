@@ -102,6 +102,7 @@ class ModelConfig:
     checkpoint: str | None = field(default=None, metadata={"help": "Local backbone weights file (safetensors or a timm checkpoint) for pretrained=True offline."})
     pooling: str = field(default="mean", metadata={"help": "Text backbones (hf:): features are the mean of the last hidden states over the attention mask (mean) or the first token (cls). Vision backbones use their standard pooled output."})
     dropout: float | None = field(default=None, metadata={"help": "Transformers backbones: replace the hidden/attention dropout probability (0 makes probing cacheable); None keeps the model's."})
+    global_model: str | None = field(default=None, metadata={"help": "Personalize this global model instead of training one with FedAvg (hf-lpft personalize): a folder or Hub model id holding an hf_lpft global model (a run's global/), a timm model (save_for_hf / push_to_hub folder) or a transformers model, or a timm checkpoint file (with model.backbone timm:<architecture>). fedavg settings are then unused; plain timm/transformers models get a new head unless the timm classifier already has the federation's class count."})
 
     def __post_init__(self) -> None:
         prefix = self.backbone.split(":", 1)[0]
@@ -118,6 +119,11 @@ class ModelConfig:
         if self.dropout is not None:
             _check(prefix != "timm", f"model.dropout={self.dropout!r} applies to hf: backbones only, not {self.backbone!r}")
             _check(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout!r} must be in [0, 1)")
+        if self.global_model is not None:
+            _check(Path(self.global_model).exists() or bool(REPO_ID.match(self.global_model)),
+                   f"model.global_model={self.global_model!r} is neither an existing folder or file nor a Hub repo id "
+                   "('namespace/name'); give a run's global/ folder, a timm or transformers model folder, a timm "
+                   "checkpoint file, or a Hub model id")
 
 
 OPTIMIZERS = ("sgd", "adam", "adamw")  # = hf_lpft.train.optim (config stays free of torch imports)
@@ -208,6 +214,7 @@ class RunConfig:
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads; None = torch's default."})
     distortion: bool = field(default=True, metadata={"help": "Measure feature distortion (Δ, linear CKA) of every personalized model against the global model at the head's input, on its own and the other clients' test splits."})
     report_to: str = field(default="none", metadata={"help": "Experiment tracker for progress scalars, through accelerate: none, tensorboard, trackio or wandb (the tracker's package must be installed)."})
+    fedavg_cache: str | None = field(default=None, metadata={"help": "Folder of finished FedAvg results shared between runs: a run whose client data, model section, fedavg section, seed and hf_lpft version match a stored result loads it instead of training (key = sha256 of those settings); a miss trains and stores it. None = off."})
 
     def __post_init__(self) -> None:
         _check(len(self.seeds) > 0, "run.seeds is empty")
@@ -218,6 +225,9 @@ class RunConfig:
         if self.num_threads is not None:
             _check(self.num_threads >= 1, f"run.num_threads={self.num_threads!r} must be >= 1")
         _check_choice("run.report_to", self.report_to, REPORT_TO)
+        if self.fedavg_cache is not None:
+            _check(not Path(self.fedavg_cache).exists() or Path(self.fedavg_cache).is_dir(),
+                   f"run.fedavg_cache={self.fedavg_cache!r} exists and is not a folder; give a folder (created if missing)")
 
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -25,7 +25,6 @@ The output folder must therefore be on a filesystem every process sees (one node
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import shutil
@@ -53,10 +52,11 @@ from hf_lpft.evaluation.distortion import distortion_by_client, extract_features
 from hf_lpft.evaluation.metrics import format_markdown, global_drop_split, local_global, summary_table
 from hf_lpft.evaluation.report import cross_client_frame, write_report
 from hf_lpft.evaluation.shared_features import SharedBackbone
-from hf_lpft.federated.fedavg import my_share, run_fedavg
+from hf_lpft.federated.fedavg import my_share
 from hf_lpft.hub.push import publish_run
 from hf_lpft.io import atomic_path, meta_info, write_json, write_text
 from hf_lpft.models.backbone import SplitModel, build_model, load_tokenizer
+from hf_lpft.run.pretrain import client_global_model, obtain_global_model
 from hf_lpft.strategies import Budget, Strategy, build_strategy
 from hf_lpft.strategies.personalize import personalize, probe_all_clients
 from hf_lpft.train.loop import NonFiniteLossError, accuracy, derive_seed
@@ -343,71 +343,6 @@ def model_dir(out: Path, cfg: ExperimentConfig, seed: int, *parts: str) -> Path:
     return path / f"seed_{seed}" if len(cfg.run.seeds) > 1 else path
 
 
-def pretrain(cfg: ExperimentConfig, clients: list[ClientData], num_classes: int, *, seed: int, out: Path,
-             accelerator: Accelerator) -> tuple[SplitModel, list[dict]]:
-    """The global model θ_G: FedAvg from scratch, from a round checkpoint, or reloaded when complete."""
-    f, ckpt = cfg.fedavg, Checkpoints(out)
-    done = model_dir(out, cfg, seed, "global")
-    saved = ckpt.load_round(seed) if cfg.run.resume else None
-    if saved is not None and len(saved[1]) == f.rounds and (done / "model.safetensors").is_file():
-        return SplitModel.from_pretrained(done).to(accelerator.device).eval(), saved[1]
-    model = build_model(cfg.model.backbone, num_classes=num_classes, image_size=cfg.data.image_size,
-                        pretrained=cfg.model.pretrained, checkpoint=cfg.model.checkpoint, pooling=cfg.model.pooling,
-                        dropout=cfg.model.dropout, seed=derive_seed(seed, "init") % 2**31).to(accelerator.device)
-    if saved is not None:
-        model.load_state_dict(saved[0])
-    settings = settings_from(f)
-    client_bn = ((ckpt.load_client_bn(seed) if saved else None) or {}) if f.bn == "local" else None
-
-    def round_end(rnd: int, state: dict, hist: list) -> None:
-        if accelerator.is_main_process:  # one writer when several processes run
-            ckpt.save_round(seed, state, hist, client_bn=client_bn)
-        _log(accelerator, {f"seed_{seed}/fedavg/{k}": v for k, v in hist[-1].items() if k != "round"}, step=rnd)
-    if f.engine == "flower":
-        model, history = flower_pretrain(cfg, model, clients, seed=seed, saved=saved, accelerator=accelerator,
-                                         on_round_end=round_end)
-    else:
-        model, history = run_fedavg(model, clients, rounds=f.rounds, local_epochs=f.local_epochs, lr=f.lr,
-                                    client_fraction=f.client_fraction, settings=settings, accelerator=accelerator,
-                                    seed=seed, start_round=len(saved[1]) if saved else 0,
-                                    history=saved[1] if saved else None, client_bn=client_bn,
-                                    on_round_end=round_end)
-    if accelerator.is_main_process:
-        save_model(model, done)
-        if f.rounds == 0:
-            ckpt.save_round(seed, model.state_dict(), [], client_bn=client_bn)
-    accelerator.wait_for_everyone()  # global/ and the FedBN checkpoint are complete before any process reads them
-    return model, history
-
-
-def flower_pretrain(cfg: ExperimentConfig, model: SplitModel, clients: list[ClientData], *, seed: int,
-                    saved: tuple | None, accelerator: Accelerator, on_round_end) -> tuple[SplitModel, list[dict]]:
-    """FedAvg on Flower's local simulation (``fedavg.engine: flower``), resumable from a round checkpoint."""
-    if accelerator.num_processes > 1:
-        raise ConfigError(f"fedavg.engine='flower' runs in one process (Flower's simulation runs the clients in "
-                          f"parallel itself), not {accelerator.num_processes}; launch without accelerate/torchrun "
-                          "or choose fedavg.engine builtin")
-    try:
-        from hf_lpft.federated.flower import run_flower_fedavg
-    except ImportError as err:
-        raise ConfigError(f"fedavg.engine='flower' needs Flower ({err}); pip install 'hf-lpft[flower]' or choose "
-                          "fedavg.engine builtin") from err
-    model, history = run_flower_fedavg(model, clients, cfg, seed=seed, start_round=len(saved[1]) if saved else 0,
-                                       history=saved[1] if saved else None, on_round_end=on_round_end)
-    return model.to(accelerator.device), history
-
-
-def client_global_model(global_model: SplitModel, client_bn: dict | None, client_id: str) -> SplitModel:
-    """The global model client ``client_id`` starts from: with FedBN (``fedavg.bn: local``) a copy that
-    carries the client's own BatchNorm tensors (saved with the last FedAvg round), otherwise θ_G itself."""
-    if not client_bn or client_id not in client_bn:
-        return global_model
-    model = copy.deepcopy(global_model)
-    model.load_state_dict({k: v.to(next(model.parameters()).device) for k, v in client_bn[client_id].items()},
-                          strict=False)
-    return model.eval()
-
-
 def global_model_accuracies(cfg: ExperimentConfig, global_model: SplitModel, clients: list[ClientData],
                             client_bn: dict | None, device) -> list[list[float]]:
     """Row i: accuracies on every client's test split of the model client i personalizes from (the
@@ -621,16 +556,17 @@ def run_seed(cfg: ExperimentConfig, strategies: dict[str, Strategy], clients: li
              *, seed: int, out: Path, accelerator: Accelerator, timings: dict) -> tuple[list[dict], list[dict]]:
     """FedAvg then every personalization unit for one seed; returns (global-model records, unit records)."""
     t = time.perf_counter()
-    global_model, history = pretrain(cfg, clients, num_classes, seed=seed, out=out, accelerator=accelerator)
+    given = obtain_global_model(cfg, clients, num_classes, seed=seed, out=out, accelerator=accelerator)
+    global_model, history, client_bn = given.model, given.history, given.client_bn
     timings[f"fedavg_seed_{seed}"] = time.perf_counter() - t
-    client_bn = Checkpoints(out).load_client_bn(seed) if cfg.fedavg.bn == "local" else None
     t = time.perf_counter()
     accs = global_model_accuracies(cfg, global_model, clients, client_bn, accelerator.device)
     references = reference_features(cfg, global_model, clients, client_bn, accelerator.device)
     timings[f"evaluate_global_model_seed_{seed}"] = time.perf_counter() - t
     self_dist = SELF_DISTORTION if references else NO_DISTORTION
     global_rows = [{"row": result_row(seed, "global_model", i, c, accs[i], None) | self_dist | {"error": None},
-                    "phases": [], "curves": [], "fedavg_history": history if i == 0 else None} for i, c in enumerate(clients)]
+                    "phases": [], "curves": [], "fedavg_history": history if i == 0 else None,
+                    "global_source": given.source if i == 0 else None} for i, c in enumerate(clients)]
     t = time.perf_counter()
     units = personalize_all(cfg, strategies, global_model, clients, seed=seed, out=out, accelerator=accelerator,
                             client_bn=client_bn, references=references)
@@ -681,7 +617,8 @@ def run(cfg: ExperimentConfig, *, accelerator: Accelerator | None = None) -> Run
                      "clients": fed.client_ids, "resumed": cfg.run.resume,
                      "num_processes": accelerator.num_processes,
                      "strategies": {n: s.describe() for n, s in strategies.items()},
-                     "batchnorm": batchnorm_record(cfg, strategies)},
+                     "batchnorm": batchnorm_record(cfg, strategies),
+                     "global_model": {r["row"]["seed"]: r["global_source"] for r in records if r.get("global_source")}},
         "train_info": {"fedavg_history": {r["row"]["seed"]: r["fedavg_history"] for r in records if r.get("fedavg_history")},
                        "personalization": [{k: r["row"][k] for k in ("seed", "strategy", "client_id", "error")}
                                            | {"phases": r["phases"], "seconds": r.get("seconds"),

@@ -167,7 +167,7 @@ def tripwire(monkeypatch):
     """Any FedAvg round or personalization that starts makes the case fail."""
     def boom(*args, **kwargs):
         raise AssertionError("heavy work started before the bad input was rejected")
-    monkeypatch.setattr("hf_lpft.pipeline.run_fedavg", boom)
+    monkeypatch.setattr("hf_lpft.run.pretrain.run_fedavg", boom)
     monkeypatch.setattr("hf_lpft.pipeline.personalize", boom)
 
 

@@ -105,3 +105,31 @@ def test_two_processes_equal_one_process(tmp_path, tiny_ds_path):
     assert_same_results(tmp_path / "plain_1", resumed)
     record = json.loads((resumed / "run_record.json").read_text())
     assert record["run_info"]["resumed"] and record["run_info"]["num_processes"] == 2
+
+
+@pytest.mark.slow  # about 100 s on 2 shared cores: three torchrun runs
+def test_two_processes_store_and_reuse_one_fedavg_result(tmp_path, tiny_ds_path):
+    """Under torchrun: a miss trains and stores once (FedBN client BatchNorm included), a match loads it on
+    every process (no FedAvg), and a given global model personalizes; the main process alone writes."""
+    cache = str(tmp_path / "cache")
+    fedbn = {"fedavg": {"rounds": 2, "batch_size": 16, "bn": "local"}, "pft": {"strategies": ["lp", "ft"]}}
+    jobs = [_overrides(tiny_ds_path, tmp_path / name, **fedbn, run={"output_dir": str(tmp_path / name),
+                                                                      "num_threads": 1, "fedavg_cache": cache})
+            for name in ("miss", "hit")]
+    jobs.append(_overrides(tiny_ds_path, tmp_path / "given", model={"global_model": str(tmp_path / "miss" / "global")},
+                           pft={"strategies": ["lp"]}))
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    (tmp_path / "driver.py").write_text(DRIVER)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           str(tmp_path / "driver.py"), str(tmp_path / "jobs.json")], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    info = {n: json.loads((tmp_path / n / "run_record.json").read_text())["run_info"]["global_model"]["0"]
+            for n in ("miss", "hit", "given")}
+    assert info["miss"]["source"] == "fedavg" and info["miss"]["stored"] is True
+    assert info["hit"] == {"source": "fedavg_cache", "key": info["miss"]["key"], "fedavg_cache": cache}
+    assert info["given"]["source"] == "given"
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "hit" / "results.parquet"),
+                                  pd.read_parquet(tmp_path / "miss" / "results.parquet"))
+    assert [p.name for p in Path(cache).iterdir()] == [info["miss"]["key"]]
+    assert (Path(cache) / info["miss"]["key"] / "checkpoints" / "seed_0" / "fedavg" / "client_bn.safetensors").is_file()

@@ -230,3 +230,20 @@ def test_unit_results_do_not_depend_on_client_order(strategy, tiny_clients, acce
         return out
     forward, backward = rows([0, 1, 2], history=1), rows([2, 1, 0], history=2)
     assert forward == backward
+
+
+@pytest.mark.parametrize("kill_at, source", [("fedavg_cache_store:1", "fedavg"), ("personalize_epoch:3", "fedavg_cache")])
+def test_kill_then_resume_with_a_fedavg_cache(runner, reference, tiny_ds_path, kill_at, source):
+    """Killed while storing the FedAvg result (resume trains-from-checkpoint and stores it; the dead writer's
+    temporary folder is removed) or after storing it (resume loads it): the same results either way."""
+    cache, out = runner.tmp / f"cache_{kill_at}", runner.tmp / f"cached_{kill_at}"
+    args = [*study_args(tiny_ds_path), "--run.fedavg_cache", str(cache)]
+    killed = runner.run(out, args, kill_at=kill_at)
+    assert killed["signal"] == signal.SIGKILL, killed
+    assert bool(temp_leftovers(cache)) == (source == "fedavg")  # the killed store's temporary folder
+    resumed = runner.run(out, [*args, "--run.resume", "true"])
+    assert resumed["code"] == 0, resumed["log"]
+    assert (out / "results.parquet").read_bytes() == (reference / "results.parquet").read_bytes()
+    info = json.loads((out / "run_record.json").read_text())["run_info"]["global_model"]["0"]
+    assert info["source"] == source and [p.name for p in cache.iterdir()] == [info["key"]]
+    assert not temp_leftovers(out)

@@ -277,11 +277,12 @@ def test_negative_flood_fails_for_every_strategy(name):
 ])
 def test_architecture_dependent_options_fail_before_fedavg(name, args, bad, tiny_ds_path, tmp_path, monkeypatch):
     import hf_lpft.pipeline as pipeline
+    import hf_lpft.run.pretrain as pretrain
 
     def no_training(*a, **k):
         raise AssertionError("training started before the options were checked")
 
-    monkeypatch.setattr(pipeline, "run_fedavg", no_training)
+    monkeypatch.setattr(pretrain, "run_fedavg", no_training)
     cfg = load_config(None, {"data": {"dataset": tiny_ds_path, "num_classes": 4},
                              "model": {"backbone": "timm:test_vit"},
                              "pft": {"strategies": [name], "strategy_args": {name: args}},
