@@ -108,7 +108,7 @@ CASES = [
      ["pft.strategy_args.ft: flood=-1.0 must be >= 0"]),
     ("option_wrong_type", lambda c: ["--pft.strategy_args", "{lp_ft: {lp_epochs: many}}"],
      ["pft.strategy_args.lp_ft.lp_epochs='many'", "must be an integer"]),
-    ("options_not_mapping", lambda c: ["--pft.strategy_args", "{ft: 3}"], ["pft.strategy_args['ft'] must be a mapping"]),
+    ("options_not_mapping", lambda c: ["--pft.strategy_args", "{ft: 3}"], ["pft.strategy_args['ft']=3 must be a mapping"]),
     ("options_of_unknown_strategy", lambda c: ["--pft.strategy_args", "{nope: {}}"],
      ["pft.strategy_args.nope: unknown strategy 'nope'"]),
     # the model

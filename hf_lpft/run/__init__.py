@@ -1,0 +1,1 @@
+"""Running a study: ``preflight`` (every check before heavy work)."""
