@@ -370,7 +370,12 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         return value
     if hint in (int, float):
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            text, value = value, yaml.safe_load(value)
+            if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string; Python's float does not
+                try:
+                    value = float(text.strip())
+                except ValueError:
+                    pass
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         _check(ok and (hint is float or float(value).is_integer()),
                f"{name}={value!r} must be {'an integer' if hint is int else 'a number'}")

@@ -273,6 +273,8 @@ CLI_CASES = [
     # the model
     ("model", "pretrained_without_weights", lambda c: ["--model.backbone", "timm:resnetblur18", "--model.pretrained", "true"],
      ["timm has no pretrained weights for 'timm:resnetblur18'", "--model.checkpoint"]),
+    ("non_finite", "pft_lr_word_inf", lambda c: ["--pft.lr", "inf"], ["pft.lr=inf", "finite"]),
+    ("non_finite", "fedavg_lr_minus_infinity", lambda c: ["--fedavg.lr", "-Infinity"], ["fedavg.lr=-inf", "finite"]),
 ] + [  # every float field rejects inf and nan (fields added later are covered automatically)
     ("non_finite", f"{name}_{label}", lambda c, name=name, value=value: [f"--{name}", value],
      [f"{name}={shown}", "finite"])
@@ -297,6 +299,12 @@ def test_cli_bad_input(ctx, tripwire, capsys, tmp_path, extra, expected):
     assert elapsed < PREFLIGHT_SECONDS, f"took {elapsed:.1f} s"
     assert not out.exists(), "a rejected run created its output folder"
     assert {p: snapshot(p) for p in before} == before, "a rejected run changed an existing folder"
+
+
+def test_numbers_in_exponent_notation_are_numbers():
+    """YAML 1.1 reads ``1e-3`` as a string; the CLI takes it as the number it is (the control of the cases above)."""
+    cfg = load_config(None, ["--pft.lr", "1e-3", "--fedavg.rounds", "1e1"])
+    assert cfg.pft.lr == 0.001 and cfg.fedavg.rounds == 10
 
 
 def test_case_count():
@@ -523,3 +531,18 @@ def test_load_personalized_file_is_not_a_folder(tmp_path):
     (path := tmp_path / "model.safetensors").write_bytes(b"x")
     with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
         load_personalized(path, "client", "ft")
+
+
+# -- a failure after training started keeps what was completed and says how to resume ---------------------------
+def test_failure_after_training_keeps_completed_work_and_says_resume(tiny_ds_path, tmp_path, capsys):
+    """LP (lr 0.01) completes its clients; FT at lr 1e12 diverges and, with run.on_error raise, stops the run:
+    exit 4, one message that says --run.resume true, and the completed units and FedAvg round stay on disk."""
+    out = tmp_path / "out"
+    args = ["run", "--data.dataset", tiny_ds_path, "--run.output_dir", str(out), *BASE, "--pft.strategies", "lp,ft",
+            "--pft.strategy_args", "{ft: {}}", "--run.on_error", "raise", "--run.distortion", "false"]
+    code = cli.main([*args, "--pft.lr", "1e12", "--pft.head_lr", "0.01"])
+    err = capsys.readouterr().err
+    assert code == 4 and "Traceback" not in err and "--run.resume true" in err, err
+    assert (out / "global" / "model.safetensors").is_file()
+    assert sorted(p.name for p in (out / "clients" / "lp").iterdir()) == ["a", "b", "c"]
+    assert not (out / "results.parquet").exists()
