@@ -546,3 +546,25 @@ def test_failure_after_training_keeps_completed_work_and_says_resume(tiny_ds_pat
     assert (out / "global" / "model.safetensors").is_file()
     assert sorted(p.name for p in (out / "clients" / "lp").iterdir()) == ["a", "b", "c"]
     assert not (out / "results.parquet").exists()
+
+
+def test_manifest_fits_its_dataset_and_a_copy_of_it(ctx, tiny_ds, tmp_path):
+    """The control of the manifest cases: the same data (also copied to another folder) is accepted."""
+    from hf_lpft.run.preflight import federation_checked
+
+    manifest = json.loads(ctx.manifest.read_text())
+    assert manifest["dataset"]["num_rows"] == 72 and manifest["dataset"]["columns"] == ["label", "domain"]
+    copy = _save(tiny_ds, tmp_path / "copy")
+    for dataset in (ctx.data, copy):
+        _, fed, _ = federation_checked(load_config(None, ["--data.dataset", dataset, "--data.manifest",
+                                                          str(ctx.manifest)]))
+        assert fed.indices_hash() == manifest["indices_sha256"]
+
+
+@pytest.mark.parametrize("name", ["digits5", "digits-c", "colored-digits"])
+def test_builder_limits_match_the_builders(name):
+    """N_PER_DOMAIN_MAX (checked before building) is the builders' own limit."""
+    from hf_lpft.data.builtin import BUILTIN_DATASETS, N_PER_DOMAIN_MAX
+
+    with pytest.raises(ValueError, match=f"n_per_domain={N_PER_DOMAIN_MAX[name][0] + 1}"):
+        BUILTIN_DATASETS[name](n_per_domain=N_PER_DOMAIN_MAX[name][0] + 1)
