@@ -52,8 +52,9 @@ def run_from_args(argv: list[str], *, defaults: dict | None = None, description:
         if not isinstance(err, NonFiniteLossError):
             raise
         print(f"hf-lpft: training stopped: {err}. Rounds and clients completed so far are saved in the output "
-              "folder; with run.on_error continue a client whose loss diverges is recorded as failed and the "
-              "others go on", file=sys.stderr)
+              "folder; after changing what diverged, rerun with --run.resume true to continue from them (with "
+              "run.on_error continue a client whose loss diverges is recorded as failed and the others go on)",
+              file=sys.stderr)
         return 4
     from accelerate import PartialState
 
@@ -86,11 +87,15 @@ def partition_from_args(argv: list[str]) -> int:
     setup_logging(args.log_level.upper())
     from hf_lpft.data.federate import FederationError
     from hf_lpft.data.stats import format_table, preview_federation
+    from hf_lpft.run.preflight import check_scheme_options, check_sizes, federation_checked
 
     try:
         cfg = load_config(args.config, overrides)
         out = args.output_dir or cfg.run.output_dir
-        fed = preview_federation(cfg.data, out)
+        check_scheme_options(cfg)
+        check_sizes(cfg)
+        shifted, fed, _ = federation_checked(cfg, for_training=False)  # everything checked before federation/
+        fed = preview_federation(cfg.data, out, federated=(shifted, fed))
     except (ConfigError, FederationError) as err:
         print(f"hf-lpft: configuration error: {err}", file=sys.stderr)
         return 2

@@ -7,6 +7,8 @@ rejects bad values with a message that names the value and what is allowed. Unkn
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import re
 import types
 import typing
@@ -33,6 +35,80 @@ def _check_choice(name: str, value: Any, allowed: tuple) -> None:
 def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
     ok = value >= 0 if allow_zero else value > 0
     _check(ok, f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _describe(hint: Any) -> str:
+    """What a type hint allows, in words ("an integer", "a list of strings", "None or a number")."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin in (list, tuple, set):
+        return f"a list of {_describe(args[0]).split(' ', 1)[-1]}s" if args else "a list"
+    if origin is dict or hint is dict:
+        return "a mapping"
+    if origin is typing.Literal:
+        return f"one of {list(args)}"
+    return {type(None): "None", bool: "true or false", int: "an integer", float: "a finite number",
+            str: "a string"}.get(hint, f"a {getattr(hint, '__name__', hint)}")
+
+
+def _typed(name: str, value: Any, hint: Any) -> Any:
+    """``value`` checked against ``hint`` (ints widened to float, tuples to lists); ConfigError naming it."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _typed(name, value, arg)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{name}={value!r} must be {_describe(hint)}")
+    if origin in (list, tuple, set):
+        _check(isinstance(value, (list, tuple)), f"{name}={value!r} must be {_describe(hint)}")
+        try:
+            return [_typed(name, v, args[0]) for v in value] if args else list(value)
+        except ConfigError:
+            raise ConfigError(f"{name}={value!r} must be {_describe(hint)}") from None
+    if origin is dict or hint is dict:
+        _check(isinstance(value, dict), f"{name}={value!r} must be a mapping")
+        return {k: _typed(f"{name}[{k!r}]", v, args[1]) for k, v in value.items()} if len(args) == 2 else value
+    if origin is typing.Literal:
+        _check(value in args, f"{name}={value!r} is not allowed; choose one of {list(args)}")
+        return value
+    if hint is bool:
+        _check(isinstance(value, bool), f"{name}={value!r} must be true or false")
+    elif hint is int:
+        _check(isinstance(value, numbers.Integral) and not isinstance(value, bool), f"{name}={value!r} must be an integer")
+        return int(value)
+    elif hint is float:
+        _check(isinstance(value, numbers.Real) and not isinstance(value, bool), f"{name}={value!r} must be a number")
+        _check(math.isfinite(value), f"{name}={value!r} must be a finite number (inf and nan are not allowed)")
+        return float(value)
+    elif isinstance(hint, type) and hint is not typing.Any:
+        _check(isinstance(value, hint), f"{name}={value!r} must be {_describe(hint)}")
+    return value
+
+
+def check_field_types(obj: Any, section: str) -> None:
+    """Check (and normalise: int -> float, tuple -> list) every field of the dataclass ``obj`` against its
+    type hint; called first in each section's ``__post_init__``, so every field, also one added later,
+    is checked when the dataclass is built from Python as well as from YAML/CLI.
+
+    Raises:
+        ConfigError: naming ``<section>.<field>``, the value and the type allowed.
+    """
+    cls = type(obj)
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        checked = _typed(f"{section}.{f.name}", value, _HINTS[cls][f.name])
+        if checked is not value:
+            object.__setattr__(obj, f.name, checked)
 
 
 @dataclass
@@ -68,6 +144,7 @@ class DataConfig:
     manifest: str | None = field(default=None, metadata={"help": "Path of a saved federation manifest to rebuild exactly the same partition."})
 
     def __post_init__(self) -> None:
+        check_field_types(self, "data")
         _check_choice("data.scheme", self.scheme, ("iid", "dirichlet", "pathological", "natural", "quantity", "natural+dirichlet"))
         _check(self.classes_per_client >= 1, f"data.classes_per_client={self.classes_per_client!r} must be >= 1")
         _check_choice("data.quantity_mode", self.quantity_mode, ("dirichlet", "linear", "square", "exponential"))
@@ -91,6 +168,7 @@ class DataConfig:
         if self.manifest is not None:
             _check(Path(self.manifest).is_file(), f"data.manifest={self.manifest!r} is not a file; give the path of "
                    "a federation/manifest.json written by an earlier run, or leave it unset")
+        _check(0 <= self.seed < 2**31, f"data.seed={self.seed!r} must be in [0, 2**31)")
 
 
 @dataclass
@@ -105,6 +183,7 @@ class ModelConfig:
     global_model: str | None = field(default=None, metadata={"help": "Personalize this global model instead of training one with FedAvg (hf-lpft personalize): a folder or Hub model id holding an hf_lpft global model (a run's global/), a timm model (save_for_hf / push_to_hub folder) or a transformers model, or a timm checkpoint file (with model.backbone timm:<architecture>). fedavg settings are then unused; plain timm/transformers models get a new head unless the timm classifier already has the federation's class count."})
 
     def __post_init__(self) -> None:
+        check_field_types(self, "model")
         prefix = self.backbone.split(":", 1)[0]
         _check(":" in self.backbone and prefix in ("timm", "hf", "hf-config") and self.backbone.split(":", 1)[1] != "",
                f"model.backbone={self.backbone!r} must look like 'timm:<model name>', 'hf:<model id or path>' "
@@ -151,6 +230,7 @@ class FedAvgConfig:
     engine: str = field(default="builtin", metadata={"help": "Who runs FedAvg: builtin (hf_lpft's loop; clients sharded over accelerate/torchrun processes) or flower (a Flower ServerApp/ClientApp in Flower's local simulation; pip install 'hf-lpft[flower]'; one process; the same global model as builtin)."})
 
     def __post_init__(self) -> None:
+        check_field_types(self, "fedavg")
         _check(self.rounds >= 0, f"fedavg.rounds={self.rounds!r} must be >= 0")
         _check_choice("fedavg.bn", self.bn, FEDAVG_BN_MODES)
         _check_choice("fedavg.engine", self.engine, FEDAVG_ENGINES)
@@ -185,6 +265,7 @@ class PFTConfig:
     strategy_args: dict[str, dict] = field(default_factory=dict, metadata={"help": "Per-strategy options, e.g. {lp_ft: {lp_epochs: 5}}; options of strategies not run are still validated."})
 
     def __post_init__(self) -> None:
+        check_field_types(self, "pft")
         _check(len(self.strategies) > 0, "pft.strategies is empty; name at least one strategy")
         _check(len(set(self.strategies)) == len(self.strategies), f"pft.strategies={self.strategies!r} has duplicates")
         _check(self.epochs >= 1, f"pft.epochs={self.epochs!r} must be >= 1")
@@ -217,6 +298,7 @@ class RunConfig:
     fedavg_cache: str | None = field(default=None, metadata={"help": "Folder of finished FedAvg results shared between runs: a run whose client data, model section, fedavg section, seed and hf_lpft version match a stored result loads it instead of training (key = sha256 of those settings); a miss trains and stores it. None = off."})
 
     def __post_init__(self) -> None:
+        check_field_types(self, "run")
         _check(len(self.seeds) > 0, "run.seeds is empty")
         _check(all(isinstance(s, int) and s >= 0 for s in self.seeds), f"run.seeds={self.seeds!r} must be non-negative integers")
         _check(len(set(self.seeds)) == len(self.seeds), f"run.seeds={self.seeds!r} has duplicates")
@@ -244,6 +326,7 @@ class HubConfig:
     hub_experiment: str | None = field(default=None, metadata={"help": "Dataset config name of this run's results; default the output folder's name."})
 
     def __post_init__(self) -> None:
+        check_field_types(self, "hub")
         _check(not self.push_to_hub or self.hub_repo_id is not None, "hub.push_to_hub=true needs hub.hub_repo_id "
                "(e.g. --hub_repo_id me/my-study)")
         for name in ("hub_repo_id", "hub_results_repo_id"):
@@ -302,7 +385,12 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         return value
     if hint in (int, float):
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            text, value = value, yaml.safe_load(value)
+            if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string; Python's float does not
+                try:
+                    value = float(text.strip())
+                except ValueError:
+                    pass
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         _check(ok and (hint is float or float(value).is_integer()),
                f"{name}={value!r} must be {'an integer' if hint is int else 'a number'}")
@@ -383,11 +471,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     merged: dict[str, dict] = {}
     layers = [defaults or {}]
     if path is not None:
-        p = Path(path)
-        _check(p.is_file(), f"config file {str(p)!r} does not exist")
-        loaded = yaml.safe_load(p.read_text()) or {}
-        _check(isinstance(loaded, dict), f"config file {str(p)!r} must hold a mapping of sections")
-        layers.append(loaded)
+        layers.append(read_config_file(path))
     if overrides:
         layers.append(parse_overrides(overrides) if isinstance(overrides, list) else overrides)
     for layer in layers:
@@ -395,4 +479,51 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
             _check(section in SECTIONS, f"unknown section {section!r}; allowed: {list(SECTIONS)}")
             _check(isinstance(values, dict), f"section {section!r} must be a mapping, got {values!r}")
             merged.setdefault(section, {}).update(values)
-    return ExperimentConfig(**{s: _build_section(s, merged.get(s, {})) for s in SECTIONS})
+    cfg = ExperimentConfig(**{s: _build_section(s, merged.get(s, {})) for s in SECTIONS})
+    given = {s: frozenset(k for layer in layers[1:] for k in layer.get(s, {})) for s in SECTIONS}
+    object.__setattr__(cfg, "_given", given)  # not a field: never saved, compared on resume or pushed
+    return cfg
+
+
+def given_keys(cfg: ExperimentConfig, section: str) -> set[str]:
+    """The keys of ``section`` the user set explicitly.
+
+    For a config from :func:`load_config`: the keys present in the YAML file or the overrides (a recipe's
+    ``defaults`` do not count). For dataclasses built in Python, which keep no such record: the fields whose
+    value differs from the field's default.
+    """
+    recorded = getattr(cfg, "_given", None)
+    if recorded is not None:
+        return set(recorded.get(section, ()))
+    obj = getattr(cfg, section)
+    out = set()
+    for f in dataclasses.fields(obj):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if getattr(obj, f.name) != default:
+            out.add(f.name)
+    return out
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The sections of a YAML config file; ConfigError naming the file and what is wrong with it."""
+    p = Path(path)
+    _check(p.exists(), f"config file {str(p)!r} does not exist")
+    _check(p.is_file(), f"config file {str(p)!r} is not a file")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                          f"{err.start}); save it as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"config file {str(p)!r} cannot be read ({err.strerror or err})") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {problem}{where}") from None
+    loaded = {} if loaded is None else loaded
+    _check(isinstance(loaded, dict), f"config file {str(p)!r} must hold a mapping of sections "
+           f"{list(SECTIONS)}, not a {type(loaded).__name__}")
+    return loaded

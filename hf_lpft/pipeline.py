@@ -36,7 +36,6 @@ from pathlib import Path
 import datasets
 import pandas as pd
 import torch
-import yaml
 from accelerate import Accelerator, PartialState
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
@@ -44,9 +43,8 @@ from tqdm.auto import tqdm
 from hf_lpft._faults import fault_point
 from hf_lpft.checkpoint import Checkpoints
 from hf_lpft.config import ConfigError, ExperimentConfig
-from hf_lpft.data.federate import (Federation, FederationError, default_partition_by, federate_from_config,
-                                    load_manifest, num_classes_of, save_manifest)
-from hf_lpft.data.load import client_tensors, client_text_tensors, load_source
+from hf_lpft.data.federate import Federation, save_manifest
+from hf_lpft.data.load import client_tensors, client_text_tensors
 from hf_lpft.data.tensors import ClientData
 from hf_lpft.evaluation.distortion import distortion_by_client, extract_features, features_and_predictions
 from hf_lpft.evaluation.metrics import format_markdown, global_drop_split, local_global, summary_table
@@ -57,7 +55,10 @@ from hf_lpft.hub.push import publish_run
 from hf_lpft.io import atomic_path, meta_info, write_json, write_text
 from hf_lpft.models.backbone import SplitModel, build_model, load_tokenizer
 from hf_lpft.run.pretrain import client_global_model, obtain_global_model
-from hf_lpft.strategies import Budget, Strategy, build_strategy
+from hf_lpft.run.preflight import (build_strategies, check_backbone, check_dataset, check_output_dir,  # noqa: F401
+                                   check_strategies, check_text_inputs, federation_checked, load_dataset_checked,
+                                   preflight)
+from hf_lpft.strategies import Strategy
 from hf_lpft.strategies.personalize import personalize, probe_all_clients
 from hf_lpft.train.loop import NonFiniteLossError, accuracy, derive_seed
 from hf_lpft.train.optim import settings_from
@@ -73,66 +74,9 @@ class RunResult:
     markdown: str
 
 
-def build_strategies(cfg: ExperimentConfig) -> dict[str, Strategy]:
-    """Validate and build every requested strategy before any heavy work."""
-    budget = Budget(epochs=cfg.pft.epochs, lr=cfg.pft.lr, head_lr=cfg.pft.head_lr)
-
-    def build(name: str, where: str) -> Strategy:
-        try:
-            return build_strategy(name, cfg.pft.strategy_args.get(name), budget=budget)
-        except ConfigError as err:  # say which config entry holds the bad name or option
-            raise ConfigError(str(err) if str(err).startswith(where) else f"{where}: {err}") from err
-    for name in cfg.pft.strategy_args:  # validate options even of strategies not run now
-        build(name, f"pft.strategy_args.{name}")
-    return {name: build(name, "pft.strategies") for name in cfg.pft.strategies}
-
-
-def check_backbone(cfg: ExperimentConfig) -> None:
-    """An unknown timm name or an unloadable transformers config fails now, not after the dataset is federated."""
-    import timm
-
-    from hf_lpft.models.backbone import INSTALLED_ALIASES, hf_backbone_config
-
-    prefix, _, name = cfg.model.backbone.partition(":")
-    if prefix == "timm" and not timm.is_model(name):
-        raise ConfigError(f"model.backbone={cfg.model.backbone!r}: {name!r} is not a timm model; choose a name from "
-                          "timm.list_models(), e.g. 'timm:test_resnet', 'timm:test_vit', 'timm:resnet18'")
-    if prefix in ("hf", "hf-config"):
-        try:
-            hf_backbone_config(cfg.model.backbone, image_size=cfg.data.image_size)
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"model.backbone={cfg.model.backbone!r} cannot be loaded ({err}); use a local folder "
-                              f"with a config.json, an installed model {sorted(INSTALLED_ALIASES)}, or a Hub id "
-                              "(needs the network or the HF cache)") from err
-
-
-def check_strategies(cfg: ExperimentConfig, strategies: dict[str, Strategy]) -> None:
-    """Architecture-dependent options (LoRA target modules, surgical presets) fail before any training."""
-    if all(type(s).check_model is Strategy.check_model for s in strategies.values()):
-        return
-    with torch.random.fork_rng(devices=[]):  # build_model seeds the global generator; leave it as it was
-        skeleton = build_model(cfg.model.backbone, num_classes=2, image_size=cfg.data.image_size)
-    for strategy in strategies.values():
-        strategy.check_model(skeleton)
-
-
 OUTPUT_NAMES = ("config.yaml", "run_record.json", "federation", "global", "clients", "checkpoints",
                 "results.parquet", "curves.parquet", "summary.md", "cross_client.parquet", "report.md", "figures",
                 "logs", "hub")
-
-
-def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    keys = sorted(set(saved) | set(current))
-    out = []
-    for k in keys:
-        a, b = saved.get(k), current.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _config_differences(a, b, f"{prefix}{k}.")
-        elif a != b and f"{prefix}{k}" not in ("run.resume", "run.overwrite", "run.report_to") \
-                and prefix + k != "hub" \
-                and not prefix.startswith("hub."):  # publishing settings may change on resume
-            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return out
 
 
 def remove_stale_temporaries(out: Path) -> list[Path]:
@@ -146,18 +90,11 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
 
 
 def prepare_output_dir(cfg: ExperimentConfig) -> Path:
-    """Create the output folder; refuse a non-empty one unless resuming (same config) or overwriting."""
-    out = Path(cfg.run.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"run.output_dir={str(out)!r} exists and is not a folder")
-    if cfg.run.resume and (out / "config.yaml").is_file():
-        diff = _config_differences(yaml.safe_load((out / "config.yaml").read_text()), cfg.to_dict())
-        if diff:
-            raise ConfigError(f"cannot resume {str(out)!r}: the config differs from the saved one: {diff}")
-    elif out.is_dir() and any(out.iterdir()):
-        if not cfg.run.overwrite and not cfg.run.resume:
-            raise ConfigError(f"run.output_dir={str(out)!r} is not empty; pass --run.resume true to continue "
-                              "it, --run.overwrite true to start again, or choose another folder")
+    """Create the output folder (checked first by ``check_output_dir``); a non-empty one that is not resumed
+    with the same config is overwritten: only what a run writes is removed."""
+    out = check_output_dir(cfg)
+    resuming = cfg.run.resume and (out / "config.yaml").is_file()
+    if not resuming and out.is_dir() and any(out.iterdir()):
         check_writable(out)
         for name in OUTPUT_NAMES:  # start again: remove only what a run writes
             target = out / name
@@ -178,64 +115,6 @@ def check_writable(out: Path) -> None:
                           "choose a folder you can create and write files in") from err
 
 
-def load_dataset_checked(cfg: ExperimentConfig) -> datasets.Dataset:
-    """The source dataset; one that cannot be found fails with a ConfigError naming ``data.dataset``."""
-    from hf_lpft.data.builtin import BUILTIN_DATASETS
-
-    d = cfg.data
-    try:
-        return load_source(d.dataset, split=d.split, config_name=d.dataset_config,
-                           builtin_kwargs={"n_per_domain": d.n_per_domain, "image_size": d.image_size})
-    except FederationError as err:  # e.g. a split the dataset does not have
-        raise ConfigError(f"data.{err}") from err
-    except OSError as err:
-        if d.dataset in BUILTIN_DATASETS:  # building the embedded data failed (e.g. disk full): not a config error
-            raise
-        raise ConfigError(f"data.dataset={d.dataset!r} cannot be loaded ({err}); use an embedded dataset "
-                          f"{sorted(BUILTIN_DATASETS)}, a folder written by save_to_disk, or a Hub dataset id "
-                          "(needs the network or the HF cache)") from err
-
-
-def check_dataset(cfg: ExperimentConfig, ds: datasets.Dataset) -> None:
-    """Columns, their types and the class count against the dataset, before anything is written."""
-    d = cfg.data
-    inputs = ("data.text_column", d.text_column) if d.text_column else ("data.image_column", d.image_column)
-    columns = {inputs[0]: inputs[1], "data.label_column": d.label_column}
-    if not d.manifest:
-        if d.partition_by:
-            for k, name in enumerate(d.partition_by.split("+")):
-                columns[f"data.partition_by[{k}]" if "+" in d.partition_by else "data.partition_by"] = name
-        elif (name := default_partition_by(d.scheme, label_column=d.label_column,
-                                           domain_column=d.domain_column)) is not None:
-            columns["data.domain_column" if name == d.domain_column else "data.label_column"] = name
-    for role, name in columns.items():
-        if name not in ds.column_names:
-            raise ConfigError(f"{role}={name!r} is not a column of the dataset; columns: {ds.column_names}")
-    if d.text_column:
-        check_text_inputs(cfg, ds)
-    elif not isinstance(ds.features[d.image_column], datasets.Image):
-        images = [c for c, f in ds.features.items() if isinstance(f, datasets.Image)]
-        raise ConfigError(f"data.image_column={d.image_column!r} is a {type(ds.features[d.image_column]).__name__} "
-                          f"column, not an Image column; Image columns: {images}")
-    label = ds.features[d.label_column]
-    if not (isinstance(label, datasets.ClassLabel) or getattr(label, "dtype", "").startswith(("int", "uint", "bool"))):
-        raise ConfigError(f"data.label_column={d.label_column!r} holds {getattr(label, 'dtype', type(label).__name__)} "
-                          "values; it must be a ClassLabel, an integer or a bool column")
-    if d.num_classes is not None and (found := num_classes_of(ds, d.label_column)) != d.num_classes:
-        raise ConfigError(f"data.num_classes={d.num_classes} but column {d.label_column!r} has {found} classes")
-
-
-def check_text_inputs(cfg: ExperimentConfig, ds: datasets.Dataset) -> None:
-    """A text dataset needs a string column and a transformers backbone (whose tokenizer it uses)."""
-    feature = ds.features[cfg.data.text_column]
-    if getattr(feature, "dtype", None) not in ("string", "large_string"):
-        strings = [c for c, f in ds.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
-        raise ConfigError(f"data.text_column={cfg.data.text_column!r} is not a string column; string columns: {strings}")
-    if not cfg.model.backbone.startswith("hf:"):
-        raise ConfigError(f"data.text_column={cfg.data.text_column!r} needs a text backbone with a tokenizer, "
-                          f"'hf:<model id or path>'; got model.backbone={cfg.model.backbone!r}")
-
-
 def client_inputs(cfg: ExperimentConfig, ds: datasets.Dataset, fed: Federation) -> list[ClientData]:
     """Every client's tensors: decoded images, or text tokenized with the backbone's tokenizer."""
     d = cfg.data
@@ -245,30 +124,17 @@ def client_inputs(cfg: ExperimentConfig, ds: datasets.Dataset, fed: Federation) 
     return client_tensors(ds, fed, image_column=d.image_column, label_column=d.label_column, image_size=d.image_size)
 
 
-def build_federation(cfg: ExperimentConfig, out: Path, timings: dict | None = None, *,
-                     write: bool = True) -> tuple[Federation, list[ClientData]]:
-    """Load and check the source dataset, partition it (or rebuild a saved manifest), decode client tensors
-    (seconds of each step into ``timings``: data_load, partition, decode_inputs); ``write``: save the
-    manifest (False on all but the main process)."""
-    d = cfg.data
+def build_federation(cfg: ExperimentConfig, out: Path, timings: dict | None = None, *, write: bool = True,
+                     federated: tuple | None = None) -> tuple[Federation, list[ClientData]]:
+    """The checked federation (``federated``, from ``federation_checked``, or computed now), its manifest
+    written (``write``: False on all but the main process) and every client's decoded tensors; seconds of
+    each step into ``timings``: data_load, partition, decode_inputs."""
+    ds, fed, stage_seconds = federated if federated is not None else federation_checked(cfg)
     t = time.perf_counter()
-    ds = load_dataset_checked(cfg)
-    check_dataset(cfg, ds)
-    stage_seconds = {"data_load": time.perf_counter() - t}
-    try:
-        ds, fed = federate_from_config(ds, d)  # partition (or rebuild the manifest), then client shifts
-    except FederationError as err:
-        raise ConfigError(f"data: {err}") from err
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        if not d.manifest:
-            raise
-        raise ConfigError(f"data.manifest={d.manifest!r} is not a manifest written by hf_lpft "
-                          f"({type(err).__name__}: {err})") from err
     if write:
         save_manifest(fed, out / "federation" / "manifest.json")
-    stage_seconds["partition"] = time.perf_counter() - t - stage_seconds["data_load"]
     clients = client_inputs(cfg, ds, fed)
-    stage_seconds["decode_inputs"] = time.perf_counter() - t - sum(stage_seconds.values())
+    stage_seconds["decode_inputs"] = time.perf_counter() - t
     if timings is not None:
         timings.update(stage_seconds)
     return fed, clients
@@ -580,18 +446,18 @@ def run_seed(cfg: ExperimentConfig, strategies: dict[str, Strategy], clients: li
 
 def run(cfg: ExperimentConfig, *, accelerator: Accelerator | None = None) -> RunResult:
     """Run the whole study described by ``cfg`` and write the output folder."""
-    strategies = build_strategies(cfg)  # fail on bad strategy options before any heavy work
-    check_backbone(cfg)
-    check_strategies(cfg, strategies)
+    strategies = preflight(cfg)  # every check that needs no data: nothing is written before they pass
     main = PartialState(cpu=cpu_only_launch()).is_main_process  # only the main process prepares the folder
+    t0 = time.perf_counter()
+    federated = federation_checked(cfg)  # dataset, labels, manifest, partition: in memory, before the folder
     out = prepare_output_dir(cfg) if main else Path(cfg.run.output_dir)
     own_trackers = accelerator is None and cfg.run.report_to != "none"
     accelerator = make_accelerator(cfg, out, accelerator)
     accelerator.wait_for_everyone()
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
-    timings, t0 = {}, time.perf_counter()
-    fed, clients = build_federation(cfg, out, timings, write=accelerator.is_main_process)
+    timings = {}
+    fed, clients = build_federation(cfg, out, timings, write=accelerator.is_main_process, federated=federated)
     if accelerator.is_main_process:
         write_text(out / "config.yaml", cfg.to_yaml())
     timings["federate"] = time.perf_counter() - t0

@@ -56,6 +56,8 @@ class FakeHub:
     def __init__(self) -> None:
         self.repos: dict[tuple[str, str], Repo] = {}
         self.fail_next_commits = 0
+        self.fail_all: int | None = None  # answer every request with this HTTP status (e.g. 500)
+        self.tokens: set[str] | None = None  # when set, a request without one of these tokens gets HTTP 401
         self.auth_headers: list[str] = []
         self.lfs_objects: dict[str, bytes] = {}  # sha256 -> content
         self.lock = threading.Lock()
@@ -121,7 +123,7 @@ class _HTTPError(Exception):
         self.status, self.message, self.code, self.extra = status, message, code, extra or {}
 
 
-API = re.compile(r"^/api/(models|datasets|spaces)/([^/]+/[^/]+)(?:/(revision|preupload|commit|tree|paths-info)"
+API = re.compile(r"^/api/(models|datasets|spaces)/([^/]+/[^/]+)(?:/(revision|preupload|commit|tree|paths-info|auth-check)"
                  r"(?:/([^/]+))?(?:/(.*))?)?$")
 LFS_BATCH = re.compile(r"^/(?:(datasets|spaces)/)?([^/]+/[^/]+)\.git/info/lfs/objects/batch$")
 LFS_SUFFIXES = (".safetensors", ".parquet", ".arrow", ".bin", ".pt", ".pth")
@@ -160,6 +162,10 @@ def _handler(hub: FakeHub):
             path, query = unquote(url.path), parse_qs(url.query)
             try:
                 body = self._body() if method in ("POST", "PUT") else b""
+                if hub.fail_all is not None:
+                    raise _HTTPError(hub.fail_all, "Internal Error - We're working hard to fix this as soon as possible!")
+                if hub.tokens is not None and (auth or "").removeprefix("Bearer ") not in hub.tokens:
+                    raise _HTTPError(401, "Invalid credentials in Authorization header")
                 self._route(method, path, query, body)
             except _HTTPError as err:
                 headers = {"X-Error-Message": err.message}
@@ -218,6 +224,8 @@ def _handler(hub: FakeHub):
                     return self._commit(repo, body)
                 if action == "tree":
                     return self._tree(repo, self._commit_at(repo, rev), rest or "", query)
+                if action == "auth-check":  # the repo exists and (no per-repo permissions here) is writable
+                    return self._json(200, {})
                 if action == "paths-info":
                     return self._paths_info(repo, self._commit_at(repo, rev), body)
             m = RESOLVE.match(path)

@@ -81,7 +81,7 @@ CASES = [
     ("rounds_fraction", lambda c: ["--fedavg.rounds", "2.5"], ["fedavg.rounds=2.5", "must be an integer"]),
     ("bool_word", lambda c: ["--run.resume", "maybe"], ["run.resume='maybe'", "must be true or false"]),
     ("unknown_scheme", lambda c: ["--data.scheme", "random"], ["data.scheme='random'", "choose one of [", "'natural'", "'dirichlet'"]),
-    ("unknown_optimizer", lambda c: ["--fedavg.optimizer", "adam"], ["fedavg.optimizer='adam'", "['sgd', 'adamw']"]),
+    ("unknown_optimizer", lambda c: ["--fedavg.optimizer", "rmsprop"], ["fedavg.optimizer='rmsprop'", "['sgd', 'adam', 'adamw']"]),
     ("unknown_on_error", lambda c: ["--run.on_error", "ignore"], ["run.on_error='ignore'", "['continue', 'raise']"]),
     ("negative_seed", lambda c: ["--run.seeds", "-1"], ["run.seeds=[-1]", "non-negative integers"]),
     ("duplicate_seeds", lambda c: ["--run.seeds", "0,0"], ["run.seeds=[0, 0]", "duplicates"]),
@@ -108,7 +108,7 @@ CASES = [
      ["pft.strategy_args.ft: flood=-1.0 must be >= 0"]),
     ("option_wrong_type", lambda c: ["--pft.strategy_args", "{lp_ft: {lp_epochs: many}}"],
      ["pft.strategy_args.lp_ft.lp_epochs='many'", "must be an integer"]),
-    ("options_not_mapping", lambda c: ["--pft.strategy_args", "{ft: 3}"], ["pft.strategy_args['ft'] must be a mapping"]),
+    ("options_not_mapping", lambda c: ["--pft.strategy_args", "{ft: 3}"], ["pft.strategy_args['ft']=3 must be a mapping"]),
     ("options_of_unknown_strategy", lambda c: ["--pft.strategy_args", "{nope: {}}"],
      ["pft.strategy_args.nope: unknown strategy 'nope'"]),
     # the model

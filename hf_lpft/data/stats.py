@@ -125,19 +125,24 @@ def plot_client_samples(ds, fed, path: str | Path, *, image_column: str, image_s
     return Path(path)
 
 
-def preview_federation(data, output_dir: str | Path, *, builtin_kwargs: dict | None = None):
+def preview_federation(data, output_dir: str | Path, *, builtin_kwargs: dict | None = None,
+                       federated: tuple | None = None):
     """Load ``data.dataset``, federate it as ``data`` (a DataConfig) says and write ``federation/`` files.
 
     Writes ``manifest.json``, ``stats.json``, ``label_heatmap.png`` and (image data) ``client_samples.png``
-    under ``output_dir/federation``; trains nothing. Returns the Federation.
+    under ``output_dir/federation``; trains nothing. ``federated``: the (shifted dataset, federation) pair
+    already built and checked (``hf_lpft.run.preflight.federation_checked``). Returns the Federation.
     """
     from hf_lpft.data.federate import federate_from_config, save_manifest
     from hf_lpft.data.load import load_source
 
-    kwargs = builtin_kwargs if builtin_kwargs is not None else {"n_per_domain": data.n_per_domain,
-                                                                 "image_size": data.image_size}
-    ds = load_source(data.dataset, split=data.split, config_name=data.dataset_config, builtin_kwargs=kwargs)
-    shifted, fed = federate_from_config(ds, data)
+    if federated is not None:
+        shifted, fed = federated
+    else:
+        kwargs = builtin_kwargs if builtin_kwargs is not None else {"n_per_domain": data.n_per_domain,
+                                                                     "image_size": data.image_size}
+        ds = load_source(data.dataset, split=data.split, config_name=data.dataset_config, builtin_kwargs=kwargs)
+        shifted, fed = federate_from_config(ds, data)
     folder = Path(output_dir) / "federation"
     save_manifest(fed, folder / "manifest.json")
     if not getattr(data, "text_column", None):

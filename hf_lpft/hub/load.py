@@ -31,6 +31,21 @@ def _client_rel(record: dict, strategy: str, client_id: str, seed: int | None) -
     return rel, seed
 
 
+def _check_source(repo_or_dir: str | Path) -> None:
+    """A path that is not a folder fails as such (not as a malformed Hub repo id)."""
+    from hf_lpft.config import REPO_ID
+
+    text, local = str(repo_or_dir), Path(repo_or_dir)
+    if local.is_dir():
+        return
+    if local.exists():
+        raise NotADirectoryError(f"{text!r} is a file, not a folder; give a run output folder, its hub/model "
+                                 "folder, or a Hub repo id 'namespace/name'")
+    if isinstance(repo_or_dir, Path) or not REPO_ID.match(text) or text.startswith((".", "~")):
+        raise FileNotFoundError(f"no such folder: {text!r}; give a run output folder, its hub/model folder, or a "
+                                "Hub repo id 'namespace/name'")
+
+
 def _fetch(repo_id: str, patterns: list[str], *, revision: str | None, token: str | bool | None) -> Path:
     from huggingface_hub import snapshot_download
 
@@ -52,6 +67,7 @@ def load_personalized(repo_or_dir: str | Path, client_id: str, strategy: str, se
         A ``SplitModel`` (full or head-only formats) or a ``peft.PeftModel`` wrapping one (LoRA formats).
     """
     local = Path(repo_or_dir)
+    _check_source(repo_or_dir)
     if local.is_dir():
         root = _local_root(local)
         record = json.loads((root / "run_record.json").read_text())

@@ -146,7 +146,7 @@ def push_run(output_dir: str | Path, repo_id: str, private: bool = False, token:
                          message=f"hf_lpft: publish experiment {folders.experiment}")
     except Exception as err:
         raise HubPushError(f"publishing the model repo {repo_id!r} to {endpoint} failed ({_describe(err)}); nothing was "
-                           "published (a commit is atomic: the repo is at its previous commit). Retry with: {retry}") from err
+                           f"published (a commit is atomic: the repo is at its previous commit). Retry with: {retry}") from err
     logger.info("model repo published: %s", url)
     try:
         urls = push_results(api, info, results_repo_id, model_repo_id=repo_id, private=private, token=token,

@@ -1,1 +1,2 @@
-"""Stages of a run that sit between the data and the personalization units (global model, checks)."""
+"""Stages of a run around the personalization units: ``preflight`` (every check before heavy work) and
+``pretrain`` (the global model: FedAvg, the FedAvg cache, or a given model)."""

@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from hf_lpft.config import ConfigError, _coerce
+from hf_lpft.config import ConfigError, _coerce, check_field_types
 from hf_lpft.train.phase import BN_MODES, SOLVERS, Phase
 
 STRATEGIES: dict[str, type[Strategy]] = {}
@@ -43,8 +43,22 @@ class StrategyConfig:
     flood: float | None = field(default=None, metadata={"help": "Loss flooding level b (Ishida et al. 2020): loss -> |loss - b| + b. None = off."})
 
     def __post_init__(self) -> None:
+        check_field_types(self, type(self).__name__)  # every option of every subclass: type, finite numbers
         if self.flood is not None and not self.flood >= 0:
             raise ConfigError(f"flood={self.flood!r} must be >= 0 (or None to switch flooding off)")
+
+
+def check_probe_budget(strategy: str, lp_epochs: int, epochs: int) -> None:
+    """Probing epochs come out of the shared budget; more than the budget fails naming the flag that fixes it.
+
+    Chosen behaviour (no silent rescaling): the split is what the options say; a budget too small for
+    it is an error that suggests ``lp_epochs`` at the default's ratio (5 of 15, a third) or a larger budget.
+    """
+    if lp_epochs > epochs:
+        fit = min(epochs, max(1, round(epochs / 3)))
+        raise ConfigError(f"{strategy}.lp_epochs={lp_epochs!r} exceeds the budget pft.epochs={epochs}; pass "
+                          f"--pft.strategy_args '{{{strategy}: {{lp_epochs: {fit}}}}}' (YAML: pft.strategy_args."
+                          f"{strategy}.lp_epochs: {fit}) or raise --pft.epochs to at least {lp_epochs}")
 
 
 def check_bn(name: str, value: str) -> None:

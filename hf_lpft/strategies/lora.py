@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from hf_lpft.config import ConfigError
-from hf_lpft.strategies.base import Strategy, StrategyConfig, check_bn, register_strategy
+from hf_lpft.strategies.base import Strategy, StrategyConfig, check_bn, check_probe_budget, register_strategy
 from hf_lpft.train.phase import Phase
 
 logger = logging.getLogger(__name__)
@@ -211,7 +211,6 @@ class LPLoRA(LoRA):
 
     def phases(self) -> list[Phase]:
         lp = self.config.lp_epochs
-        if lp > self.budget.epochs:
-            raise ConfigError(f"lp_lora.lp_epochs={lp!r} exceeds the budget pft.epochs={self.budget.epochs}")
+        check_probe_budget("lp_lora", lp, self.budget.epochs)
         return [Phase("probe", "head", lp, self.budget.probe_lr, bn=self.config.lp_bn),
                 Phase("lora", "adapters_and_head", self.budget.epochs - lp, self.budget.lr, bn=self.config.bn)]

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 from hf_lpft.config import ConfigError
-from hf_lpft.strategies.base import Strategy, StrategyConfig, check_bn, check_probe, register_strategy
+from hf_lpft.strategies.base import Strategy, StrategyConfig, check_bn, check_probe, check_probe_budget, register_strategy
 from hf_lpft.train.phase import Phase
 
 
@@ -47,8 +47,7 @@ class LPFT(Strategy):
 
     def phases(self) -> list[Phase]:
         lp = self.config.lp_epochs
-        if lp > self.budget.epochs:
-            raise ConfigError(f"lp_ft.lp_epochs={lp!r} exceeds the budget pft.epochs={self.budget.epochs}")
+        check_probe_budget("lp_ft", lp, self.budget.epochs)
         return [Phase("probe", "head", lp, self.budget.probe_lr, bn=self.config.lp_bn, solver=self.config.probe,
                       l2_grid=tuple(self.config.probe_l2 or ())),
                 Phase("finetune", "all", self.budget.epochs - lp, self.budget.lr * self.config.ft_lr_factor,
