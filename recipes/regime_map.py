@@ -2,7 +2,7 @@
 
     python recipes/regime_map.py                              # the whole map (long: 16 cells x 3 seeds)
     python recipes/regime_map.py --quick                      # 1 seed, a third of the FedAvg rounds
-    python recipes/regime_map.py --output_dir outputs/regime --run.num_threads 1
+    python recipes/regime_map.py --cells 'groupnorm/*' --run.num_threads 1   # a part (e.g. one per process)
 
 Writes <output_dir>/<norm>/<shift>/<dose>/ (one pipeline run each; re-running resumes), the shared FedAvg
 results in <output_dir>/fedavg_cache/, and regime_map.md / .parquet / .png plus regime_results.parquet.
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from hf_lpft.cli import setup_logging
-from hf_lpft.studies.regime_map import load_cells, run_cells, write_regime_map
+from hf_lpft.studies.regime_map import load_cells, run_cells, select_cells, write_regime_map
 
 FOLDER = Path(__file__).parent / "configs" / "regime"
 
@@ -23,11 +23,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--folder", default=str(FOLDER), help="Folder of base.yaml and axes.yaml.")
     parser.add_argument("--quick", action="store_true", help="1 seed and a third of the FedAvg rounds.")
     parser.add_argument("--output_dir", default=None, help="Default outputs/regime_map (outputs/regime_map_quick).")
+    parser.add_argument("--cells", default=None, help="Comma-separated glob patterns over cell names norm/shift/dose "
+                        "(e.g. 'groupnorm/*'): run only those; the table covers the cells run.")
     parser.add_argument("--log_level", default="INFO", help="Log level of hf_lpft.")
     args, overrides = parser.parse_known_args(argv)
     setup_logging(args.log_level.upper())
     out = Path(args.output_dir or ("outputs/regime_map_quick" if args.quick else "outputs/regime_map"))
-    cells = load_cells(args.folder, output_dir=out, quick=args.quick, overrides=overrides)
+    cells = select_cells(load_cells(args.folder, output_dir=out, quick=args.quick, overrides=overrides), args.cells)
     results, seconds = run_cells(cells)
     _, markdown = write_regime_map(out, results, seconds)
     print(markdown)

@@ -70,6 +70,21 @@ def load_cells(folder: str | Path, *, output_dir: str | Path, quick: bool = Fals
     return cells
 
 
+def select_cells(cells: list[Cell], patterns: str | None) -> list[Cell]:
+    """The cells whose name matches one of the comma-separated glob ``patterns`` (all when None), plus the cells
+    they borrow rows from."""
+    import fnmatch
+
+    if not patterns:
+        return cells
+    pats = [p.strip() for p in patterns.split(",") if p.strip()]
+    chosen = {c.name for c in cells if any(fnmatch.fnmatch(c.name, p) for p in pats)}
+    if not chosen:
+        raise ValueError(f"--cells {patterns!r} matches no cell; cells: {[c.name for c in cells]}")
+    chosen |= {f"{c.norm}/{c.shift}/{c.rows_from}" for c in cells if c.name in chosen and c.rows_from}
+    return [c for c in cells if c.name in chosen]
+
+
 def check_reuse(cell: Cell, cells: list[Cell]) -> None:
     """A cell may borrow rows of strategies it does not run only from a cell that computes them identically."""
     if cell.rows_from is None:
