@@ -47,7 +47,8 @@ from hf_lpft.checkpoint import Checkpoints
 from hf_lpft.config import ConfigError, ExperimentConfig
 from hf_lpft.data.federate import (Federation, FederationError, default_partition_by, federate_from_config,
                                     load_manifest, num_classes_of, save_manifest)
-from hf_lpft.data.load import client_tensors, client_text_tensors, load_source
+from hf_lpft.data.load import client_tensors, client_text_tensors, load_from_config
+from hf_lpft.data.preprocess import Preprocessing, resolve_preprocessing
 from hf_lpft.data.tensors import ClientData
 from hf_lpft.evaluation.distortion import distortion_by_client, extract_features, features_and_predictions
 from hf_lpft.evaluation.metrics import format_markdown, local_global, summary_table
@@ -183,15 +184,15 @@ def load_dataset_checked(cfg: ExperimentConfig) -> datasets.Dataset:
 
     d = cfg.data
     try:
-        return load_source(d.dataset, split=d.split, config_name=d.dataset_config,
-                           builtin_kwargs={"n_per_domain": d.n_per_domain, "image_size": d.image_size})
+        return load_from_config(d, builtin_kwargs={"n_per_domain": d.n_per_domain, "image_size": d.image_size})
     except FederationError as err:  # e.g. a split the dataset does not have
         raise ConfigError(f"data.{err}") from err
     except OSError as err:
         if d.dataset in BUILTIN_DATASETS:  # building the embedded data failed (e.g. disk full): not a config error
             raise
         raise ConfigError(f"data.dataset={d.dataset!r} cannot be loaded ({err}); use an embedded dataset "
-                          f"{sorted(BUILTIN_DATASETS)}, a folder written by save_to_disk, or a Hub dataset id "
+                          f"{sorted(BUILTIN_DATASETS)}, a folder written by save_to_disk, your own files (imagefolder "
+                          "with data.data_dir; csv, json or parquet with data.data_files) or a Hub dataset id "
                           "(needs the network or the HF cache)") from err
 
 
@@ -241,7 +242,16 @@ def client_inputs(cfg: ExperimentConfig, ds: datasets.Dataset, fed: Federation) 
     if d.text_column:
         return client_text_tensors(ds, fed, text_column=d.text_column, label_column=d.label_column,
                                    tokenizer=load_tokenizer(cfg.model.backbone), max_length=d.max_seq_len)
-    return client_tensors(ds, fed, image_column=d.image_column, label_column=d.label_column, image_size=d.image_size)
+    return client_tensors(ds, fed, image_column=d.image_column, label_column=d.label_column, image_size=d.image_size,
+                          preprocessing=model_preprocessing(cfg))
+
+
+def model_preprocessing(cfg: ExperimentConfig) -> Preprocessing:
+    """The preprocessing the run's models carry and its data pipeline uses: from scratch [-1, 1], a pretrained
+    timm backbone its own pretrained_cfg, text the backbone's tokenizer (hf_lpft.data.preprocess)."""
+    return resolve_preprocessing(cfg.model.backbone, image_size=cfg.data.image_size, pretrained=cfg.model.pretrained,
+                                 checkpoint=cfg.model.checkpoint, is_text=bool(cfg.data.text_column),
+                                 max_length=cfg.data.max_seq_len)
 
 
 def build_federation(cfg: ExperimentConfig, out: Path, timings: dict | None = None, *,
@@ -352,7 +362,8 @@ def pretrain(cfg: ExperimentConfig, clients: list[ClientData], num_classes: int,
         return SplitModel.from_pretrained(done).to(accelerator.device).eval(), saved[1]
     model = build_model(cfg.model.backbone, num_classes=num_classes, image_size=cfg.data.image_size,
                         pretrained=cfg.model.pretrained, checkpoint=cfg.model.checkpoint, pooling=cfg.model.pooling,
-                        dropout=cfg.model.dropout, seed=derive_seed(seed, "init") % 2**31).to(accelerator.device)
+                        dropout=cfg.model.dropout, seed=derive_seed(seed, "init") % 2**31,
+                        preprocessing=model_preprocessing(cfg)).to(accelerator.device)
     if saved is not None:
         model.load_state_dict(saved[0])
     settings = OptimSettings(f.optimizer, f.momentum, f.weight_decay, f.batch_size)
@@ -561,18 +572,26 @@ def make_accelerator(cfg: ExperimentConfig, out: Path, accelerator: Accelerator 
         if report_to != "none" and not accelerator.log_with:
             logger.warning("run.report_to=%r ignored: the Accelerator passed to run() has no log_with", report_to)
         return accelerator
+    precision = {"mixed_precision": cfg.run.mixed_precision} if cfg.run.mixed_precision else {}
     if report_to == "none":
-        return Accelerator(cpu=cpu_only_launch())
+        return Accelerator(cpu=cpu_only_launch(), **precision)
     from accelerate.tracking import get_available_trackers
 
     if report_to not in {str(t) for t in get_available_trackers()}:
         raise ConfigError(f"run.report_to={report_to!r} needs the {report_to!r} package, which is not installed; "
                           f"pip install {report_to} or choose run.report_to none")
-    accelerator = Accelerator(log_with=report_to, project_dir=str(out / "logs"), cpu=cpu_only_launch())
+    accelerator = Accelerator(log_with=report_to, project_dir=str(out / "logs"), cpu=cpu_only_launch(), **precision)
     flat = {f"{sec}.{k}": v if isinstance(v, (bool, int, float, str)) or v is None else str(v)
             for sec, values in cfg.to_dict().items() for k, v in values.items()}
     accelerator.init_trackers(out.name or "hf_lpft", config=flat)
     return accelerator
+
+
+def check_precision(accelerator: Accelerator) -> None:
+    """fp16 needs a GPU: on CPU accelerate would accept it and silently train in float32."""
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ConfigError("mixed precision fp16 needs a GPU (on CPU accelerate would silently train in float32); "
+                          "use bf16 (run.mixed_precision bf16 / accelerate launch --mixed_precision bf16) or no")
 
 
 def _log(accelerator: Accelerator, values: dict, step: int | None = None) -> None:
@@ -650,6 +669,7 @@ def run(cfg: ExperimentConfig, *, accelerator: Accelerator | None = None) -> Run
     out = prepare_output_dir(cfg) if main else Path(cfg.run.output_dir)
     own_trackers = accelerator is None and cfg.run.report_to != "none"
     accelerator = make_accelerator(cfg, out, accelerator)
+    check_precision(accelerator)
     accelerator.wait_for_everyone()
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
@@ -680,7 +700,9 @@ def run(cfg: ExperimentConfig, *, accelerator: Accelerator | None = None) -> Run
                      "clients": fed.client_ids, "resumed": cfg.run.resume,
                      "num_processes": accelerator.num_processes,
                      "strategies": {n: s.describe() for n, s in strategies.items()},
-                     "batchnorm": batchnorm_record(cfg, strategies)},
+                     "batchnorm": batchnorm_record(cfg, strategies),
+                     "preprocessing": model_preprocessing(cfg).to_dict(),
+                     "mixed_precision": accelerator.mixed_precision},
         "train_info": {"fedavg_history": {r["row"]["seed"]: r["fedavg_history"] for r in records if r.get("fedavg_history")},
                        "personalization": [{k: r["row"][k] for k in ("seed", "strategy", "client_id", "error")}
                                            | {"phases": r["phases"], "seconds": r.get("seconds"),

@@ -132,11 +132,11 @@ def preview_federation(data, output_dir: str | Path, *, builtin_kwargs: dict | N
     under ``output_dir/federation``; trains nothing. Returns the Federation.
     """
     from hf_lpft.data.federate import federate_from_config, save_manifest
-    from hf_lpft.data.load import load_source
+    from hf_lpft.data.load import load_from_config
 
     kwargs = builtin_kwargs if builtin_kwargs is not None else {"n_per_domain": data.n_per_domain,
                                                                  "image_size": data.image_size}
-    ds = load_source(data.dataset, split=data.split, config_name=data.dataset_config, builtin_kwargs=kwargs)
+    ds = load_from_config(data, builtin_kwargs=kwargs)
     shifted, fed = federate_from_config(ds, data)
     folder = Path(output_dir) / "federation"
     save_manifest(fed, folder / "manifest.json")

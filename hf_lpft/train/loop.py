@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 from torch import nn
+from tqdm.auto import tqdm
 
 from hf_lpft.data.tensors import ClientData, iterate_batches
 from hf_lpft.train.freeze import (apply_phase, begin_bn_statistics, end_bn_statistics, head_module,
@@ -53,6 +56,33 @@ def make_optimizer(params: list[nn.Parameter], lr: float, settings: OptimSetting
     if settings.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
     raise ValueError(f"optimizer={settings.optimizer!r} is not allowed; choose 'sgd' or 'adamw'")
+
+
+# Phases with at least this many optimizer steps show a progress bar (step, epoch, loss) on the main process.
+PROGRESS_MIN_STEPS = 200
+
+
+def show_progress(accelerator: Accelerator, steps: int) -> bool:
+    """A per-step bar for long phases, on the main process of an interactive terminal; ``HF_LPFT_PROGRESS=1``
+    forces it on (e.g. in a log file), ``0`` off. Tests and pipes stay quiet."""
+    wanted = os.environ.get("HF_LPFT_PROGRESS", "")
+    if wanted in ("0", "1"):
+        return wanted == "1" and accelerator.is_main_process
+    return accelerator.is_main_process and steps >= PROGRESS_MIN_STEPS and sys.stderr.isatty()
+
+
+def prepared_optimizer(optimizer: torch.optim.Optimizer, accelerator: Accelerator) -> torch.optim.Optimizer:
+    """With fp16 (``accelerator.scaler`` set) the optimizer accelerate prepares: it unscales the gradients,
+    skips steps with inf/NaN gradients and updates the GradScaler. Otherwise the optimizer itself."""
+    if accelerator.scaler is None:
+        return optimizer
+    return accelerator.prepare_optimizer(optimizer, device_placement=False)
+
+
+def release_optimizer(optimizer: torch.optim.Optimizer, accelerator: Accelerator) -> None:
+    """Forget a prepared optimizer (accelerate keeps every prepared one; a run prepares one per phase)."""
+    if optimizer in accelerator._optimizers:
+        accelerator._optimizers.remove(optimizer)
 
 
 LossHook = Callable[[nn.Module], torch.Tensor | None]
@@ -118,24 +148,29 @@ def train_phase(model: nn.Module, phase: Phase, data: ClientData, *, settings: O
         end_bn_statistics(model, momenta)
         return record
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, phase.lr, settings)
+    optimizer = prepared_optimizer(make_optimizer(params, phase.lr, settings), accelerator)
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     inputs, forward = data.train_x, model
     blocker = cache_blocker(model, phase) if settings.cache_features else "feature caching is switched off"
     if blocker is None and hasattr(model, "features"):
         # The backbone is frozen and deterministic: compute its features once, train the head on them.
-        inputs = cached_features(model, data.train_x, phase, batch_size=256, device=accelerator.device)
+        with accelerator.autocast():  # the backbone runs in the run's precision, cached or not
+            inputs = cached_features(model, data.train_x, phase, batch_size=256, device=accelerator.device).float()
         forward = head_module(model)
     elif phase.trainable == "head":
         logger.info("phase %s: probing without feature cache (%s)", phase.name, blocker)
     record["cached_features"] = forward is not model
+    steps = phase.epochs * math.ceil(data.n_train / settings.batch_size)
+    bar = tqdm(total=steps, desc=f"{data.client_id}/{phase.name}", leave=False,
+               disable=not show_progress(accelerator, steps))
     for epoch in range(phase.epochs):
         set_train_mode(model, phase.bn)
         loss_sum, n_seen = 0.0, 0
         for xb, yb in iterate_batches(inputs, data.train_y, batch_size=settings.batch_size,
                                       generator=generator, device=accelerator.device):
-            loss = nn.functional.cross_entropy(forward(xb), yb)
+            with accelerator.autocast():  # accelerate's mixed precision (bf16 / fp16); a no-op in fp32
+                loss = nn.functional.cross_entropy(forward(xb).float(), yb)
             if not math.isfinite(loss.item()):
                 raise NonFiniteLossError(f"client {data.client_id}: loss is {loss.item()} in phase "
                                          f"{phase.name!r}, epoch {epoch}; lower the learning rate")
@@ -150,9 +185,13 @@ def train_phase(model: nn.Module, phase: Phase, data: ClientData, *, settings: O
             optimizer.step()
             if post_step is not None:
                 post_step(model)
+            bar.update()
+            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}", refresh=False)
         record["epoch_loss"].append(loss_sum / max(n_seen, 1))
         if on_epoch_end is not None:
             on_epoch_end(epoch, record["epoch_loss"][-1])
+    bar.close()
+    release_optimizer(optimizer, accelerator)
     record["seconds"] = time.perf_counter() - start
     end_bn_statistics(model, momenta)
     model.eval()
