@@ -164,38 +164,46 @@ def train_phase(model: nn.Module, phase: Phase, data: ClientData, *, settings: O
     steps = phase.epochs * math.ceil(data.n_train / settings.batch_size)
     bar = tqdm(total=steps, desc=f"{data.client_id}/{phase.name}", leave=False,
                disable=not show_progress(accelerator, steps))
-    for epoch in range(phase.epochs):
-        set_train_mode(model, phase.bn)
-        loss_sum, n_seen = 0.0, 0
-        for xb, yb in iterate_batches(inputs, data.train_y, batch_size=settings.batch_size,
-                                      generator=generator, device=accelerator.device):
-            with accelerator.autocast():  # accelerate's mixed precision (bf16 / fp16); a no-op in fp32
-                loss = nn.functional.cross_entropy(forward(xb).float(), yb)
-            if not math.isfinite(loss.item()):
-                raise NonFiniteLossError(f"client {data.client_id}: loss is {loss.item()} in phase "
-                                         f"{phase.name!r}, epoch {epoch}; lower the learning rate")
-            loss_sum, n_seen = loss_sum + loss.item() * len(yb), n_seen + len(yb)
-            objective = flooded(loss, flood)
-            if extra_loss is not None and (extra := extra_loss(model)) is not None:
-                objective = objective + extra
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(objective)
-            if grad_hook is not None:
-                grad_hook(model)
-            optimizer.step()
-            if post_step is not None:
-                post_step(model)
-            bar.update()
-            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}", refresh=False)
-        record["epoch_loss"].append(loss_sum / max(n_seen, 1))
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, record["epoch_loss"][-1])
-    bar.close()
-    release_optimizer(optimizer, accelerator)
+    try:
+        for epoch in range(phase.epochs):
+            set_train_mode(model, phase.bn)
+            loss_sum, n_seen = 0.0, 0
+            for xb, yb in iterate_batches(inputs, data.train_y, batch_size=settings.batch_size,
+                                          generator=generator, device=accelerator.device):
+                with accelerator.autocast():  # accelerate's mixed precision (bf16 / fp16); a no-op in fp32
+                    loss = nn.functional.cross_entropy(forward(xb).float(), yb)
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise NonFiniteLossError(f"client {data.client_id}: loss is {value} in phase "
+                                             f"{phase.name!r}, epoch {epoch}; lower the learning rate")
+                loss_sum, n_seen = loss_sum + value * len(yb), n_seen + len(yb)
+                _step(model, flooded(loss, flood), optimizer, accelerator, extra_loss, grad_hook, post_step)
+                bar.update()
+                bar.set_postfix(epoch=epoch, loss=f"{value:.4f}", refresh=False)
+            record["epoch_loss"].append(loss_sum / max(n_seen, 1))
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, record["epoch_loss"][-1])
+    finally:
+        bar.close()
+        release_optimizer(optimizer, accelerator)
     record["seconds"] = time.perf_counter() - start
     end_bn_statistics(model, momenta)
     model.eval()
     return record
+
+
+def _step(model: nn.Module, objective: torch.Tensor, optimizer: torch.optim.Optimizer, accelerator: Accelerator,
+          extra_loss: LossHook | None, grad_hook: GradHook | None, post_step: GradHook | None) -> None:
+    """One optimizer step on ``objective`` (+ the strategy's extra loss term), with its gradient hooks."""
+    if extra_loss is not None and (extra := extra_loss(model)) is not None:
+        objective = objective + extra
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(objective)  # with fp16: scaled, and the prepared optimizer unscales
+    if grad_hook is not None:
+        grad_hook(model)
+    optimizer.step()
+    if post_step is not None:
+        post_step(model)
 
 
 @torch.no_grad()
