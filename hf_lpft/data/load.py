@@ -48,7 +48,7 @@ def load_source(name: str, *, split: str = "train", config_name: str | None = No
 def load_from_config(data, *, builtin_kwargs: dict | None = None) -> datasets.Dataset:
     """The dataset ``data`` (a DataConfig) names, made ready to federate: your own files through
     :func:`load_source`, the domain column from a folder level (``data.domain_level``), a column of image
-    paths cast to images and string labels encoded as a ClassLabel."""
+    paths cast to images and, in data files, string labels encoded as a ClassLabel."""
     ds = load_source(data.dataset, split=data.split, config_name=data.dataset_config, builtin_kwargs=builtin_kwargs,
                      data_dir=data.data_dir, data_files=data.data_files)
     if data.domain_level is not None:
@@ -56,7 +56,7 @@ def load_from_config(data, *, builtin_kwargs: dict | None = None) -> datasets.Da
                                 domain_column=data.domain_column)
     if not data.text_column and _is_string(ds, data.image_column):
         ds = ds.cast_column(data.image_column, datasets.Image())  # paths, e.g. a csv column of file names
-    if _is_string(ds, data.label_column):
+    if data.data_files and _is_string(ds, data.label_column):  # csv / json label names
         ds = ds.class_encode_column(data.label_column)
     return ds
 
