@@ -142,6 +142,9 @@ class DataConfig:
     num_classes: int | None = field(default=None, metadata={"help": "Expected number of classes; checked against the dataset when set."})
     seed: int = field(default=0, metadata={"help": "Seed of the partition and the per-client splits."})
     manifest: str | None = field(default=None, metadata={"help": "Path of a saved federation manifest to rebuild exactly the same partition."})
+    data_dir: str | None = field(default=None, metadata={"help": "Your own data: the folder datasets.load_dataset reads, e.g. with dataset imagefolder (<data_dir>/<domain>/<class>/<image>)."})
+    data_files: list[str] | None = field(default=None, metadata={"help": "Your own data: files (or globs) for dataset csv, json or parquet, passed to datasets.load_dataset as data_files."})
+    domain_level: int | None = field(default=None, metadata={"help": "Your own images: fill domain_column with the name of this folder level below data_dir (0 = the first level, e.g. <data_dir>/<domain>/<class>/<image>)."})
 
     def __post_init__(self) -> None:
         check_field_types(self, "data")
@@ -169,6 +172,12 @@ class DataConfig:
             _check(Path(self.manifest).is_file(), f"data.manifest={self.manifest!r} is not a file; give the path of "
                    "a federation/manifest.json written by an earlier run, or leave it unset")
         _check(0 <= self.seed < 2**31, f"data.seed={self.seed!r} must be in [0, 2**31)")
+        if self.data_dir is not None:
+            _check(Path(self.data_dir).is_dir(), f"data.data_dir={self.data_dir!r} is not a folder")
+        _check(self.data_files is None or len(self.data_files) > 0, "data.data_files is empty; name at least one file or leave it unset")
+        if self.domain_level is not None:
+            _check(self.domain_level >= 0, f"data.domain_level={self.domain_level!r} must be >= 0 (0 = the first folder level)")
+            _check(self.data_dir is not None, f"data.domain_level={self.domain_level!r} counts folders below data.data_dir; set data.data_dir")
 
 
 @dataclass
@@ -296,6 +305,7 @@ class RunConfig:
     distortion: bool = field(default=True, metadata={"help": "Measure feature distortion (Δ, linear CKA) of every personalized model against the global model at the head's input, on its own and the other clients' test splits."})
     report_to: str = field(default="none", metadata={"help": "Experiment tracker for progress scalars, through accelerate: none, tensorboard, trackio or wandb (the tracker's package must be installed)."})
     fedavg_cache: str | None = field(default=None, metadata={"help": "Folder of finished FedAvg results shared between runs: a run whose client data, model section, fedavg section, seed and hf_lpft version match a stored result loads it instead of training (key = sha256 of those settings); a miss trains and stores it. None = off."})
+    mixed_precision: str | None = field(default=None, metadata={"help": "accelerate mixed precision: no, bf16 (CPU and GPU) or fp16 (GPU only; gradient scaling); None = accelerate's own setting (accelerate launch --mixed_precision, ACCELERATE_MIXED_PRECISION), default no."})
 
     def __post_init__(self) -> None:
         check_field_types(self, "run")
@@ -310,6 +320,8 @@ class RunConfig:
         if self.fedavg_cache is not None:
             _check(not Path(self.fedavg_cache).exists() or Path(self.fedavg_cache).is_dir(),
                    f"run.fedavg_cache={self.fedavg_cache!r} exists and is not a folder; give a folder (created if missing)")
+        if self.mixed_precision is not None:
+            _check_choice("run.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
 
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -324,6 +336,7 @@ class HubConfig:
     hub_private: bool = field(default=False, metadata={"help": "Create the repos private."})
     hub_results_repo_id: str | None = field(default=None, metadata={"help": "Results dataset repo; default '<hub_repo_id>-results'."})
     hub_experiment: str | None = field(default=None, metadata={"help": "Dataset config name of this run's results; default the output folder's name."})
+    hub_license: str = field(default="apache-2.0", metadata={"help": "License in the model cards' metadata (a Hub license id such as apache-2.0, mit, cc-by-4.0, other); mind the licenses of your data and of a pretrained backbone."})
 
     def __post_init__(self) -> None:
         check_field_types(self, "hub")
@@ -333,6 +346,8 @@ class HubConfig:
             value = getattr(self, name)
             _check(value is None or bool(REPO_ID.match(value)), f"hub.{name}={value!r} must look like 'namespace/name' "
                    "(letters, digits, '_', '.', '-')")
+        _check(bool(re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", self.hub_license)), f"hub.hub_license={self.hub_license!r} "
+               "must be a Hub license id in lower case, e.g. apache-2.0, mit, cc-by-4.0 or other")
 
 
 SECTIONS: dict[str, type] = {
@@ -488,20 +503,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 def given_keys(cfg: ExperimentConfig, section: str) -> set[str]:
     """The keys of ``section`` the user set explicitly.
 
-    For a config from :func:`load_config`: the keys present in the YAML file or the overrides (a recipe's
-    ``defaults`` do not count). For dataclasses built in Python, which keep no such record: the fields whose
-    value differs from the field's default.
+    The fields whose value differs from the field's default; for a config from :func:`load_config`, only
+    those present in the YAML file or the overrides (a recipe's ``defaults`` do not count), so that a run's
+    saved ``config.yaml``, which lists every key, can be passed back as ``--config``.
     """
     recorded = getattr(cfg, "_given", None)
-    if recorded is not None:
-        return set(recorded.get(section, ()))
     obj = getattr(cfg, section)
     out = set()
     for f in dataclasses.fields(obj):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if getattr(obj, f.name) != default:
             out.add(f.name)
-    return out
+    # A run's own config.yaml lists every key; a value equal to its default changes nothing, so only values
+    # that differ from the default count as given (and, from load_config, only keys the user wrote).
+    return out if recorded is None else out & set(recorded.get(section, ()))
 
 
 def read_config_file(path: str | Path) -> dict:

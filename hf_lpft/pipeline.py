@@ -45,6 +45,7 @@ from hf_lpft.checkpoint import Checkpoints
 from hf_lpft.config import ConfigError, ExperimentConfig
 from hf_lpft.data.federate import Federation, save_manifest
 from hf_lpft.data.load import client_tensors, client_text_tensors
+from hf_lpft.data.preprocess import preprocessing_for
 from hf_lpft.data.tensors import ClientData
 from hf_lpft.evaluation.distortion import distortion_by_client, extract_features, features_and_predictions
 from hf_lpft.evaluation.metrics import format_markdown, global_drop_split, local_global, summary_table
@@ -121,7 +122,8 @@ def client_inputs(cfg: ExperimentConfig, ds: datasets.Dataset, fed: Federation) 
     if d.text_column:
         return client_text_tensors(ds, fed, text_column=d.text_column, label_column=d.label_column,
                                    tokenizer=load_tokenizer(cfg.model.backbone), max_length=d.max_seq_len)
-    return client_tensors(ds, fed, image_column=d.image_column, label_column=d.label_column, image_size=d.image_size)
+    return client_tensors(ds, fed, image_column=d.image_column, label_column=d.label_column, image_size=d.image_size,
+                          preprocessing=preprocessing_for(cfg))
 
 
 def build_federation(cfg: ExperimentConfig, out: Path, timings: dict | None = None, *, write: bool = True,
@@ -363,18 +365,26 @@ def make_accelerator(cfg: ExperimentConfig, out: Path, accelerator: Accelerator 
         if report_to != "none" and not accelerator.log_with:
             logger.warning("run.report_to=%r ignored: the Accelerator passed to run() has no log_with", report_to)
         return accelerator
+    precision = {"mixed_precision": cfg.run.mixed_precision} if cfg.run.mixed_precision else {}
     if report_to == "none":
-        return Accelerator(cpu=cpu_only_launch())
+        return Accelerator(cpu=cpu_only_launch(), **precision)
     from accelerate.tracking import get_available_trackers
 
     if report_to not in {str(t) for t in get_available_trackers()}:
         raise ConfigError(f"run.report_to={report_to!r} needs the {report_to!r} package, which is not installed; "
                           f"pip install {report_to} or choose run.report_to none")
-    accelerator = Accelerator(log_with=report_to, project_dir=str(out / "logs"), cpu=cpu_only_launch())
+    accelerator = Accelerator(log_with=report_to, project_dir=str(out / "logs"), cpu=cpu_only_launch(), **precision)
     flat = {f"{sec}.{k}": v if isinstance(v, (bool, int, float, str)) or v is None else str(v)
             for sec, values in cfg.to_dict().items() for k, v in values.items()}
     accelerator.init_trackers(out.name or "hf_lpft", config=flat)
     return accelerator
+
+
+def check_precision(accelerator: Accelerator) -> None:
+    """fp16 needs a GPU: on CPU accelerate would accept it and silently train in float32."""
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ConfigError("mixed precision fp16 needs a GPU (on CPU accelerate would silently train in float32); "
+                          "use bf16 (run.mixed_precision bf16 / accelerate launch --mixed_precision bf16) or no")
 
 
 def _log(accelerator: Accelerator, values: dict, step: int | None = None) -> None:
@@ -453,6 +463,7 @@ def run(cfg: ExperimentConfig, *, accelerator: Accelerator | None = None) -> Run
     out = prepare_output_dir(cfg) if main else Path(cfg.run.output_dir)
     own_trackers = accelerator is None and cfg.run.report_to != "none"
     accelerator = make_accelerator(cfg, out, accelerator)
+    check_precision(accelerator)
     accelerator.wait_for_everyone()
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
@@ -484,7 +495,9 @@ def run(cfg: ExperimentConfig, *, accelerator: Accelerator | None = None) -> Run
                      "num_processes": accelerator.num_processes,
                      "strategies": {n: s.describe() for n, s in strategies.items()},
                      "batchnorm": batchnorm_record(cfg, strategies),
-                     "global_model": {r["row"]["seed"]: r["global_source"] for r in records if r.get("global_source")}},
+                     "global_model": {r["row"]["seed"]: r["global_source"] for r in records if r.get("global_source")},
+                     "preprocessing": preprocessing_for(cfg).to_dict(),
+                     "mixed_precision": accelerator.mixed_precision},
         "train_info": {"fedavg_history": {r["row"]["seed"]: r["fedavg_history"] for r in records if r.get("fedavg_history")},
                        "personalization": [{k: r["row"][k] for k in ("seed", "strategy", "client_id", "error")}
                                            | {"phases": r["phases"], "seconds": r.get("seconds"),

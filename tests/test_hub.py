@@ -222,3 +222,74 @@ def test_cli_push_command(pushed, hub):
     assert len(hub.repos[("model", "tester/from-cli")].commits) == 2
     assert "cli/clients-00000-of-00001.parquet" in hub.repos[("dataset", "tester/from-cli-results")].commits[-1].files
     assert main(["push", str(pushed.output_dir / "missing"), "--hub_repo_id", "tester/x"]) == 2
+
+
+def _snippet(card_text: str) -> str:
+    """The first python block of a card."""
+    import re
+
+    return re.search(r"```python\n(.*?)```", card_text, re.S).group(1)
+
+
+@pytest.mark.parametrize("strategy", ["ft", "lora"])
+def test_card_snippet_classifies_a_pil_image_in_a_fresh_process(pushed, hub, tmp_path, strategy):
+    """The published card's snippet, run as written in a new interpreter on a PIL image of another mode and
+    size, gives the class and logits the run's own data pipeline and model give for that image."""
+    import os
+    import subprocess
+    import sys
+
+    import datasets
+    import numpy as np
+    from huggingface_hub import hf_hub_download
+    from PIL import Image
+
+    from hf_lpft.data.load import images_to_tensor
+    from hf_lpft.data.preprocess import preprocessing_for
+    from hf_lpft.train.loop import predict
+
+    image_path = tmp_path / "digit.png"
+    Image.fromarray(np.random.RandomState(3).randint(0, 256, (45, 37), dtype=np.uint8), mode="L").save(image_path)
+    card = Path(hf_hub_download(REPO, f"clients/{strategy}/a/README.md")).read_text()
+    snippet = _snippet(card)
+    assert f'"{REPO}"' in snippet and "<output_dir>" not in card and "example.png" in snippet
+    script = snippet.replace("example.png", str(image_path)) + "\nimport json\nprint('LOGITS', json.dumps(logits.tolist()))\n"
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "fresh_cache"), HF_HUB_OFFLINE="0", HF_HUB_DISABLE_XET="1")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    theirs = torch.tensor(json.loads(lines[-1].split(" ", 1)[1]))
+    cfg = load_config(str(pushed.output_dir / "config.yaml"), {})
+    ds = datasets.Dataset.from_dict({"image": [str(image_path)]}).cast_column("image", datasets.Image())
+    x = images_to_tensor(ds, [0], image_column="image", image_size=cfg.data.image_size,
+                         preprocessing=preprocessing_for(cfg))  # the run's own decoding
+    ours = predict(_local_model(pushed.output_dir, strategy, "a"), x)
+    assert int(lines[-2]) == int(ours.argmax(-1)) == int(theirs.argmax(-1))
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_run_folder_cards_adapters_and_metadata(pushed):
+    """Run-folder cards come from the templates (no placeholders), carry license and datasets; every LoRA
+    adapter names a loadable base model."""
+    from huggingface_hub import ModelCard
+    from peft import PeftModel
+
+    from hf_lpft.models.backbone import SplitModel
+
+    out = pushed.output_dir
+    cards = [out / "global" / "README.md", *sorted((out / "clients").glob("*/*/README.md")),
+             *sorted((out / "hub" / "model").rglob("README.md"))]
+    assert len(cards) == 2 + 2 * 3 * len(STRATEGIES)
+    for path in cards:
+        text = path.read_text()
+        assert "[More Information Needed]" not in text and "<output_dir>" not in text, path
+        card = ModelCard(text)
+        assert card.data.license == "apache-2.0" and card.data.datasets == ["tiny"], path
+        assert "hf_lpft.predict(model" in text and "mean [0.5, 0.5, 0.5]" in text, path
+    for folder in (out / "clients" / "lora" / "b", out / "hub" / "model" / "clients" / "lora" / "b"):
+        base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+        model = PeftModel.from_pretrained(SplitModel.from_pretrained(base), str(folder))
+        assert torch.equal(_logits(model), _logits(_local_model(out, "lora", "b")))
+    hub_base = json.loads((out / "hub/model/clients/lora/b/adapter_config.json").read_text())["base_model_name_or_path"]
+    assert hub_base in (REPO, "tester/from-cli")  # the repo the folder was last exported for (test order)
+    assert json.loads((out / "global" / "preprocessor_config.json").read_text())["image_mean"] == [0.5, 0.5, 0.5]

@@ -101,7 +101,7 @@ class Ctx:
                  "scalar.yaml": b"just a string\n", "section_list.yaml": b"fedavg: [1, 2]\n",
                  "unknown_section.yaml": b"training:\n  lr: 0.1\n", "rounds_word.yaml": b"run:\n  eval_batch_size: many\n",
                  "lr_nan.yaml": b"fedavg:\n  lr: .nan\n", "lr_inf.yaml": b"pft:\n  lr: .inf\n",
-                 "natural_clients.yaml": b"data:\n  scheme: natural\n  num_clients: 5\n",
+                 "natural_clients.yaml": b"data:\n  scheme: natural\n  num_clients: 7\n",
                  "utf16.yaml": "fedavg:\n  rounds: 1\n".encode("utf-16")}
         self.config = {}
         for name, content in files.items():
@@ -169,8 +169,8 @@ CLI_CASES = [
     # options that do not apply to the scheme (set explicitly: YAML or CLI)
     ("scheme_option", "natural_num_clients", lambda c: ["--data.num_clients", "15"],
      ["data.num_clients=15 does not apply to data.scheme='natural'", "one client per value", "'iid'"]),
-    ("scheme_option", "natural_num_clients_yaml_default_value", lambda c: ["--config", c.config["natural_clients"]],
-     ["data.num_clients=5 does not apply to data.scheme='natural'"]),
+    ("scheme_option", "natural_num_clients_yaml", lambda c: ["--config", c.config["natural_clients"]],
+     ["data.num_clients=7 does not apply to data.scheme='natural'"]),
     ("scheme_option", "natural_alpha", lambda c: ["--data.alpha", "0.1"],
      ["data.alpha=0.1 does not apply to data.scheme='natural'", "'dirichlet'"]),
     ("scheme_option", "natural_classes_per_client", lambda c: ["--data.classes_per_client", "3"],

@@ -12,19 +12,23 @@ import torch
 from tqdm.auto import tqdm
 
 from hf_lpft.data.federate import Federation, FederationError, check_columns
+from hf_lpft.data.preprocess import Preprocessing
 from hf_lpft.data.tensors import ClientData, TextInputs
 
 logger = logging.getLogger(__name__)
 
 
 def load_source(name: str, *, split: str = "train", config_name: str | None = None,
-                builtin_kwargs: dict | None = None) -> datasets.Dataset:
+                builtin_kwargs: dict | None = None, data_dir: str | None = None,
+                data_files: list[str] | None = None) -> datasets.Dataset:
     """The dataset to federate.
 
     Args:
         name: An embedded dataset (see ``hf_lpft.data.builtin.BUILTIN_DATASETS``), a local folder written
-            by ``save_to_disk``, or a Hub dataset id (``load_dataset``; needs the network or the HF cache).
+            by ``save_to_disk``, a packaged builder reading your files (``imagefolder``, ``csv``, ``json``,
+            ``parquet``) or a Hub dataset id (``load_dataset``; needs the network or the HF cache).
         split: Split to use.
+        data_dir, data_files: Passed to ``datasets.load_dataset`` (your own folder of images or data files).
     """
     from hf_lpft.data.builtin import BUILTIN_DATASETS, load_builtin
 
@@ -33,7 +37,7 @@ def load_source(name: str, *, split: str = "train", config_name: str | None = No
     elif Path(name).exists():
         loaded = datasets.load_from_disk(name)
     else:
-        return datasets.load_dataset(name, config_name, split=split)
+        return datasets.load_dataset(name, config_name, split=split, data_dir=data_dir, data_files=data_files)
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise FederationError(f"split={split!r} is not in dataset {name!r}; splits: {list(loaded)}")
@@ -41,27 +45,71 @@ def load_source(name: str, *, split: str = "train", config_name: str | None = No
     return loaded
 
 
-def images_to_tensor(ds: datasets.Dataset, rows: list[int], *, image_column: str, image_size: int) -> torch.Tensor:
-    """Decode the images of ``rows`` once into a uint8 NCHW tensor, resized to ``image_size``."""
+def load_from_config(data, *, builtin_kwargs: dict | None = None) -> datasets.Dataset:
+    """The dataset ``data`` (a DataConfig) names, made ready to federate: your own files through
+    :func:`load_source`, the domain column from a folder level (``data.domain_level``), a column of image
+    paths cast to images and, in data files, string labels encoded as a ClassLabel."""
+    ds = load_source(data.dataset, split=data.split, config_name=data.dataset_config, builtin_kwargs=builtin_kwargs,
+                     data_dir=data.data_dir, data_files=data.data_files)
+    if data.domain_level is not None:
+        ds = domain_from_folder(ds, image_column=data.image_column, data_dir=data.data_dir, level=data.domain_level,
+                                domain_column=data.domain_column)
+    if data.data_files and not data.text_column and _is_string(ds, data.image_column):
+        ds = ds.cast_column(data.image_column, datasets.Image())  # paths, e.g. a csv column of file names
+    if data.data_files and _is_string(ds, data.label_column):  # csv / json label names
+        ds = ds.class_encode_column(data.label_column)
+    return ds
+
+
+def _is_string(ds: datasets.Dataset, column: str) -> bool:
+    return getattr(ds.features.get(column), "dtype", None) in ("string", "large_string")
+
+
+def domain_from_folder(ds: datasets.Dataset, *, image_column: str, data_dir: str, level: int,
+                       domain_column: str) -> datasets.Dataset:
+    """Add ``domain_column``: the name of folder level ``level`` below ``data_dir`` of every image file
+    (``imagefolder`` reads ``<data_dir>/<domain>/<class>/<image>``; its labels are the class folders)."""
+    if image_column not in ds.column_names or not isinstance(ds.features[image_column], datasets.Image):
+        raise FederationError(f"domain_level needs image files: image_column={image_column!r} is not an Image "
+                              f"column of the dataset; columns: {ds.column_names}")
+    root = Path(data_dir).resolve()
+    paths = ds.cast_column(image_column, datasets.Image(decode=False))[image_column]
+    domains = []
+    for item in paths:
+        parts = Path(item["path"]).resolve().relative_to(root).parts[:-1]  # folders only
+        if level >= len(parts):
+            raise FederationError(f"domain_level={level} but {item['path']!r} lies only {len(parts)} folder "
+                                  f"level(s) below data_dir={str(root)!r}")
+        domains.append(parts[level])
+    if domain_column in ds.column_names:
+        ds = ds.remove_columns(domain_column)
+    return ds.add_column(domain_column, domains)
+
+
+def images_to_tensor(ds: datasets.Dataset, rows: list[int], *, image_column: str, image_size: int,
+                     preprocessing: Preprocessing | None = None) -> torch.Tensor:
+    """Decode the images of ``rows`` once into a uint8 NCHW tensor: RGB, resized to ``image_size`` with the
+    model's ``preprocessing`` (its interpolation; default the from-scratch one, bicubic)."""
+    prep = preprocessing or Preprocessing(image_size=image_size)
+    if prep.image_size != image_size:
+        raise ValueError(f"preprocessing.image_size={prep.image_size} differs from image_size={image_size}")
     if not isinstance(ds.features[image_column], datasets.Image):
         raise FederationError(f"image_column={image_column!r} is a {type(ds.features[image_column]).__name__} "
                               "column, not an Image column")
     out = np.empty((len(rows), image_size, image_size, 3), dtype=np.uint8)
     subset = ds.select(rows).select_columns([image_column])
     for i, example in enumerate(tqdm(subset, desc="decode images", leave=False, disable=len(rows) < 5000)):
-        img = example[image_column].convert("RGB")
-        if img.size != (image_size, image_size):
-            img = img.resize((image_size, image_size))
-        out[i] = np.asarray(img)
+        out[i] = np.asarray(prep.pil(example[image_column]))
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
 def client_tensors(ds: datasets.Dataset, federation: Federation, *, image_column: str, label_column: str,
-                   image_size: int) -> list[ClientData]:
-    """Pre-decoded train/test tensors for every client of ``federation``."""
+                   image_size: int, preprocessing: Preprocessing | None = None) -> list[ClientData]:
+    """Pre-decoded train/test tensors for every client of ``federation`` (resized with ``preprocessing``)."""
     check_columns(ds, {"image_column": image_column, "label_column": label_column})
     needed = sorted({i for c in federation.clients for i in c.train_indices + c.test_indices})
-    images = images_to_tensor(ds, needed, image_column=image_column, image_size=image_size)
+    images = images_to_tensor(ds, needed, image_column=image_column, image_size=image_size,
+                              preprocessing=preprocessing)
     labels = torch.as_tensor(np.asarray(ds.select(needed)[label_column]), dtype=torch.long)
     pos = {row: k for k, row in enumerate(needed)}
     out = []

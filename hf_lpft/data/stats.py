@@ -110,18 +110,34 @@ def save_stats(fed, folder: str | Path) -> dict:
 
 
 def plot_client_samples(ds, fed, path: str | Path, *, image_column: str, image_size: int, per_client: int = 8,
-                        max_clients: int = 20) -> Path:
-    """A grid of the first training images of each client (as the clients see them, shifts applied)."""
-    from PIL import Image
+                        max_clients: int = 20, label_column: str = "label") -> Path:
+    """A grid of the first training images of each client (as the clients see them, shifts applied): one row
+    per client, labelled with its id, each image titled with its class (ClassLabel name, else the value)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    rows = []
-    for c in fed.clients[:max_clients]:
-        idx = c.train_indices[:per_client]
-        tiles = [np.asarray(im.convert("RGB").resize((image_size, image_size))) for im in ds.select(idx)[image_column]]
-        tiles += [np.zeros((image_size, image_size, 3), np.uint8)] * (per_client - len(tiles))
-        rows.append(np.concatenate(tiles, axis=1))
+    clients = fed.clients[:max_clients]
+    feature = ds.features.get(label_column)
+    names = feature.names if hasattr(feature, "names") else None
+    fig = Figure(figsize=(1.1 * per_client + 1.2, 1.25 * len(clients) + 0.3), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(clients), per_client, squeeze=False))
+    for row, c in zip(axes, clients):
+        rows = ds.select(c.train_indices[:per_client])
+        labels = rows[label_column] if label_column in ds.column_names else [None] * len(rows)
+        for k, ax in enumerate(row):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if k < len(rows):
+                ax.imshow(np.asarray(rows[k][image_column].convert("RGB").resize((image_size, image_size))))
+                label = labels[k]
+                ax.set_title(str(names[label] if names and label is not None else label)[:12], fontsize=7, pad=2)
+            else:
+                ax.axis("off")
+        row[0].set_ylabel(str(c.client_id)[:16], fontsize=8, rotation=0, ha="right", va="center")
+    fig.suptitle("training images per client (row) with their class", fontsize=9)
+    FigureCanvasAgg(fig)
     with atomic_path(Path(path)) as tmp:
-        Image.fromarray(np.concatenate(rows, axis=0)).save(tmp, format="PNG")
+        fig.savefig(tmp, format="png", dpi=100)
     return Path(path)
 
 
@@ -134,18 +150,18 @@ def preview_federation(data, output_dir: str | Path, *, builtin_kwargs: dict | N
     already built and checked (``hf_lpft.run.preflight.federation_checked``). Returns the Federation.
     """
     from hf_lpft.data.federate import federate_from_config, save_manifest
-    from hf_lpft.data.load import load_source
+    from hf_lpft.data.load import load_from_config
 
     if federated is not None:
         shifted, fed = federated
     else:
         kwargs = builtin_kwargs if builtin_kwargs is not None else {"n_per_domain": data.n_per_domain,
                                                                      "image_size": data.image_size}
-        ds = load_source(data.dataset, split=data.split, config_name=data.dataset_config, builtin_kwargs=kwargs)
+        ds = load_from_config(data, builtin_kwargs=kwargs)
         shifted, fed = federate_from_config(ds, data)
     folder = Path(output_dir) / "federation"
     save_manifest(fed, folder / "manifest.json")
     if not getattr(data, "text_column", None):
         plot_client_samples(shifted, fed, folder / "client_samples.png", image_column=data.image_column,
-                            image_size=data.image_size)
+                            image_size=data.image_size, label_column=data.label_column)
     return fed

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-# Images are scaled to [-1, 1]: a dataset-agnostic normalisation suited to models trained from scratch.
+# The from-scratch normalization (pixels in [-1, 1]); a model normalizes its uint8 inputs itself with its own
+# preprocessing (hf_lpft.data.preprocess), whose from-scratch default is this.
 MEAN, STD = 0.5, 0.5
 
 
@@ -76,7 +77,7 @@ class ClientData:
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
-    """uint8 images -> normalised float32."""
+    """uint8 images -> float32 normalized as from scratch ([-1, 1]); models normalize uint8 input themselves."""
     if x.dtype == torch.uint8:
         return (x.float() / 255.0 - MEAN) / STD
     return x
@@ -85,11 +86,12 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
 def iterate_batches(x: torch.Tensor | TextInputs, y: torch.Tensor, *, batch_size: int,
                     generator: torch.Generator | None = None, shuffle: bool = True,
                     device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor | dict, torch.Tensor]]:
-    """Yield (inputs, labels) batches; a seeded permutation when ``shuffle``. Inputs are float tensors,
-    or for :class:`TextInputs` dynamically padded dicts of tensors (:func:`collate_text`)."""
+    """Yield (inputs, labels) batches; a seeded permutation when ``shuffle``. Inputs are tensors as stored
+    (uint8 images, which a ``SplitModel`` normalizes with its own preprocessing; float features), or for
+    :class:`TextInputs` dynamically padded dicts of tensors (:func:`collate_text`)."""
     n = int(y.numel())
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
-        xb = collate_text(x[idx], device) if isinstance(x, TextInputs) else to_float(x[idx]).to(device)
+        xb = collate_text(x[idx], device) if isinstance(x, TextInputs) else x[idx].to(device)
         yield xb, y[idx].to(device)

@@ -106,30 +106,47 @@ def cross_client_matrix(cross: pd.DataFrame, strategy: str) -> pd.DataFrame:
     return m.rename(index=names, columns=names).rename_axis(index="model_client", columns="data_client")
 
 
+def _short(label: object, width: int = 14) -> str:
+    """A tick label cut to ``width`` characters (long client ids would run into the next panel)."""
+    text = str(label)
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
 def plot_cross_client(cross: pd.DataFrame, path: Path) -> bool:
-    """One heatmap per method of accuracy (%) of client i's model (rows) on client j's test split (columns)."""
+    """One heatmap per method of accuracy (%) of client i's model (rows) on client j's test split (columns).
+
+    Constrained layout keeps tick labels, axis labels and the shared colorbar apart; panels grow with the
+    number of clients, axis labels are drawn once per row / column and cell values only up to 15 clients.
+    """
     if cross.empty:
         return False
     strategies = list(dict.fromkeys(cross.strategy))
     ncols = min(3, len(strategies))
     nrows = -(-len(strategies) // ncols)
-    fig = Figure(figsize=(4.2 * ncols, 3.8 * nrows))
+    n = max(cross.model_index.nunique(), cross.data_index.nunique())
+    side = max(3.4, 0.32 * n + 2.2)
+    fig = Figure(figsize=(side * ncols + 1.2, side * nrows), layout="constrained")
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
-    for ax, strategy in zip(axes, strategies):
+    for k, (ax, strategy) in enumerate(zip(axes, strategies)):
         m = cross_client_matrix(cross, strategy)
         image = ax.imshow(100 * m.to_numpy(), vmin=0, vmax=100, cmap="viridis")
-        for (i, j), v in np.ndenumerate(100 * m.to_numpy()):
+        for (i, j), v in np.ndenumerate(100 * m.to_numpy()) if n <= 15 else ():
             ax.text(j, i, "-" if np.isnan(v) else f"{v:.0f}", ha="center", va="center", fontsize=7,
                     color="w" if v < 60 else "k")
-        ax.set_xticks(range(m.shape[1]), list(m.columns), rotation=45, fontsize=7)
-        ax.set_yticks(range(m.shape[0]), list(m.index), fontsize=7)
-        ax.set(title=_name(strategy), xlabel="test split of client", ylabel="model of client")
+        ax.set_xticks(range(m.shape[1]), [_short(c) for c in m.columns], rotation=45, ha="right",
+                      rotation_mode="anchor", fontsize=7)
+        ax.set_yticks(range(m.shape[0]), [_short(c) for c in m.index], fontsize=7)
+        ax.set_title(_name(strategy), fontsize=9)
+        if k % ncols == 0:
+            ax.set_ylabel("model of client")
+        if k >= len(strategies) - ncols:
+            ax.set_xlabel("test split of client")
     for ax in axes[len(strategies):]:
         ax.axis("off")
     fig.colorbar(image, ax=list(axes[:len(strategies)]), shrink=0.8, label="accuracy (%)")
     FigureCanvasAgg(fig)
-    with atomic_path(path) as tmp:  # no tight_layout: it cannot place the shared colorbar
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     return True
 
 

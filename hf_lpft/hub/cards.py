@@ -92,7 +92,47 @@ class RunInfo:
                 "git_commit": meta.get("git", {}).get("commit"), "git_dirty": meta.get("git", {}).get("dirty"),
                 "packages": ", ".join(f"{k} {v}" for k, v in packages.items() if v),
                 "num_test_total": sum(c["n_test"] for c in self.manifest["clients"]),
-                "summary_markdown": format_markdown(self.summary())}
+                "summary_markdown": format_markdown(self.summary()),
+                "preprocessing_text": preprocessing_text(self.preprocessing)}
+
+    @property
+    def preprocessing(self) -> dict:
+        """The models' input preprocessing (``run_info.preprocessing``; older runs: the from-scratch default)."""
+        from hf_lpft.data.preprocess import Preprocessing
+
+        found = self.record.get("run_info", {}).get("preprocessing")
+        return found or Preprocessing(image_size=self.config["data"].get("image_size", 32)).to_dict()
+
+    def card_metadata(self) -> dict:
+        """``license`` (``hub.hub_license``) and ``datasets`` (the federated dataset) for the model cards."""
+        return {"license": (self.config.get("hub") or {}).get("hub_license") or DEFAULT_LICENSE,
+                "datasets": [self.dataset_name]}
+
+
+DEFAULT_LICENSE = "apache-2.0"
+SOURCE_TEXT = {"scratch": "the backbone was trained from scratch, so pixels are scaled to [-1, 1]",
+               "timm_pretrained_cfg": "the pretrained timm backbone's own normalization (its pretrained_cfg)",
+               "image_processor": "the pretrained backbone's image processor"}
+
+
+def preprocessing_text(prep: dict) -> str:
+    """One sentence saying how inputs become model inputs (hf_lpft.data.preprocess.Preprocessing as a dict)."""
+    if prep.get("kind") == "text":
+        return (f"strings are tokenized with the backbone's tokenizer (`{prep.get('tokenizer')}`), at most "
+                f"{prep.get('max_length') or 'the tokenizer maximum of'} tokens.")
+    size, fmt = prep["image_size"], lambda v: "[" + ", ".join(f"{x:.4g}" for x in v) + "]"
+    return (f"images are converted to {prep.get('channel_order', 'RGB')}, resized to {size}x{size} "
+            f"({prep['interpolation']}), scaled to [0, 1], then normalized as (x - mean) / std with mean "
+            f"{fmt(prep['mean'])} and std {fmt(prep['std'])}: {SOURCE_TEXT.get(prep.get('source'), prep.get('source'))}. "
+            "The same values are in `preprocessor_config.json` (transformers `AutoImageProcessor`) and in "
+            "`config.json` (`preprocessing`).")
+
+
+def model_args(ref: str, subfolder: str | None, *, is_repo: bool) -> str:
+    """Arguments of ``from_pretrained`` for a model in ``subfolder`` of a Hub repo or a local folder."""
+    if not subfolder or subfolder == ".":
+        return f'"{ref}"'
+    return f'"{ref}", subfolder="{subfolder}"' if is_repo else f'"{Path(ref, subfolder).as_posix()}"'
 
 
 def _pct(x: float) -> str:
@@ -129,12 +169,17 @@ def _folder_cell(row, client_folders: dict, *, multi_seed: bool) -> str:
 
 
 def global_card(info: RunInfo, *, repo_id: str | None, results_repo_id: str | None, endpoint: str,
-                client_folders: dict[tuple[str, str, int], str]) -> ModelCard:
-    """The root card: the global model, every strategy's results, provenance and usage."""
+                client_folders: dict[tuple[str, str, int], str], repo_ref: str, base: str = ".") -> ModelCard:
+    """The root card: the global model, every strategy's results, provenance and usage.
+
+    ``repo_ref``: what the snippets load from (the repo id, or the local folder); ``base``: the global
+    model's folder inside it (``.`` at the root of a Hub repo, ``global`` in a run folder).
+    """
     ok = info.ok
     strategies = [s for s in dict.fromkeys(ok.strategy) if s != "global_model"]
     data = ModelCardData(model_name=repo_id or info.experiment, library_name="hf_lpft", pipeline_tag=info.task,
-                         tags=TAGS + [info.task] + strategies, eval_results=eval_results(info, ok, label=""))
+                         tags=TAGS + [info.task] + strategies, eval_results=eval_results(info, ok, label=""),
+                         **info.card_metadata())
     rows = [{"strategy": r.strategy, "client_id": r.client_id, "seed": r.seed, "n_train": r.n_train, "n_test": r.n_test,
              "local": _pct(r.local_acc), "global_": _pct(r.global_acc),
              "folder": _folder_cell(r, client_folders, multi_seed=len(info.seeds) > 1)}
@@ -144,9 +189,11 @@ def global_card(info: RunInfo, *, repo_id: str | None, results_repo_id: str | No
     strategies_yaml = yaml.safe_dump(info.record["run_info"].get("strategies", {}), sort_keys=False)
     return ModelCard.from_template(
         data, template_path=str(template_path("global_model.md")), title=f"{info.experiment}: FedAvg global model + "
-        f"personalized clients", repo_ref=repo_id or "<output_dir>/hub/model", results_repo_id=results_repo_id,
+        f"personalized clients", repo_ref=repo_ref, results_repo_id=results_repo_id,
         results_url=f"{endpoint}/datasets/{results_repo_id}", client_rows=rows, example_strategy=first[0],
         example_client=first[1], lora_example=lora if len(info.seeds) == 1 else None,
+        base_args=model_args(repo_ref, base, is_repo=repo_id is not None),
+        lora_args=model_args(repo_ref, lora, is_repo=repo_id is not None),
         strategies_yaml=strategies_yaml, **info.provenance())
 
 
@@ -157,23 +204,27 @@ FORMATS = {"full": "full model weights (`model.safetensors` + `config.json`, a `
 
 
 def client_card(info: RunInfo, row, *, strategy_desc: dict, fmt: str, folder: str, base: str, repo_id: str | None,
-                endpoint: str) -> ModelCard:
-    """The card of one (strategy, client, seed) folder."""
+                endpoint: str, repo_ref: str) -> ModelCard:
+    """The card of one (strategy, client, seed) folder; ``repo_ref`` is the repo id or local folder it is in."""
     rows = pd.DataFrame([row._asdict()])
     data = ModelCardData(model_name=f"{repo_id or info.experiment}/{folder}", library_name="peft" if fmt == "peft_adapter"
                          else "hf_lpft", base_model=repo_id, tags=TAGS + [info.task, row.strategy],
-                         eval_results=eval_results(info, rows, label=f", client {row.client_id}"))
+                         eval_results=eval_results(info, rows, label=f", client {row.client_id}"),
+                         **info.card_metadata())
     return ModelCard.from_template(
         data, template_path=str(template_path("personalized_model.md")),
         title=f"{info.experiment}: client {row.client_id}, {row.strategy}", client_id=row.client_id,
         strategy=row.strategy, seed=row.seed, multi_seed=len(info.seeds) > 1, local=_pct(row.local_acc),
         global_=_pct(row.global_acc), n_train=row.n_train, n_test=row.n_test, format=fmt,
         format_description=FORMATS[fmt], folder=folder, base=base, repo_id=repo_id, repo_url=f"{endpoint}/{repo_id}",
-        repo_ref=repo_id or "<output_dir>/hub/model", strategy_yaml=yaml.safe_dump(strategy_desc, sort_keys=False))
+        repo_ref=repo_ref, strategy_yaml=yaml.safe_dump(strategy_desc, sort_keys=False), base_is_repo=repo_id is not None,
+        base_args=model_args(repo_ref, base, is_repo=repo_id is not None),
+        adapter_args=model_args(repo_ref, folder, is_repo=repo_id is not None),
+        preprocessing_text=preprocessing_text(info.preprocessing), task=info.task)
 
 
 def results_card(info: RunInfo, *, repo_id: str | None, model_repo_id: str | None, endpoint: str,
-                 metadata: dict | None = None) -> DatasetCard:
+                 metadata: dict | None = None, repo_ref: str | None = None) -> DatasetCard:
     """The results dataset's card; ``metadata`` (e.g. the ``configs`` already on the Hub) is kept."""
     metadata = {"pretty_name": f"hf_lpft results ({info.experiment})", "task_categories": [info.task],
                 **(metadata or {})}
@@ -182,5 +233,5 @@ def results_card(info: RunInfo, *, repo_id: str | None, model_repo_id: str | Non
     names = [c.get("config_name") for c in metadata.get("configs", []) if isinstance(c, dict)]
     return DatasetCard.from_template(
         data, template_path=str(template_path("results_dataset.md")), title=f"hf_lpft results: {info.experiment}",
-        repo_ref=repo_id or "<output_dir>/hub/results", model_repo_id=model_repo_id,
+        repo_ref=repo_id or repo_ref or "hub/results", model_repo_id=model_repo_id,
         model_url=f"{endpoint}/{model_repo_id}", config_names=names, **info.provenance())

@@ -82,13 +82,20 @@ def _same_backbone(state: dict[str, torch.Tensor], base: dict[str, torch.Tensor]
     return body == {k for k in base if not k.startswith("head.")} and all(torch.equal(state[k], base[k]) for k in body)
 
 
-def export_client(src: Path, dst: Path, base_state: dict[str, torch.Tensor], *, repo_id: str | None) -> str:
-    """Write one client's weights in the smallest exact format; returns the format name."""
+def set_adapter_base(folder: Path, base: str) -> None:
+    """Record in a peft adapter folder the global model it applies to (``base_model_name_or_path``)."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = base
+    write_json(folder / "adapter_config.json", config)
+
+
+def export_client(src: Path, dst: Path, base_state: dict[str, torch.Tensor], *, base_ref: str) -> str:
+    """Write one client's weights in the smallest exact format; returns the format name. ``base_ref``: the
+    global model LoRA adapters apply to (a repo id, or a local folder ``SplitModel.from_pretrained`` reads)."""
     dst.mkdir(parents=True, exist_ok=True)
     if (src / "adapter_config.json").is_file():
-        config = json.loads((src / "adapter_config.json").read_text())
-        config["base_model_name_or_path"] = repo_id  # the global model these adapters apply to
-        write_json(dst / "adapter_config.json", config)
+        shutil.copy2(src / "adapter_config.json", dst / "adapter_config.json")
+        set_adapter_base(dst, base_ref)
         _link(src / "adapter_model.safetensors", dst / "adapter_model.safetensors")
         return "peft_adapter"
     if not (src / "model.safetensors").is_file():
@@ -103,8 +110,9 @@ def export_client(src: Path, dst: Path, base_state: dict[str, torch.Tensor], *, 
 
 
 def write_model_folder(info: RunInfo, out: Path, dst: Path, *, repo_id: str | None, results_repo_id: str | None,
-                       endpoint: str) -> None:
-    """Fill ``dst`` with the model repository's files (see the module docstring)."""
+                       endpoint: str, ref: str) -> None:
+    """Fill ``dst`` with the model repository's files (see the module docstring); ``ref`` is what the cards
+    load from: ``repo_id``, or the folder ``dst`` becomes."""
     first = out.joinpath("global", *_seed_part(info, info.seeds[0]))
     for name in ("config.json", "model.safetensors"):
         _link(first / name, dst / name)
@@ -120,18 +128,43 @@ def write_model_folder(info: RunInfo, out: Path, dst: Path, *, repo_id: str | No
     for row in info.ok[info.ok.strategy != "global_model"].itertuples(index=False):
         rel = Path("clients", row.strategy, row.client_id, *_seed_part(info, row.seed))
         base = f"global/seed_{row.seed}" if len(info.seeds) > 1 else "."
-        fmt = export_client(out / rel, dst / rel, bases[row.seed], repo_id=repo_id)
+        base_ref = repo_id if repo_id and base == "." else model_ref(ref, base, is_repo=repo_id is not None)
+        fmt = export_client(out / rel, dst / rel, bases[row.seed], base_ref=base_ref)
         write_json(dst / rel / "personalization.json", {"format": fmt, "strategy": row.strategy, "client_id": row.client_id,
                                                         "seed": int(row.seed), "base": base})
         card = client_card(info, row, strategy_desc=strategies.get(row.strategy, {}), fmt=fmt, folder=rel.as_posix(),
-                           base=base, repo_id=repo_id, endpoint=endpoint)
+                           base=base, repo_id=repo_id, endpoint=endpoint, repo_ref=ref)
         card.save(dst / rel / "README.md")
         folders[(row.strategy, row.client_id, row.seed)] = rel.as_posix()
     for name in PROVENANCE:
         if (out / name).is_file():
             _link(out / name, dst / name)
     global_card(info, repo_id=repo_id, results_repo_id=results_repo_id, endpoint=endpoint,
-                client_folders=folders).save(dst / "README.md")
+                client_folders=folders, repo_ref=ref).save(dst / "README.md")
+
+
+def model_ref(ref: str, subfolder: str, *, is_repo: bool) -> str:
+    """``ref`` itself for a repo (peft cannot name a subfolder there), else the local path of ``subfolder``."""
+    return ref if is_repo or subfolder in ("", ".") else Path(ref, subfolder).as_posix()
+
+
+def write_run_cards(info: RunInfo, out: Path) -> None:
+    """The run folder's own cards (``global/``, ``clients/...``) from the same templates as the Hub cards, and
+    each LoRA adapter's ``base_model_name_or_path`` set to its global model's folder (absolute path)."""
+    ref, strategies, folders = str(out), info.record["run_info"].get("strategies", {}), {}
+    for row in info.ok[info.ok.strategy != "global_model"].itertuples(index=False):
+        rel = Path("clients", row.strategy, row.client_id, *_seed_part(info, row.seed))
+        base = Path("global", *_seed_part(info, row.seed)).as_posix()
+        fmt = "peft_adapter" if (out / rel / "adapter_config.json").is_file() else "full"
+        if fmt == "peft_adapter":
+            set_adapter_base(out / rel, str((out / base).resolve()))
+        client_card(info, row, strategy_desc=strategies.get(row.strategy, {}), fmt=fmt, folder=rel.as_posix(),
+                    base=base, repo_id=None, endpoint=hub_endpoint(), repo_ref=ref).save(out / rel / "README.md")
+        folders[(row.strategy, row.client_id, row.seed)] = rel.as_posix()
+    for seed in info.seeds:
+        base = Path("global", *_seed_part(info, seed)).as_posix()
+        global_card(info, repo_id=None, results_repo_id=None, endpoint=hub_endpoint(), client_folders=folders,
+                    repo_ref=ref, base=base).save(out / base / "README.md")
 
 
 def results_datasets(info: RunInfo) -> dict[str, datasets.Dataset]:
@@ -152,13 +185,13 @@ def dataset_configs(experiment: str) -> list[dict]:
 
 
 def write_results_folder(info: RunInfo, dst: Path, *, repo_id: str | None, model_repo_id: str | None,
-                         endpoint: str) -> None:
+                         endpoint: str, ref: str | None = None) -> None:
     """Fill ``dst`` with the results dataset repository (loadable with ``load_dataset(str(dst), <config>)``)."""
     for (config, ds), split in zip(results_datasets(info).items(), (CLIENTS_SPLIT, SUMMARY_SPLIT)):
         (dst / config).mkdir(parents=True, exist_ok=True)
         ds.to_parquet(str(dst / config / f"{split}-00000-of-00001.parquet"))
     card = results_card(info, repo_id=repo_id, model_repo_id=model_repo_id, endpoint=endpoint,
-                        metadata={"configs": dataset_configs(info.experiment)})
+                        metadata={"configs": dataset_configs(info.experiment)}, repo_ref=ref)
     card.save(dst / "README.md")
 
 
@@ -181,9 +214,12 @@ def export_run(output_dir: str | Path, *, repo_id: str | None = None, results_re
     info = RunInfo.read(out, experiment_name(out, experiment))
     endpoint = endpoint or hub_endpoint()
     results_repo_id = results_repo_id or default_results_repo(repo_id)
+    write_run_cards(info, out)
     with atomic_path(out / "hub" / "model", directory=True) as tmp:
-        write_model_folder(info, out, tmp, repo_id=repo_id, results_repo_id=results_repo_id, endpoint=endpoint)
+        write_model_folder(info, out, tmp, repo_id=repo_id, results_repo_id=results_repo_id, endpoint=endpoint,
+                           ref=repo_id or str(out / "hub" / "model"))
     with atomic_path(out / "hub" / "results", directory=True) as tmp:
-        write_results_folder(info, tmp, repo_id=results_repo_id, model_repo_id=repo_id, endpoint=endpoint)
+        write_results_folder(info, tmp, repo_id=results_repo_id, model_repo_id=repo_id, endpoint=endpoint,
+                             ref=str(out / "hub" / "results"))
     logger.info("Hub-ready folders written to %s", out / "hub")
     return HubFolders(out / "hub" / "model", out / "hub" / "results", info.experiment)

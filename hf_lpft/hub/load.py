@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 from torch import nn
 
@@ -106,3 +107,19 @@ def _build(root: Path, rel: str, *, seed: int, multi_seed: bool) -> nn.Module:
 
         return PeftModel.from_pretrained(base, str(folder)).eval()
     raise ValueError(f"unknown personalization format {fmt!r} in {meta_path}")
+
+
+@torch.no_grad()
+def predict(model: nn.Module, inputs) -> torch.Tensor:
+    """Logits (float32, on the CPU) of a loaded model for raw inputs, preprocessed exactly as in training.
+
+    Args:
+        model: A ``SplitModel`` or the ``PeftModel`` :func:`load_personalized` returns.
+        inputs: A PIL image of any mode and size (or a list of them, or HWC uint8 arrays) for an image
+            model; a string (or a list of strings) for a text model.
+
+    Returns:
+        (N, num_classes) logits; ``logits.argmax(-1)`` is the predicted class index.
+    """
+    model.eval()
+    return model(model.preprocess(inputs)).float().cpu()

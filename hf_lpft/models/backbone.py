@@ -35,11 +35,15 @@ import importlib
 import inspect
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 
 import timm
 import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
+
+from hf_lpft.data.preprocess import Preprocessing, resolve_preprocessing
+from hf_lpft.io import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -186,10 +190,16 @@ class SplitModel(nn.Module, PyTorchModelHubMixin, library_name="hf_lpft", tags=[
         pooling: Text backbones only: ``mean`` (masked mean of the last hidden states) or ``cls``.
         backbone_config: The transformers config as a dict; None = read it from ``backbone``. Saved with
             the model so that reloading needs no download.
+        preprocessing: :class:`~hf_lpft.data.preprocess.Preprocessing` as a dict (saved in ``config.json``);
+            None = the from-scratch default (images in [-1, 1]; text: the backbone's tokenizer).
+
+    uint8 image tensors (N, 3, H, W) given to :meth:`features` / ``forward`` are normalized with the model's
+    own preprocessing; float tensors are taken as already normalized. :meth:`preprocess` turns PIL images
+    or strings into model inputs.
     """
 
     def __init__(self, backbone: str = "timm:test_resnet", num_classes: int = 10, image_size: int = 32,
-                 pooling: str = "mean", backbone_config: dict | None = None):
+                 pooling: str = "mean", backbone_config: dict | None = None, preprocessing: dict | None = None):
         super().__init__()
         prefix, name = split_spec(backbone)
         if pooling not in POOLINGS:
@@ -208,6 +218,19 @@ class SplitModel(nn.Module, PyTorchModelHubMixin, library_name="hf_lpft", tags=[
         self._init_config = {"backbone": backbone, "num_classes": num_classes, "image_size": image_size,
                              "pooling": pooling, "backbone_config": self.backbone_config}
         self.head = nn.Linear(width, num_classes)
+        default = {"kind": "text", "source": "tokenizer", "tokenizer": backbone} if self.is_text else {}
+        self.set_preprocessing(Preprocessing.from_dict(preprocessing, image_size=image_size, **default))
+
+    def set_preprocessing(self, preprocessing: Preprocessing) -> None:
+        """Use (and save with the model) ``preprocessing``."""
+        self.preprocessing = preprocessing
+        self._init_config["preprocessing"] = preprocessing.to_dict()
+
+    def preprocess(self, inputs) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Model inputs, on the model's device, for PIL image(s) of any mode and size or string(s)."""
+        out = self.preprocessing(inputs)
+        device = self.head.weight.device
+        return {k: v.to(device) for k, v in out.items()} if isinstance(out, dict) else out.to(device)
 
     @property
     def num_features(self) -> int:
@@ -215,6 +238,8 @@ class SplitModel(nn.Module, PyTorchModelHubMixin, library_name="hf_lpft", tags=[
 
     def features(self, x: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Head input (pre-logits) features of images (a tensor) or tokenized text (a mapping of tensors)."""
+        if isinstance(x, torch.Tensor) and x.dtype == torch.uint8:
+            x = self.preprocessing.normalize(x)
         if self.backbone_config is None:
             return self.backbone(x)
         if self.is_text:
@@ -233,16 +258,33 @@ class SplitModel(nn.Module, PyTorchModelHubMixin, library_name="hf_lpft", tags=[
         ``from_pretrained`` rebuilds a transformers backbone offline."""
         return super().save_pretrained(save_directory, config=config or self._init_config, **kwargs)
 
+    def _save_pretrained(self, save_directory) -> None:
+        """The weights, plus an image model's ``preprocessor_config.json`` (readable by ``AutoImageProcessor``)."""
+        super()._save_pretrained(save_directory)
+        if self.preprocessing.kind == "image":
+            write_json(Path(save_directory) / "preprocessor_config.json", self.preprocessing.image_processor_dict())
+
 
 def build_model(backbone: str, *, num_classes: int, image_size: int, pretrained: bool = False,
                 checkpoint: str | None = None, seed: int = 0, pooling: str = "mean",
-                dropout: float | None = None) -> SplitModel:
+                dropout: float | None = None, preprocessing: Preprocessing | None = None) -> SplitModel:
     """Create a SplitModel with deterministic initialisation, optionally with pretrained backbone weights.
 
     Args:
         pooling: Text pooling of transformers backbones (``mean`` or ``cls``).
         dropout: Replace a transformers backbone's hidden/attention dropout; None keeps the model's.
+        preprocessing: The model's input preprocessing; None = :func:`resolve_preprocessing` (from scratch:
+            [-1, 1]; pretrained timm: its own pretrained_cfg).
     """
+    model = _build_model(backbone, num_classes=num_classes, image_size=image_size, pretrained=pretrained,
+                         checkpoint=checkpoint, seed=seed, pooling=pooling, dropout=dropout)
+    model.set_preprocessing(preprocessing or resolve_preprocessing(
+        backbone, image_size=image_size, pretrained=pretrained, checkpoint=checkpoint, is_text=model.is_text))
+    return model
+
+
+def _build_model(backbone: str, *, num_classes: int, image_size: int, pretrained: bool, checkpoint: str | None,
+                 seed: int, pooling: str, dropout: float | None) -> SplitModel:
     torch.manual_seed(seed)
     prefix, name = split_spec(backbone)
     if prefix == "timm":

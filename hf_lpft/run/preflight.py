@@ -31,7 +31,7 @@ import yaml
 from hf_lpft.config import ConfigError, ExperimentConfig, given_keys
 from hf_lpft.data.federate import Federation, FederationError, default_partition_by, federate_from_config, \
     num_classes_of
-from hf_lpft.data.load import load_source
+from hf_lpft.data.load import load_from_config
 from hf_lpft.strategies import Budget, Strategy, build_strategy
 
 logger = logging.getLogger(__name__)
@@ -375,24 +375,30 @@ def _check_repo(api, repo_id: str, kind: str, namespaces: list[str], endpoint: s
 
 
 # -- the dataset and the federation ----------------------------------------------------------------------------
+# datasets' packaged builders that read your own files (data.data_dir / data.data_files), not Hub ids.
+PACKAGED_BUILDERS = ("imagefolder", "audiofolder", "csv", "json", "parquet", "text", "arrow")
+
+
 def load_dataset_checked(cfg: ExperimentConfig) -> datasets.Dataset:
     """The source dataset; one that cannot be found or needs an unreachable Hub fails with a ConfigError
     naming ``data.dataset`` (in one line, within seconds)."""
     from hf_lpft.data.builtin import BUILTIN_DATASETS
 
     d = cfg.data
-    local = f"a folder written by Dataset.save_to_disk, or an embedded dataset {sorted(BUILTIN_DATASETS)}"
-    if d.dataset not in BUILTIN_DATASETS and not Path(d.dataset).exists() and looks_like_path(d.dataset):
+    local = (f"a folder written by Dataset.save_to_disk, your own files (imagefolder with data.data_dir; csv, json "
+             f"or parquet with data.data_files), or an embedded dataset {sorted(BUILTIN_DATASETS)}")
+    own_files = bool(d.data_dir or d.data_files) or d.dataset in PACKAGED_BUILDERS
+    if d.dataset not in BUILTIN_DATASETS and not own_files and not Path(d.dataset).exists() \
+            and looks_like_path(d.dataset):
         raise ConfigError(f"data.dataset={d.dataset!r} cannot be loaded: no such folder; give {local}, or a Hub "
                           "dataset id")
-    hub_id = d.dataset not in BUILTIN_DATASETS and not Path(d.dataset).exists()
+    hub_id = d.dataset not in BUILTIN_DATASETS and not own_files and not Path(d.dataset).exists()
     if hub_id and not hub_offline():
         require_hub(f"data.dataset={d.dataset!r} (not an embedded dataset or a local folder)", cached=False,
                     offline_fixes=f"set HF_HUB_OFFLINE=1 with the dataset in the HF cache (loaded once online), "
                                   f"or give {local}")
     try:
-        return load_source(d.dataset, split=d.split, config_name=d.dataset_config,
-                           builtin_kwargs={"n_per_domain": d.n_per_domain, "image_size": d.image_size})
+        return load_from_config(d, builtin_kwargs={"n_per_domain": d.n_per_domain, "image_size": d.image_size})
     except FederationError as err:  # e.g. a split the dataset does not have
         raise ConfigError(f"data.{err}") from err
     except (OSError, ValueError) as err:

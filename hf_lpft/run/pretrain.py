@@ -39,6 +39,7 @@ from hf_lpft.io import atomic_path, write_json
 from hf_lpft.models.backbone import SplitModel, build_model
 from hf_lpft.run.given_model import load_global_model
 from hf_lpft.train.loop import derive_seed
+from hf_lpft.data.preprocess import preprocessing_for
 from hf_lpft.train.optim import settings_from
 
 logger = logging.getLogger(__name__)
@@ -230,7 +231,8 @@ def pretrain(cfg: ExperimentConfig, clients: list[ClientData], num_classes: int,
         return SplitModel.from_pretrained(done).to(accelerator.device).eval(), saved[1]
     model = build_model(cfg.model.backbone, num_classes=num_classes, image_size=cfg.data.image_size,
                         pretrained=cfg.model.pretrained, checkpoint=cfg.model.checkpoint, pooling=cfg.model.pooling,
-                        dropout=cfg.model.dropout, seed=derive_seed(seed, "init") % 2**31).to(accelerator.device)
+                        dropout=cfg.model.dropout, seed=derive_seed(seed, "init") % 2**31,
+                        preprocessing=preprocessing_for(cfg)).to(accelerator.device)
     if saved is not None:
         model.load_state_dict(saved[0])
     settings = settings_from(f)

@@ -9,12 +9,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
+import sys
 import time
 from collections.abc import Callable
 
 import torch
 from accelerate import Accelerator
 from torch import nn
+from tqdm.auto import tqdm
 
 from hf_lpft.data.tensors import ClientData, iterate_batches
 from hf_lpft.train.freeze import (apply_phase, begin_bn_statistics, end_bn_statistics, head_module,
@@ -34,6 +37,33 @@ def derive_seed(*parts: object) -> int:
     """A 63-bit seed from any parts, e.g. (seed, strategy, client_id): independent of processing order."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+# Phases with at least this many optimizer steps show a progress bar (step, epoch, loss) on the main process.
+PROGRESS_MIN_STEPS = 200
+
+
+def show_progress(accelerator: Accelerator, steps: int) -> bool:
+    """A per-step bar for long phases, on the main process of an interactive terminal; ``HF_LPFT_PROGRESS=1``
+    forces it on (e.g. in a log file), ``0`` off. Tests and pipes stay quiet."""
+    wanted = os.environ.get("HF_LPFT_PROGRESS", "")
+    if wanted in ("0", "1"):
+        return wanted == "1" and accelerator.is_main_process
+    return accelerator.is_main_process and steps >= PROGRESS_MIN_STEPS and sys.stderr.isatty()
+
+
+def prepared_optimizer(optimizer: torch.optim.Optimizer, accelerator: Accelerator) -> torch.optim.Optimizer:
+    """With fp16 (``accelerator.scaler`` set) the optimizer accelerate prepares: it unscales the gradients,
+    skips steps with inf/NaN gradients and updates the GradScaler. Otherwise the optimizer itself."""
+    if accelerator.scaler is None:
+        return optimizer
+    return accelerator.prepare_optimizer(optimizer, device_placement=False)
+
+
+def release_optimizer(optimizer: torch.optim.Optimizer, accelerator: Accelerator) -> None:
+    """Forget a prepared optimizer (accelerate keeps every prepared one; a run prepares one per phase)."""
+    if optimizer in accelerator._optimizers:
+        accelerator._optimizers.remove(optimizer)
 
 
 LossHook = Callable[[nn.Module], torch.Tensor | None]
@@ -103,44 +133,48 @@ def train_phase(model: nn.Module, phase: Phase, data: ClientData, *, settings: O
         end_bn_statistics(model, momenta)
         return record
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, phase.lr, settings)  # new for every phase: no state leaks between stages
-    scheduler = make_scheduler(optimizer, settings, phase.epochs * math.ceil(len(data.train_y) / settings.batch_size))
+    raw = make_optimizer(params, phase.lr, settings)  # new for every phase: no state leaks between stages
+    scheduler = make_scheduler(raw, settings, phase.epochs * math.ceil(len(data.train_y) / settings.batch_size))
+    optimizer = prepared_optimizer(raw, accelerator)
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     inputs, forward = data.train_x, model
     blocker = cache_blocker(model, phase) if settings.cache_features else "feature caching is switched off"
     if blocker is None and hasattr(model, "features"):
         # The backbone is frozen and deterministic: compute its features once, train the head on them.
-        inputs = cached_features(model, data.train_x, phase, batch_size=256, device=accelerator.device)
+        with accelerator.autocast():  # the backbone runs in the run's precision, cached or not
+            inputs = cached_features(model, data.train_x, phase, batch_size=256, device=accelerator.device).float()
         forward = head_module(model)
     elif phase.trainable == "head":
         logger.info("phase %s: probing without feature cache (%s)", phase.name, blocker)
     record["cached_features"] = forward is not model
-    for epoch in range(phase.epochs):
-        set_train_mode(model, phase.bn)
-        loss_sum, n_seen = 0.0, 0
-        for xb, yb in iterate_batches(inputs, data.train_y, batch_size=settings.batch_size,
-                                      generator=generator, device=accelerator.device):
-            loss = nn.functional.cross_entropy(forward(xb), yb)
-            if not math.isfinite(loss.item()):
-                raise NonFiniteLossError(f"client {data.client_id}: loss is {loss.item()} in phase "
-                                         f"{phase.name!r}, epoch {epoch}; lower the learning rate")
-            loss_sum, n_seen = loss_sum + loss.item() * len(yb), n_seen + len(yb)
-            objective = flooded(loss, flood)
-            if extra_loss is not None and (extra := extra_loss(model)) is not None:
-                objective = objective + extra
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(objective)
-            if grad_hook is not None:
-                grad_hook(model)
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            if post_step is not None:
-                post_step(model)
-        record["epoch_loss"].append(loss_sum / max(n_seen, 1))
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, record["epoch_loss"][-1])
+    steps = phase.epochs * math.ceil(data.n_train / settings.batch_size)
+    bar = tqdm(total=steps, desc=f"{data.client_id}/{phase.name}", leave=False,
+               disable=not show_progress(accelerator, steps))
+    try:
+        for epoch in range(phase.epochs):
+            set_train_mode(model, phase.bn)
+            loss_sum, n_seen = 0.0, 0
+            for xb, yb in iterate_batches(inputs, data.train_y, batch_size=settings.batch_size,
+                                          generator=generator, device=accelerator.device):
+                with accelerator.autocast():  # accelerate's mixed precision (bf16 / fp16); a no-op in fp32
+                    loss = nn.functional.cross_entropy(forward(xb).float(), yb)
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise NonFiniteLossError(f"client {data.client_id}: loss is {value} in phase "
+                                             f"{phase.name!r}, epoch {epoch}; lower the learning rate")
+                loss_sum, n_seen = loss_sum + value * len(yb), n_seen + len(yb)
+                _step(model, flooded(loss, flood), optimizer, accelerator, extra_loss, grad_hook, post_step)
+                if scheduler is not None:
+                    scheduler.step()
+                bar.update()
+                bar.set_postfix(epoch=epoch, loss=f"{value:.4f}", refresh=False)
+            record["epoch_loss"].append(loss_sum / max(n_seen, 1))
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, record["epoch_loss"][-1])
+    finally:
+        bar.close()
+        release_optimizer(optimizer, accelerator)
     record["seconds"] = time.perf_counter() - start
     end_bn_statistics(model, momenta)
     model.eval()
@@ -174,6 +208,20 @@ def probe_to_convergence(model: nn.Module, phase: Phase, data: ClientData, *, ba
     return {"epoch_loss": [loss], "seconds": time.perf_counter() - start, "cached_features": True,
             "solver": "logreg", "l2": l2, "heldout_accuracy": {str(k): v for k, v in scores.items()},
             "iterations": fit.iterations}
+
+
+def _step(model: nn.Module, objective: torch.Tensor, optimizer: torch.optim.Optimizer, accelerator: Accelerator,
+          extra_loss: LossHook | None, grad_hook: GradHook | None, post_step: GradHook | None) -> None:
+    """One optimizer step on ``objective`` (+ the strategy's extra loss term), with its gradient hooks."""
+    if extra_loss is not None and (extra := extra_loss(model)) is not None:
+        objective = objective + extra
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(objective)  # with fp16: scaled, and the prepared optimizer unscales
+    if grad_hook is not None:
+        grad_hook(model)
+    optimizer.step()
+    if post_step is not None:
+        post_step(model)
 
 
 @torch.no_grad()
