@@ -44,10 +44,9 @@ from flwr.serverapp import strategy as flwr_strategies
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
-from hf_lpft.config import FL_STRATEGIES, ConfigError, ExperimentConfig, _coerce
+from hf_lpft.config import ConfigError, ExperimentConfig, _coerce
 from hf_lpft.data.tensors import ClientData
 from hf_lpft.federated.fedavg import accumulate, finish, sample_clients
-from hf_lpft.strategies.proximal import proximal_term
 from hf_lpft.train.loop import OptimSettings, accuracy, derive_seed, train_phase
 from hf_lpft.train.phase import Phase
 
@@ -73,6 +72,10 @@ def local_update(model: nn.Module, state: dict, client: ClientData, *, cfg: Expe
     model.load_state_dict(state)
     extra = None
     if proximal_mu > 0:
+        # imported here: the strategies package pulls in peft, which a SuperNode's per-message process
+        # running plain FedAvg does not need
+        from hf_lpft.strategies.proximal import proximal_term
+
         anchor = {n: p.detach().clone() for n, p in model.named_parameters()}  # detached: the term must not move it
         extra = lambda m: proximal_term({n: p for n, p in m.named_parameters() if p.requires_grad}, anchor,  # noqa: E731
                                         proximal_mu)
@@ -264,7 +267,7 @@ def check_fl_strategy(name: str, args: dict | None) -> dict:
     """Validated options of ``fedavg.fl_strategy`` (coerced to the declared types).
 
     Raises:
-        ConfigError: unknown strategy, unknown option (the error lists the allowed ones) or a bad value.
+        ConfigError: unknown strategy, unknown or missing option (the error lists the allowed ones) or a bad value.
     """
     if name not in FLOWER_STRATEGIES:
         raise ConfigError(f"fedavg.fl_strategy={name!r} is not allowed; choose one of {list(FLOWER_STRATEGIES)}")
@@ -273,6 +276,9 @@ def check_fl_strategy(name: str, args: dict | None) -> dict:
     if unknown:
         raise ConfigError(f"fedavg.fl_strategy_args: unknown option(s) {unknown} for {name!r}; allowed: "
                           f"{sorted(options) or 'none (fedavg is configured by fedavg.*)'}")
+    missing = sorted(k for k, (_, default) in options.items() if default is inspect.Parameter.empty and k not in args)
+    if missing:
+        raise ConfigError(f"fedavg.fl_strategy_args: {name!r} needs option(s) {missing}")
     out = {}
     for k, v in args.items():
         hint = options[k][0]

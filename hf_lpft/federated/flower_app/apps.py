@@ -4,6 +4,9 @@ Message types (one handler each): ``query`` (who is this node), ``train`` / ``ev
 round: local training, accuracy of the global model), ``train.pft`` (personalize every strategy on the
 node's data), ``evaluate.cross`` (score other clients' personalized models on the node's test split).
 Every message carries the study config and the seed, so a node needs only its node config.
+
+A SuperNode runs every message in a fresh process that imports this module: the server, the pipeline and
+peft are therefore imported inside the handlers that need them, not here (seconds per general-FL message).
 """
 
 from __future__ import annotations
@@ -15,9 +18,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from hf_lpft.federated.flower import evaluate_reply, train_reply
-from hf_lpft.federated.flower_app.node import (Node, cross_reply, describe_reply, load_node, personalize_reply,
-                                               skeleton, study_of)
-from hf_lpft.federated.flower_app.server import run_study, study_config
+from hf_lpft.federated.flower_app.node import Node, describe_reply, load_node, skeleton, study_of
 
 server_app = ServerApp()
 client_app = ClientApp()
@@ -29,6 +30,8 @@ _NODES: dict[tuple, tuple[Node, Accelerator, torch.nn.Module]] = {}
 
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
+    from hf_lpft.federated.flower_app.server import run_study, study_config
+
     rc = context.run_config
     run_study(grid, study_config(rc), num_nodes=int(rc.get("num-nodes", 0)), timeout=float(rc.get("timeout", 3600)))
 
@@ -66,11 +69,15 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @client_app.train("pft")
 def personalize(msg: Message, context: Context) -> Message:
+    from hf_lpft.federated.flower_app.node_pft import personalize_reply
+
     node, seed, accelerator, _ = _node(msg, context)
     return personalize_reply(msg, node, seed, accelerator)
 
 
 @client_app.evaluate("cross")
 def cross(msg: Message, context: Context) -> Message:
+    from hf_lpft.federated.flower_app.node_pft import cross_reply
+
     node, seed, accelerator, _ = _node(msg, context)
     return cross_reply(msg, node, seed, accelerator)

@@ -10,6 +10,10 @@ Each node finds its data from its node config (``flower-supernode --node-config 
 * ``partition-id=i`` alone (Flower's simulation sets it): client i of the study's own partition of ``data.dataset``.
 
 ``partition-id`` orders the clients (0..n-1, each once); seeds derive from the client id, as in the built-in engine.
+A SuperNode starts one process per message, so the decoded client is cached on the node (``cache-dir``,
+default ``<tmp>/hf_lpft_node_cache``; keyed by the data settings, the node config and the manifest's bytes),
+and the heavy modules (pipeline, strategies, peft) are imported only by the messages that personalize or
+score models (``node_pft``).
 Nothing but model weights, metrics and counts leaves the node (arXiv 2511.12695, Sec. 3: post-hoc PFT is local).
 """
 
@@ -21,25 +25,17 @@ import json
 import tempfile
 from pathlib import Path
 
-import datasets
 import torch
 import yaml
-from accelerate import Accelerator
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from hf_lpft import __version__
 from hf_lpft.config import ConfigError, ExperimentConfig, load_config
-from hf_lpft.data.federate import Federation, federate, federate_from_config
 from hf_lpft.data.tensors import ClientData
-from hf_lpft.evaluation.distortion import extract_features, features_and_predictions, linear_cka, mean_feature_distance
-from hf_lpft.evaluation.shared_features import SharedBackbone
-from hf_lpft.hub.load import _build
+from hf_lpft.io import atomic_path
 from hf_lpft.models.backbone import SplitModel, build_model
-from hf_lpft.pipeline import (build_strategies, check_dataset, client_inputs, cross_accuracy, load_dataset_checked,
-                              model_dir, personalize_unit, save_model)
-from hf_lpft.train.loop import accuracy
 
-NODE_KEYS = ("partition-id", "num-partitions", "manifest", "dataset", "dataset-dir", "client-id")
+NODE_KEYS = ("partition-id", "num-partitions", "manifest", "dataset", "dataset-dir", "client-id", "cache-dir")
 
 
 @dataclasses.dataclass
@@ -61,8 +57,12 @@ def study_of(conf: ConfigRecord) -> tuple[ExperimentConfig, int]:
     return load_config(None, values), int(conf["seed"])
 
 
-def _own_folder(cfg: ExperimentConfig, node_config: dict) -> tuple[datasets.Dataset, Federation, ExperimentConfig]:
+def _own_folder(cfg: ExperimentConfig, node_config: dict) -> tuple:
     """The node's own ``save_to_disk`` folder as a one-client federation (stratified train/test split)."""
+    import datasets
+
+    from hf_lpft.data.federate import federate
+
     path = Path(str(node_config["dataset-dir"]))
     if not (path / "dataset_info.json").is_file() and not (path / "state.json").is_file():
         raise ConfigError(f"node config dataset-dir={str(path)!r} is not a folder written by Dataset.save_to_disk")
@@ -78,8 +78,11 @@ def _own_folder(cfg: ExperimentConfig, node_config: dict) -> tuple[datasets.Data
     return ds, fed, dataclasses.replace(cfg, data=dataclasses.replace(d, dataset=str(path)))
 
 
-def _partition(cfg: ExperimentConfig, node_config: dict) -> tuple[datasets.Dataset, Federation, ExperimentConfig]:
+def _partition(cfg: ExperimentConfig, node_config: dict) -> tuple:
     """Client ``partition-id`` of a manifest (or of the study's own partition) of the source dataset."""
+    from hf_lpft.data.federate import federate_from_config
+    from hf_lpft.pipeline import check_dataset, load_dataset_checked
+
     data = dataclasses.replace(cfg.data, dataset=str(node_config.get("dataset", cfg.data.dataset)),
                                manifest=str(node_config["manifest"]) if "manifest" in node_config else None)
     cfg = dataclasses.replace(cfg, data=data)
@@ -89,8 +92,19 @@ def _partition(cfg: ExperimentConfig, node_config: dict) -> tuple[datasets.Datas
     return ds, fed, cfg
 
 
+def _cache_file(cfg: ExperimentConfig, node_config: dict) -> Path:
+    """Where this node's decoded client is cached: a hash of everything that decides it."""
+    manifest = Path(str(node_config.get("manifest", "")))
+    key = json.dumps([dataclasses.asdict(cfg.data), cfg.model.backbone, sorted((k, str(v)) for k, v in
+                      node_config.items() if k != "cache-dir"),
+                      hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None], default=str)
+    root = Path(str(node_config.get("cache-dir", Path(tempfile.gettempdir()) / "hf_lpft_node_cache")))
+    return root / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
+
+
 def load_node(cfg: ExperimentConfig, node_config: dict) -> Node:
-    """This node's client (see the module docstring for the node config keys).
+    """This node's client (see the module docstring for the node config keys), from the node's cache when
+    an earlier message decoded it.
 
     Raises:
         ConfigError: a missing or bad node config value, named.
@@ -99,14 +113,29 @@ def load_node(cfg: ExperimentConfig, node_config: dict) -> Node:
     if "partition-id" not in node_config or unknown:
         raise ConfigError(f"node config {dict(node_config)!r}: needs partition-id (and manifest=..., dataset-dir=... "
                           f"or neither); unknown keys {unknown}; allowed: {list(NODE_KEYS)}")
+    cache = _cache_file(cfg, node_config)
+    if cache.is_file():
+        saved = torch.load(cache, weights_only=False)  # written by this node (below), not received
+        return Node(saved["index"], saved["client"], saved["num_classes"], cfg, saved["summary"])
+    node = _decode_node(cfg, node_config)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(cache) as tmp:
+        torch.save({"index": node.index, "client": node.client, "num_classes": node.num_classes,
+                    "summary": node.summary}, tmp)
+    return node
+
+
+def _decode_node(cfg: ExperimentConfig, node_config: dict) -> Node:
+    from hf_lpft.pipeline import client_inputs
+
     i = int(node_config["partition-id"])
     own = "dataset-dir" in node_config
-    ds, fed, cfg = _own_folder(cfg, node_config) if own else _partition(cfg, node_config)
+    ds, fed, data_cfg = _own_folder(cfg, node_config) if own else _partition(cfg, node_config)
     k = 0 if own else i
     if not 0 <= k < len(fed.clients):
         raise ConfigError(f"node config partition-id={i} but the federation has {len(fed.clients)} clients")
     mine = dataclasses.replace(fed, clients=[fed.clients[k]])  # decode this client's rows only
-    client = client_inputs(cfg, ds, mine)[0]
+    client = client_inputs(data_cfg, ds, mine)[0]
     entry = mine.to_manifest()["clients"][0]
     summary = {key: entry[key] for key in ("client_id", "n_train", "n_test", "label_hist_train", "label_hist_test",
                                            "shift")}
@@ -133,70 +162,4 @@ def describe_reply(msg: Message, node: Node) -> Message:
     return Message(RecordDict({"metrics": metrics, "node": info}), reply_to=msg)
 
 
-def folder_files(folder: Path) -> dict[str, bytes]:
-    """Every file of an exported model folder, by relative path."""
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def personalize_reply(msg: Message, node: Node, seed: int, accelerator: Accelerator) -> Message:
-    """TRAIN ``pft``: every strategy on this node's data from θ_G (``personalize_unit``, the pipeline's own
-    unit: same seeds, loop and export); replies the unit records, θ_G's and each model's accuracy on
-    the own test split and the exported model folders (models travel, data does not)."""
-    cfg, client = node.cfg, node.client
-    device = accelerator.device
-    global_model = skeleton(cfg, node.num_classes, msg.content["arrays"].to_torch_state_dict()).to(device)
-    reference = ([extract_features(global_model, client.test_x, batch_size=cfg.run.eval_batch_size, device=device)]
-                 if cfg.run.distortion else None)
-    shared = SharedBackbone(global_model, [client], batch_size=cfg.run.eval_batch_size, device=device)
-    records, files = {}, ConfigRecord({})
-    with tempfile.TemporaryDirectory(prefix="hf_lpft_node_") as tmp:
-        for name, strategy in build_strategies(cfg).items():
-            records[name] = personalize_unit(cfg, strategy, global_model, [client], 0, seed=seed, out=Path(tmp),
-                                             accelerator=accelerator, reference=reference, shared=shared)
-            folder = model_dir(Path(tmp), cfg, seed, "clients", name, client.client_id)
-            for rel, content in (folder_files(folder) if folder.is_dir() else {}).items():
-                files[f"{name}/{rel}"] = content
-    global_acc = cross_accuracy(global_model, [client], cfg=cfg, device=device)[0]
-    info = ConfigRecord({"records": json.dumps(records)})
-    metrics = MetricRecord({"client-index": node.index, "global-acc": global_acc})
-    return Message(RecordDict({"metrics": metrics, "records": info, "files": files}), reply_to=msg)
-
-
-def _scores(model, ref, client: ClientData, cfg: ExperimentConfig, device) -> dict:
-    """Accuracy (and Δ, CKA against θ_G's features ``ref``) of ``model`` on the client's test split:
-    the per-split numbers ``evaluate_on_clients`` computes in the pipeline."""
-    if ref is None:
-        acc = accuracy(model, client.test_x, client.test_y, batch_size=cfg.run.eval_batch_size, device=device)
-        return {"acc": acc, "distortion": float("nan"), "cka": float("nan")}
-    feats, pred = features_and_predictions(model, client.test_x, batch_size=cfg.run.eval_batch_size, device=device)
-    acc = (pred == client.test_y).float().mean().item() if len(client.test_y) else float("nan")
-    return {"acc": acc, "distortion": mean_feature_distance(ref, feats), "cka": linear_cka(ref, feats)}
-
-
-def cross_reply(msg: Message, node: Node, seed: int, accelerator: Accelerator) -> Message:
-    """EVALUATE ``cross``: other clients' personalized models (their exported folders) scored on this
-    node's test split: accuracy, and with ``run.distortion`` Δ and CKA against θ_G (the paper's Global)."""
-    cfg, device = node.cfg, accelerator.device
-    global_model = skeleton(cfg, node.num_classes, msg.content["arrays"].to_torch_state_dict())
-    ref = (extract_features(global_model.to(device), node.client.test_x, batch_size=cfg.run.eval_batch_size,
-                            device=device) if cfg.run.distortion else None)
-    wanted = json.loads(str(msg.content["config"]["models"]))  # [[strategy, client_id], ...]
-    files = msg.content["files"]
-    scores = []
-    with tempfile.TemporaryDirectory(prefix="hf_lpft_node_") as tmp:
-        root = Path(tmp)
-        save_model(global_model.cpu(), root / "global")
-        for strategy, client_id in wanted:
-            folder, prefix = root / "clients" / strategy / client_id, f"{strategy}/{client_id}/"
-            for key in (k for k in files if k.startswith(prefix)):
-                (folder / key[len(prefix):]).parent.mkdir(parents=True, exist_ok=True)
-                (folder / key[len(prefix):]).write_bytes(files[key])
-            model = _build(root, f"clients/{strategy}/{client_id}", seed=seed, multi_seed=False).to(device)
-            with torch.no_grad():
-                scores.append(_scores(model, ref, node.client, cfg, device))
-    return Message(RecordDict({"metrics": MetricRecord({"client-index": node.index}),
-                               "scores": ConfigRecord({"scores": json.dumps(scores)})}), reply_to=msg)
-
-
-__all__ = ["NODE_KEYS", "Node", "cross_reply", "describe_reply", "load_node", "personalize_reply", "skeleton",
-           "study_of"]
+__all__ = ["NODE_KEYS", "Node", "describe_reply", "load_node", "skeleton", "study_of"]
