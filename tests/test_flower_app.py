@@ -241,3 +241,34 @@ def test_flower_app_config_and_refusals(tmp_path):
         study_config({"overrides": "--pft.eval_every 2"})
     with pytest.raises(ConfigError, match="unknown option"):
         study_config({"overrides": "--fedavg.fl_strategy fedadam --fedavg.fl_strategy_args '{lr: 0.01}'"})
+
+
+def test_node_finds_its_data_from_its_node_config(tmp_path, tiny_ds_path):
+    import torch
+
+    from hf_lpft.federated.flower_app.node import load_node
+    from hf_lpft.pipeline import build_federation
+
+    cfg = load_config(None, {"data": {"dataset": tiny_ds_path, "num_classes": 4}})
+    _, clients = build_federation(cfg, tmp_path / "run")  # the built-in engine's clients and manifest
+    manifest = str(tmp_path / "run" / "federation" / "manifest.json")
+    for attempt in ("decoded", "cached"):
+        node = load_node(cfg, {"partition-id": 1, "manifest": manifest, "cache-dir": str(tmp_path / "cache")})
+        assert node.index == 1 and node.num_classes == 4 and node.client.client_id == clients[1].client_id, attempt
+        for part in ("train_x", "train_y", "test_x", "test_y"):
+            assert torch.equal(getattr(node.client, part), getattr(clients[1], part)), (attempt, part)
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    own = tmp_path / "site"  # a data holder's own folder, split on the node
+    datasets.DatasetDict({"train": make_image_dataset(20, domains=("z",))}).save_to_disk(str(own))
+    node = load_node(cfg, {"partition-id": 0, "dataset-dir": str(own), "client-id": "hospital-z",
+                           "cache-dir": str(tmp_path / "cache")})
+    assert node.client.client_id == "hospital-z" and (node.client.n_train, node.client.n_test) == (15, 5)
+    assert set(node.client.test_y.tolist()) == {0, 1, 2, 3}  # stratified by label
+    with pytest.raises(ConfigError, match="needs partition-id"):
+        load_node(cfg, {"manifest": manifest})
+    with pytest.raises(ConfigError, match="unknown keys \\['partition'\\]"):
+        load_node(cfg, {"partition-id": 0, "partition": 1})
+    with pytest.raises(ConfigError, match="partition-id=7 but the federation has 3 clients"):
+        load_node(cfg, {"partition-id": 7, "manifest": manifest, "cache-dir": str(tmp_path / "cache")})
+    with pytest.raises(ConfigError, match="is not a folder written by Dataset.save_to_disk"):
+        load_node(cfg, {"partition-id": 0, "dataset-dir": str(tmp_path), "cache-dir": str(tmp_path / "cache")})

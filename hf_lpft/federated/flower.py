@@ -147,12 +147,7 @@ def evaluate_reply(msg: Message, model: nn.Module, client: ClientData, i: int, *
 
 def _valid(replies, what: str) -> list[RecordDict]:
     """Reply contents sorted by client index; a failed client fails the round (no silent partial average)."""
-    replies = list(replies)
-    errors = [m for m in replies if m.has_error()]
-    if errors:
-        raise RuntimeError(f"{what}: {len(errors)} client(s) failed, e.g. node {errors[0].metadata.src_node_id}: "
-                           f"{errors[0].error.reason}")
-    return sorted((m.content for m in replies), key=lambda c: int(c["metrics"]["client-index"]))
+    return sorted((m.content for m in _valid_messages(replies, what)), key=lambda c: int(c["metrics"]["client-index"]))
 
 
 class _Nodes:
@@ -217,6 +212,7 @@ class SeededNodes:
 
 
 def _valid_messages(replies, what: str) -> list[Message]:
+    """The replies of a round; any failed client raises, naming its node and reason."""
     replies = list(replies)
     errors = [m for m in replies if m.has_error()]
     if errors:

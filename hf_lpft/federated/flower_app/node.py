@@ -64,7 +64,7 @@ def _own_folder(cfg: ExperimentConfig, node_config: dict) -> tuple:
     from hf_lpft.data.federate import federate
 
     path = Path(str(node_config["dataset-dir"]))
-    if not (path / "dataset_info.json").is_file() and not (path / "state.json").is_file():
+    if not any((path / name).is_file() for name in ("dataset_info.json", "state.json", "dataset_dict.json")):
         raise ConfigError(f"node config dataset-dir={str(path)!r} is not a folder written by Dataset.save_to_disk")
     ds, d = datasets.load_from_disk(str(path)), cfg.data
     if isinstance(ds, datasets.DatasetDict):
