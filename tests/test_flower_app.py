@@ -83,7 +83,7 @@ def _flower_env(tmp_path: Path, port: int) -> dict:
 
 
 @pytest.mark.distributed
-@pytest.mark.slow  # ~230 s on 2 busy cores: every message round starts a Python process per node (Flower's design)
+@pytest.mark.slow  # 150-230 s on 2 busy cores (load 6-11): every message round starts a Python process per node (Flower's design)
 def test_flwr_run_on_superlink_and_supernodes_equals_the_builtin_engine(tmp_path):
     from hf_lpft.federated.flower_app import APP_DIR
 
