@@ -219,6 +219,9 @@ SCHEDULES = ("constant", "cosine")
 REPORT_TO = ("none", "tensorboard", "trackio", "wandb")
 FEDAVG_BN_MODES = ("averaged", "local")
 FEDAVG_ENGINES = ("builtin", "flower")
+# general-FL methods of the Flower engine (hf_lpft.federated.flower.FLOWER_STRATEGIES maps them to classes)
+FL_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedadagrad", "fedyogi", "fedavgm", "fedmedian", "fedtrimmedavg",
+                 "krum", "multikrum", "bulyan", "qfedavg")
 
 
 @dataclass
@@ -237,6 +240,8 @@ class FedAvgConfig:
 
     schedule: str = field(default="constant", metadata={"help": "Local lr over the rounds: constant, or cosine (round r uses lr x 0.5 (1 + cos(pi r / rounds)))."})
     engine: str = field(default="builtin", metadata={"help": "Who runs FedAvg: builtin (hf_lpft's loop; clients sharded over accelerate/torchrun processes) or flower (a Flower ServerApp/ClientApp in Flower's local simulation; pip install 'hf-lpft[flower]'; one process; the same global model as builtin)."})
+    fl_strategy: str = field(default="fedavg", metadata={"help": "General-FL method of the Flower engine and the Flower App: fedavg (hf_lpft's FedAvg, equal to builtin) or a Flower strategy: fedprox, fedadam, fedadagrad, fedyogi, fedavgm, fedmedian, fedtrimmedavg, krum, multikrum, bulyan, qfedavg (clients sampled as fedavg.client_fraction says). builtin runs fedavg only."})
+    fl_strategy_args: dict[str, Any] = field(default_factory=dict, metadata={"help": "Options of the Flower strategy, checked against its constructor, e.g. {proximal_mu: 0.1} for fedprox or {eta: 0.01, tau: 0.001} for fedadam; sampling and message keys are hf_lpft's."})
 
     def __post_init__(self) -> None:
         check_field_types(self, "fedavg")
@@ -253,6 +258,11 @@ class FedAvgConfig:
         _check(0.0 <= self.momentum < 1.0, f"fedavg.momentum={self.momentum!r} must be in [0, 1)")
         _check_positive("fedavg.weight_decay", self.weight_decay, allow_zero=True)
         _check(self.batch_size >= 1, f"fedavg.batch_size={self.batch_size!r} must be >= 1")
+        _check_choice("fedavg.fl_strategy", self.fl_strategy, FL_STRATEGIES)
+        _check(self.fl_strategy == "fedavg" or self.engine == "flower", f"fedavg.fl_strategy={self.fl_strategy!r} "
+               "is a Flower strategy; it needs fedavg.engine='flower' (builtin runs fedavg only)")
+        _check(isinstance(self.fl_strategy_args, dict), f"fedavg.fl_strategy_args={self.fl_strategy_args!r} must be "
+               "a mapping of options")
 
 
 @dataclass

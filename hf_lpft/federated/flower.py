@@ -17,14 +17,22 @@ The apps reuse hf_lpft's pieces, so both engines train the same thing:
 
 Hence, given the same config and seed, the Flower global model equals the built-in engine's (same local
 seeds, same sampling, same summation order; tested). FedBN (``fedavg.bn: local``) is built-in only.
+
+Other general-FL methods (``fedavg.fl_strategy``): Flower's own strategies (FedProx, FedAdam, FedAvgM, ...,
+:data:`FLOWER_STRATEGIES`) with their options (``fedavg.fl_strategy_args``, checked against the class's
+signature), driven through :class:`SeededNodes` so sampling and node mapping stay hf_lpft's; their
+aggregation is Flower's. The paper presents post-hoc PFT as plug-and-play after any general FL method
+(arXiv 2511.12695, Sec. 3); the Flower App (``hf_lpft.federated.flower_app``) runs PFT after any of them.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import logging
 import time
+import typing
 from collections.abc import Callable
 
 import numpy as np
@@ -33,10 +41,11 @@ from accelerate import Accelerator
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp import strategy as flwr_strategies
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
-from hf_lpft.config import ExperimentConfig
+from hf_lpft.config import ConfigError, ExperimentConfig, _coerce
 from hf_lpft.data.tensors import ClientData
 from hf_lpft.federated.fedavg import accumulate, finish, sample_clients
 from hf_lpft.train.loop import accuracy, derive_seed, train_phase
@@ -54,16 +63,32 @@ def to_arrays(state: dict) -> ArrayRecord:
 
 
 def local_update(model: nn.Module, state: dict, client: ClientData, *, cfg: ExperimentConfig, rnd: int, seed: int,
-                 accelerator: Accelerator) -> dict:
-    """One client's FedAvg local training from ``state``, exactly as the built-in engine does it."""
+                 accelerator: Accelerator, proximal_mu: float = 0.0) -> tuple[dict, float]:
+    """One client's local training from ``state``, exactly as the built-in engine's FedAvg does it; with
+    ``proximal_mu`` > 0 (FedProx, Li et al. 2020) plus (mu/2)·||w − w_global||² in the loss.
+
+    Returns:
+        The trained state and the mean loss of the last local epoch (NaN if none).
+    """
     f = cfg.fedavg
     model.load_state_dict(state)
+    extra = None
+    if proximal_mu > 0:
+        # imported here: the strategies package pulls in peft, which a SuperNode's per-message process
+        # running plain FedAvg does not need
+        from hf_lpft.strategies.proximal import proximal_term
+
+        anchor = {n: p.detach().clone() for n, p in model.named_parameters()}  # detached: the term must not move it
+        extra = lambda m: proximal_term({n: p for n, p in m.named_parameters() if p.requires_grad}, anchor,  # noqa: E731
+                                        proximal_mu)
     settings = settings_from(f)
     lr = round_lr(f.lr, settings, rnd=rnd, rounds=f.rounds)  # rnd is 0-based, as in the built-in engine
-    train_phase(model, Phase("fedavg_local", "all", f.local_epochs, lr, bn="train"), client,
-                settings=dataclasses.replace(settings, schedule="constant"),
-                accelerator=accelerator, seed=derive_seed(seed, "fedavg", rnd, client.client_id))
-    return model.state_dict()
+    record = train_phase(model, Phase("fedavg_local", "all", f.local_epochs, lr, bn="train"), client,
+                         settings=dataclasses.replace(settings, schedule="constant"),
+                         accelerator=accelerator, seed=derive_seed(seed, "fedavg", rnd, client.client_id),
+                         extra_loss=extra)
+    losses = record.get("epoch_loss") or [float("nan")]
+    return model.state_dict(), float(losses[-1])
 
 
 def make_client_app(cfg: ExperimentConfig, clients: list[ClientData], skeleton: nn.Module, *, seed: int) -> ClientApp:
@@ -94,70 +119,118 @@ def make_client_app(cfg: ExperimentConfig, clients: list[ClientData], skeleton: 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         i, model, accelerator = setup(context)
-        conf = msg.content["config"]
-        rnd = int(conf["round-offset"]) + int(conf["server-round"]) - 1  # 0-based, as in the built-in engine
-        state = local_update(model, msg.content["arrays"].to_torch_state_dict(), clients[i], cfg=cfg, rnd=rnd,
-                             seed=seed, accelerator=accelerator)
-        metrics = MetricRecord({"num-examples": clients[i].n_train, "client-index": i})
-        return Message(RecordDict({"arrays": to_arrays(state), "metrics": metrics}), reply_to=msg)
+        return train_reply(msg, model, clients[i], i, cfg=cfg, seed=seed, accelerator=accelerator)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         i, model, accelerator = setup(context)
-        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-        acc = accuracy(model, clients[i].test_x, clients[i].test_y, batch_size=256,  # as mean_test_accuracy
-                       device=accelerator.device)
-        metrics = MetricRecord({"accuracy": acc, "num-examples": 1, "client-index": i})
-        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+        return evaluate_reply(msg, model, clients[i], i, device=accelerator.device)
 
     return app
 
 
+def train_reply(msg: Message, model: nn.Module, client: ClientData, i: int, *, cfg: ExperimentConfig, seed: int,
+                accelerator: Accelerator) -> Message:
+    """A TRAIN message answered: local training from the message's arrays (with FedProx's ``proximal-mu``)."""
+    conf = msg.content["config"]
+    rnd = int(conf["round-offset"]) + int(conf["server-round"]) - 1  # 0-based, as in the built-in engine
+    mu = float(conf["proximal-mu"]) if "proximal-mu" in conf else 0.0
+    state, loss = local_update(model, msg.content["arrays"].to_torch_state_dict(), client, cfg=cfg, rnd=rnd,
+                               seed=seed, accelerator=accelerator, proximal_mu=mu)
+    metrics = MetricRecord({"num-examples": client.n_train, "client-index": i, "train_loss": loss})
+    return Message(RecordDict({"arrays": to_arrays(state), "metrics": metrics}), reply_to=msg)
+
+
+def evaluate_reply(msg: Message, model: nn.Module, client: ClientData, i: int, *, device) -> Message:
+    """An EVALUATE message answered: accuracy of the message's arrays on the client's test split."""
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    acc = accuracy(model, client.test_x, client.test_y, batch_size=256, device=device)  # as mean_test_accuracy
+    metrics = MetricRecord({"accuracy": acc, "num-examples": 1, "client-index": i})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
 def _valid(replies, what: str) -> list[RecordDict]:
     """Reply contents sorted by client index; a failed client fails the round (no silent partial average)."""
-    replies = list(replies)
-    errors = [m for m in replies if m.has_error()]
-    if errors:
-        raise RuntimeError(f"{what}: {len(errors)} client(s) failed, e.g. node {errors[0].metadata.src_node_id}: "
-                           f"{errors[0].error.reason}")
-    return sorted((m.content for m in replies), key=lambda c: int(c["metrics"]["client-index"]))
+    return sorted((m.content for m in _valid_messages(replies, what)), key=lambda c: int(c["metrics"]["client-index"]))
 
 
-class ExampleWeightedFedAvg(FedAvg):
-    """Flower's FedAvg with hf_lpft's client sampling, aggregation and evaluation (module docstring)."""
+class _Nodes:
+    """A stand-in Grid for Flower's node sampling: it sees only the nodes hf_lpft picked."""
 
-    def __init__(self, *, n_clients: int, client_fraction: float, seed: int, round_offset: int = 0):
-        super().__init__(fraction_train=client_fraction, min_available_nodes=n_clients)
+    def __init__(self, node_ids: list[int]):
+        self.node_ids = node_ids
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_ids)
+
+
+class SeededNodes:
+    """Mixin over a Flower strategy: hf_lpft's seeded client sampling, node mapping, failure handling and
+    evaluation (module docstring); training configuration and aggregation stay the strategy's own."""
+
+    def setup_nodes(self, *, n_clients: int, client_fraction: float, seed: int, round_offset: int = 0) -> None:
         self.n_clients, self.client_fraction, self.seed = n_clients, client_fraction, seed
         self.round_offset = round_offset
         self.node_of: dict[int, int] = {}  # client index -> node id
         self.last_accuracy: float | None = None
 
-    def map_nodes(self, grid: Grid, timeout: float) -> None:
-        """Ask every node for its partition id (a QUERY round) once all ``n_clients`` nodes are up."""
+    def map_nodes(self, grid: Grid, timeout: float, config: ConfigRecord | None = None) -> list[RecordDict]:
+        """Ask every node for its partition id (a QUERY round) once all ``n_clients`` nodes are up; return
+        the replies' contents in client order (``config`` travels with the query, e.g. the study config)."""
         deadline = time.monotonic() + timeout
         while len(nodes := list(grid.get_node_ids())) < self.n_clients and time.monotonic() < deadline:
             time.sleep(0.2)  # nodes register asynchronously (in the simulation too)
-        replies = grid.send_and_receive([Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n,
-                                                 message_type=MessageType.QUERY) for n in nodes], timeout=timeout)
-        replies = list(replies)
-        self.node_of = {int(m.content["metrics"]["client-index"]): m.metadata.src_node_id
-                        for m in replies if not m.has_error()}
-        if sorted(self.node_of) != list(range(self.n_clients)):
+        query = RecordDict({"config": config if config is not None else ConfigRecord({})})
+        replies = list(grid.send_and_receive([Message(copy.deepcopy(query), dst_node_id=n,
+                                                      message_type=MessageType.QUERY) for n in nodes],
+                                             timeout=timeout))
+        ok = [m for m in replies if not m.has_error()]
+        self.node_of = {int(m.content["metrics"]["client-index"]): m.metadata.src_node_id for m in ok}
+        if sorted(self.node_of) != list(range(self.n_clients)) or len(ok) != len(self.node_of):
             errors = sorted({m.error.reason for m in replies if m.has_error()})
-            raise RuntimeError(f"{len(nodes)} node(s) report partition ids {sorted(self.node_of)}; expected "
-                               f"0..{self.n_clients - 1}" + (f"; errors: {errors}" if errors else ""))
-
-    def _messages(self, node_ids: list[int], arrays: ArrayRecord, config: ConfigRecord, kind: str) -> list[Message]:
-        return [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=n, message_type=kind)
-                for n in node_ids]
+            raise RuntimeError(f"{len(nodes)} node(s) report partition ids "
+                               f"{sorted(int(m.content['metrics']['client-index']) for m in ok)}; expected each of "
+                               f"0..{self.n_clients - 1} once" + (f"; errors: {errors}" if errors else ""))
+        return sorted((m.content for m in ok), key=lambda c: int(c["metrics"]["client-index"]))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         rnd = self.round_offset + server_round - 1
         rng = np.random.default_rng(derive_seed(self.seed, "fedavg-sampling", rnd))
         picked = sample_clients(self.n_clients, self.client_fraction, rng)
-        config["server-round"], config["round-offset"] = server_round, self.round_offset
-        return self._messages([self.node_of[i] for i in picked], arrays, config, MessageType.TRAIN)
+        config["round-offset"] = self.round_offset
+        return super().configure_train(server_round, arrays, config, _Nodes([self.node_of[i] for i in picked]))
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        return super().configure_evaluate(server_round, arrays, config, _Nodes(list(self.node_of.values())))
+
+    def aggregate_train(self, server_round: int, replies):
+        # every reply valid, in client order: a failed client fails the round (no silent partial average)
+        replies = sorted(_valid_messages(replies, f"round {self.round_offset + server_round}"),
+                         key=lambda m: int(m.content["metrics"]["client-index"]))
+        return super().aggregate_train(server_round, replies)
+
+    def aggregate_evaluate(self, server_round: int, replies):
+        contents = _valid(replies, f"evaluation of round {self.round_offset + server_round}")
+        self.last_accuracy = float(np.mean([float(c["metrics"]["accuracy"]) for c in contents]))
+        return MetricRecord({"global_test_acc": self.last_accuracy})
+
+
+def _valid_messages(replies, what: str) -> list[Message]:
+    """The replies of a round; any failed client raises, naming its node and reason."""
+    replies = list(replies)
+    errors = [m for m in replies if m.has_error()]
+    if errors:
+        raise RuntimeError(f"{what}: {len(errors)} client(s) failed, e.g. node {errors[0].metadata.src_node_id}: "
+                           f"{errors[0].error.reason}")
+    return replies
+
+
+class ExampleWeightedFedAvg(SeededNodes, FedAvg):
+    """Flower's FedAvg with hf_lpft's client sampling, aggregation and evaluation (module docstring)."""
+
+    def __init__(self, *, n_clients: int, client_fraction: float, seed: int, round_offset: int = 0):
+        super().__init__(fraction_train=1.0, min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
+        self.setup_nodes(n_clients=n_clients, client_fraction=client_fraction, seed=seed, round_offset=round_offset)
 
     def aggregate_train(self, server_round: int, replies):
         contents = _valid(replies, f"round {self.round_offset + server_round}")
@@ -168,47 +241,132 @@ class ExampleWeightedFedAvg(FedAvg):
         state = finish(acc, total, contents[0]["arrays"].to_torch_state_dict())
         return to_arrays(state), MetricRecord({"num-examples": int(total)})
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        config["server-round"] = server_round
-        return self._messages([self.node_of[i] for i in range(self.n_clients)], arrays, config, MessageType.EVALUATE)
 
-    def aggregate_evaluate(self, server_round: int, replies):
-        contents = _valid(replies, f"evaluation of round {self.round_offset + server_round}")
-        self.last_accuracy = float(np.mean([float(c["metrics"]["accuracy"]) for c in contents]))
-        return MetricRecord({"global_test_acc": self.last_accuracy})
+# fedavg.fl_strategy -> Flower class name (hf_lpft.config.FL_STRATEGIES lists the same names)
+FLOWER_STRATEGIES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedadam": "FedAdam", "fedadagrad": "FedAdagrad",
+                     "fedyogi": "FedYogi", "fedavgm": "FedAvgM", "fedmedian": "FedMedian",
+                     "fedtrimmedavg": "FedTrimmedAvg", "krum": "Krum", "multikrum": "MultiKrum", "bulyan": "Bulyan",
+                     "qfedavg": "QFedAvg"}
+# constructor arguments hf_lpft sets itself: sampling is SeededNodes', the message layout is the ClientApp's
+MANAGED_ARGS = frozenset({"fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes",
+                          "min_available_nodes", "weighted_by_key", "arrayrecord_key", "configrecord_key",
+                          "train_metrics_aggr_fn", "evaluate_metrics_aggr_fn", "train_loss_key"})
+
+
+def strategy_options(name: str) -> dict[str, tuple[type, object]]:
+    """The options of Flower strategy ``name`` a user may set: option -> (type, default)."""
+    if name == "fedavg":
+        return {}  # hf_lpft's FedAvg (equal to the built-in engine) has no options beyond fedavg.*
+    cls = getattr(flwr_strategies, FLOWER_STRATEGIES[name])
+    hints = typing.get_type_hints(cls.__init__)
+    return {k: (hints.get(k, object), p.default) for k, p in inspect.signature(cls.__init__).parameters.items()
+            if k != "self" and k not in MANAGED_ARGS and p.kind is not p.VAR_KEYWORD}
+
+
+def check_fl_strategy(name: str, args: dict | None) -> dict:
+    """Validated options of ``fedavg.fl_strategy`` (coerced to the declared types).
+
+    Raises:
+        ConfigError: unknown strategy, unknown or missing option (the error lists the allowed ones) or a bad value.
+    """
+    if name not in FLOWER_STRATEGIES:
+        raise ConfigError(f"fedavg.fl_strategy={name!r} is not allowed; choose one of {list(FLOWER_STRATEGIES)}")
+    options, args = strategy_options(name), dict(args or {})
+    unknown = sorted(set(args) - set(options))
+    if unknown:
+        raise ConfigError(f"fedavg.fl_strategy_args: unknown option(s) {unknown} for {name!r}; allowed: "
+                          f"{sorted(options) or 'none (fedavg is configured by fedavg.*)'}")
+    missing = sorted(k for k, (_, default) in options.items() if default is inspect.Parameter.empty and k not in args)
+    if missing:
+        raise ConfigError(f"fedavg.fl_strategy_args: {name!r} needs option(s) {missing}")
+    out = {}
+    for k, v in args.items():
+        hint = options[k][0]
+        out[k] = _coerce(f"fedavg.fl_strategy_args.{k}", v, hint) if hint in (int, float, bool, str) else v
+        if hint in (int, float, bool, str) and not isinstance(out[k], hint):
+            raise ConfigError(f"fedavg.fl_strategy_args.{k}={v!r} must be a {hint.__name__}")
+    return out
+
+
+def build_fl_strategy(name: str, args: dict | None, *, n_clients: int, client_fraction: float, seed: int,
+                      round_offset: int = 0) -> SeededNodes:
+    """The general-FL strategy ``name`` (``fedavg.fl_strategy``) with its validated options."""
+    options = check_fl_strategy(name, args)
+    if name == "fedavg":
+        return ExampleWeightedFedAvg(n_clients=n_clients, client_fraction=client_fraction, seed=seed,
+                                     round_offset=round_offset)
+    base = getattr(flwr_strategies, FLOWER_STRATEGIES[name])
+    cls = type(f"Seeded{base.__name__}", (SeededNodes, base), {})
+    strategy = cls(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=1,
+                   min_available_nodes=1, **options)
+    strategy.setup_nodes(n_clients=n_clients, client_fraction=client_fraction, seed=seed, round_offset=round_offset)
+    return strategy
+
+
+def describe_fl_strategy(cfg: ExperimentConfig) -> dict:
+    """The general-FL method of a run, for the run record and the cards."""
+    f = cfg.fedavg
+    options = check_fl_strategy(f.fl_strategy, f.fl_strategy_args)
+    source = "hf_lpft FedAvg (float64 example-weighted, equal to the built-in engine)" if f.fl_strategy == "fedavg" \
+        else f"flwr.serverapp.strategy.{FLOWER_STRATEGIES[f.fl_strategy]}"
+    return {"name": f.fl_strategy, "implementation": source,
+            "options": {k: (d if k not in options else options[k]) for k, (_, d) in
+                        strategy_options(f.fl_strategy).items() if isinstance(d, (int, float, bool, str))}}
+
+
+def like(state: dict, reference: dict) -> dict:
+    """``state`` with the dtypes of ``reference`` (Flower's strategies return float arrays for integer buffers)."""
+    return {k: v.to(reference[k].dtype) if k in reference else v for k, v in state.items()}
+
+
+def run_rounds(grid: Grid, strategy: SeededNodes, initial_state: dict, *, rounds: int, start_round: int = 0,
+               history: list[dict] | None = None, on_round_end: RoundCallback | None = None,
+               timeout: float = 3600.0, train_config: ConfigRecord | None = None) -> tuple[dict, list[dict]]:
+    """Rounds ``start_round + 1 .. rounds`` of ``strategy`` (nodes already mapped) from ``initial_state``.
+
+    ``on_round_end(round, state, history)`` runs after every round (e.g. the run's checkpoint);
+    ``train_config`` travels with every TRAIN and EVALUATE message.
+    """
+    history = list(history or [])
+    if rounds <= start_round:
+        return dict(initial_state), history
+
+    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:  # Flower also calls this before the first round
+            return None
+        history.append({"round": start_round + server_round, "global_test_acc": strategy.last_accuracy})
+        if on_round_end is not None:
+            on_round_end(start_round + server_round, like(arrays.to_torch_state_dict(), initial_state), history)
+        return None
+
+    extra = {} if train_config is None else dict(train_config)
+    out = strategy.start(grid=grid, initial_arrays=to_arrays(initial_state), num_rounds=rounds - start_round,
+                         timeout=timeout, train_config=ConfigRecord(dict(extra)),
+                         evaluate_config=ConfigRecord(dict(extra)), evaluate_fn=after_round)
+    return like(out.arrays.to_torch_state_dict(), initial_state), history
 
 
 def make_server_app(initial_state: dict, *, n_clients: int, rounds: int, client_fraction: float, seed: int,
                     start_round: int = 0, history: list[dict] | None = None,
                     on_round_end: RoundCallback | None = None, result: dict | None = None,
-                    timeout: float = 3600.0) -> ServerApp:
-    """A ServerApp running ``rounds - start_round`` FedAvg rounds from ``initial_state``.
+                    timeout: float = 3600.0, fl_strategy: str = "fedavg",
+                    fl_strategy_args: dict | None = None) -> ServerApp:
+    """A ServerApp running ``rounds - start_round`` rounds of ``fl_strategy`` (default FedAvg) from ``initial_state``.
 
     ``on_round_end(round, state, history)`` runs after every round (e.g. the run's checkpoint, so an
     interrupted Flower stage resumes from its last round); ``result`` receives ``state`` and ``history``.
     """
     app = ServerApp()
-    history = list(history or [])
     result = {} if result is None else result
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        strategy = ExampleWeightedFedAvg(n_clients=n_clients, client_fraction=client_fraction, seed=seed,
-                                         round_offset=start_round)
+        strategy = build_fl_strategy(fl_strategy, fl_strategy_args, n_clients=n_clients,
+                                     client_fraction=client_fraction, seed=seed, round_offset=start_round)
         strategy.map_nodes(grid, timeout)
-
-        def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            if server_round == 0:  # Flower also calls this before the first round
-                return None
-            history.append({"round": start_round + server_round, "global_test_acc": strategy.last_accuracy})
-            if on_round_end is not None:
-                on_round_end(start_round + server_round, arrays.to_torch_state_dict(), history)
-            return None
-
-        out = strategy.start(grid=grid, initial_arrays=to_arrays(initial_state), num_rounds=rounds - start_round,
-                             timeout=timeout, evaluate_fn=after_round)
-        result["state"] = out.arrays.to_torch_state_dict() if rounds > start_round else dict(initial_state)
-        result["history"] = history
+        result["state"], result["history"] = run_rounds(grid, strategy, initial_state, rounds=rounds,
+                                                        start_round=start_round, history=history,
+                                                        on_round_end=on_round_end, timeout=timeout)
 
     return app
 
@@ -225,17 +383,20 @@ def run_flower_fedavg(model: nn.Module, clients: list[ClientData], cfg: Experime
             (e.g. ``{"client_resources": {"num_cpus": 1, "num_gpus": 0.25}}`` shares a GPU by four).
 
     Raises:
+        ConfigError: ``fedavg.fl_strategy_args`` do not fit ``fedavg.fl_strategy``.
         RuntimeError: the simulation ended without a global model (a client or the server failed; Flower
             logs the cause).
     """
     from flwr.simulation import run_simulation
 
+    check_fl_strategy(cfg.fedavg.fl_strategy, cfg.fedavg.fl_strategy_args)  # a ConfigError now, not in the server
     if cfg.fedavg.rounds <= start_round:
         return model.eval(), list(history or [])
     result: dict = {}
     server = make_server_app({k: v.detach().cpu() for k, v in model.state_dict().items()}, n_clients=len(clients),
                              rounds=cfg.fedavg.rounds, client_fraction=cfg.fedavg.client_fraction, seed=seed,
-                             start_round=start_round, history=history, on_round_end=on_round_end, result=result)
+                             start_round=start_round, history=history, on_round_end=on_round_end, result=result,
+                             fl_strategy=cfg.fedavg.fl_strategy, fl_strategy_args=cfg.fedavg.fl_strategy_args)
     client = make_client_app(cfg, clients, model, seed=seed)
     run_simulation(server_app=server, client_app=client, num_supernodes=len(clients),
                    backend_config=backend_config or {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})

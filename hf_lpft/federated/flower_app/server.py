@@ -1,0 +1,257 @@
+"""The server side of the Flower App: the whole study over a Flower Grid (simulation or real SuperNodes).
+
+Stages (arXiv 2511.12695, Sec. 3: general FL, then post-hoc PFT on every client, then Local/Global):
+
+1. QUERY: every node loads its own data and says who it is (client index and id, counts, classes).
+2. General FL: ``fedavg.fl_strategy`` (hf_lpft's FedAvg by default, or a Flower strategy) for
+   ``fedavg.rounds`` rounds from the seeded initial model; round checkpoints as the built-in engine writes them.
+3. TRAIN ``pft``: every node personalizes θ_G with every strategy on its own data (the pipeline's
+   ``personalize_unit``) and replies its records and exported model folders.
+4. EVALUATE ``cross``: every node scores the other clients' personalized models on its own test split
+   (models travel, data does not); the server fills the cross-client matrix.
+5. The usual output folder: ``results.parquet``, ``cross_client.parquet``, ``summary.md``, ``global/``,
+   ``clients/``, ``run_record.json``, report and the Hub-ready folder (the pipeline's writers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from hf_lpft.checkpoint import Checkpoints
+from hf_lpft.config import ConfigError, ExperimentConfig, load_config
+from hf_lpft.evaluation.metrics import local_global
+from hf_lpft.evaluation.report import cross_client_frame, write_report
+from hf_lpft.federated.flower import (SeededNodes, _valid, build_fl_strategy, check_fl_strategy, describe_fl_strategy,
+                                      run_rounds, to_arrays)
+from hf_lpft.hub.push import publish_run
+from hf_lpft.io import atomic_path, meta_info, write_json, write_text
+from hf_lpft.models.backbone import build_model
+from hf_lpft.pipeline import (NO_DISTORTION, SELF_DISTORTION, batchnorm_record, build_strategies, check_backbone,
+                              check_strategies, model_dir, prepare_output_dir, result_row, save_model, write_results)
+from hf_lpft.train.loop import derive_seed
+
+PFT = f"{MessageType.TRAIN}.pft"
+CROSS = f"{MessageType.EVALUATE}.cross"
+
+
+def study_config(run_config: dict) -> ExperimentConfig:
+    """The study from the app's run config: ``config`` (a YAML path on the server), ``overrides``
+    (``--section.key value`` pairs) and ``output-dir``; the general-FL stage is Flower's by definition.
+
+    Raises:
+        ConfigError: a bad value, or a setting a federation cannot honour (named).
+    """
+    overrides = shlex.split(str(run_config.get("overrides", "")))
+    if run_config.get("output-dir"):
+        overrides += ["--run.output_dir", str(run_config["output-dir"])]
+    cfg = load_config(str(run_config["config"]) if run_config.get("config") else None,
+                      overrides + ["--fedavg.engine", "flower"])
+    if cfg.pft.eval_every:
+        raise ConfigError(f"pft.eval_every={cfg.pft.eval_every}: epoch curves score every client's test split during "
+                          "training, which a federation keeps on the nodes; use 0 with the Flower App")
+    if cfg.pft.batched_probe:
+        raise ConfigError("pft.batched_probe=true trains all clients' heads in one process; on a federation each "
+                          "node probes its own client: use false")
+    check_fl_strategy(cfg.fedavg.fl_strategy, cfg.fedavg.fl_strategy_args)
+    return cfg
+
+
+def _send(grid: Grid, messages: list[Message], what: str, timeout: float) -> list[RecordDict]:
+    """One message round; every node must answer (contents in client order)."""
+    return _valid(grid.send_and_receive(messages, timeout=timeout), what)
+
+
+def _study_record(cfg: ExperimentConfig, seed: int) -> ConfigRecord:
+    return ConfigRecord({"study": cfg.to_yaml(), "seed": seed})
+
+
+def map_clients(grid: Grid, cfg: ExperimentConfig, *, num_nodes: int, timeout: float) -> tuple[SeededNodes, list]:
+    """Stage 1: wait for ``num_nodes`` nodes (0 = those connected now), ask each who it is."""
+    deadline = time.monotonic() + timeout
+    while not (nodes := list(grid.get_node_ids())) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    n = num_nodes or len(nodes)
+    mapper = build_fl_strategy("fedavg", None, n_clients=n, client_fraction=1.0, seed=0)
+    contents = mapper.map_nodes(grid, timeout, _study_record(cfg, cfg.run.seeds[0]))
+    clients = [SimpleNamespace(client_id=json.loads(str(c["node"]["summary"]))["client_id"],
+                               n_train=int(c["metrics"]["n-train"]), n_test=int(c["metrics"]["n-test"]),
+                               num_classes=int(c["metrics"]["num-classes"]),
+                               summary=json.loads(str(c["node"]["summary"])), version=str(c["node"]["hf-lpft"]))
+               for c in contents]
+    if len({c.num_classes for c in clients}) != 1 or len({c.client_id for c in clients}) != n:
+        raise ConfigError(f"nodes disagree: classes {[c.num_classes for c in clients]}, client ids "
+                          f"{[c.client_id for c in clients]} (need one class count and distinct ids)")
+    return mapper, clients
+
+
+def general_fl(grid: Grid, cfg: ExperimentConfig, node_of: dict, clients: list, *, seed: int, out: Path,
+               timeout: float) -> tuple[dict, list[dict]]:
+    """Stage 2: θ_G from ``fedavg.fl_strategy``, resumable from the round checkpoint like ``pipeline.pretrain``."""
+    m, ckpt = cfg.model, Checkpoints(out)
+    model = build_model(m.backbone, num_classes=clients[0].num_classes, image_size=cfg.data.image_size,
+                        pretrained=m.pretrained, checkpoint=m.checkpoint, pooling=m.pooling, dropout=m.dropout,
+                        seed=derive_seed(seed, "init") % 2**31)
+    saved = ckpt.load_round(seed) if cfg.run.resume else None
+    if saved is not None:
+        model.load_state_dict(saved[0])
+    strategy = build_fl_strategy(cfg.fedavg.fl_strategy, cfg.fedavg.fl_strategy_args, n_clients=len(clients),
+                                 client_fraction=cfg.fedavg.client_fraction, seed=seed,
+                                 round_offset=len(saved[1]) if saved else 0)
+    strategy.node_of = dict(node_of)
+    state, history = run_rounds(grid, strategy, model.state_dict(), rounds=cfg.fedavg.rounds,
+                                start_round=strategy.round_offset, history=saved[1] if saved else None,
+                                on_round_end=lambda r, s, h: ckpt.save_round(seed, s, h), timeout=timeout,
+                                train_config=_study_record(cfg, seed))
+    model.load_state_dict(state)
+    save_model(model, model_dir(out, cfg, seed, "global"))
+    if cfg.fedavg.rounds == 0 or not history:
+        ckpt.save_round(seed, model.state_dict(), history)
+    return model.state_dict(), history
+
+
+def personalize_nodes(grid: Grid, cfg: ExperimentConfig, node_of: dict, state: dict, *, seed: int,
+                      timeout: float) -> list[RecordDict]:
+    """Stage 3: PFT on every node; replies in client order."""
+    arrays = to_arrays(state)
+    return _send(grid, [Message(RecordDict({"arrays": arrays, "config": _study_record(cfg, seed)}), dst_node_id=n,
+                                message_type=PFT) for _, n in sorted(node_of.items())], "personalization", timeout)
+
+
+def cross_evaluate(grid: Grid, cfg: ExperimentConfig, node_of: dict, state: dict, pft: list[RecordDict], clients: list,
+                   *, seed: int, timeout: float) -> dict:
+    """Stage 4: node j scores every other client's exported models; returns {(strategy, i, j): scores}."""
+    arrays, messages, asked = to_arrays(state), [], []
+    for j, node in sorted(node_of.items()):
+        files, wanted = ConfigRecord({}), []
+        for i, reply in enumerate(pft):
+            if i == j:
+                continue
+            for key in reply["files"]:
+                strategy = key.split("/", 1)[0]
+                files[f"{strategy}/{clients[i].client_id}/{key.split('/', 1)[1]}"] = reply["files"][key]
+                if [strategy, clients[i].client_id] not in wanted:
+                    wanted.append([strategy, clients[i].client_id])
+        config = _study_record(cfg, seed)
+        config["models"] = json.dumps(wanted)
+        messages.append(Message(RecordDict({"arrays": arrays, "config": config, "files": files}), dst_node_id=node,
+                                message_type=CROSS))
+        asked.append(wanted)
+    index = {c.client_id: i for i, c in enumerate(clients)}
+    replies = _send(grid, messages, "cross-client evaluation", timeout)
+    return {(s, index[cid], j): score for j, (wanted, reply) in enumerate(zip(asked, replies))
+            for (s, cid), score in zip(wanted, json.loads(str(reply["scores"]["scores"])))}
+
+
+def save_client_models(out: Path, cfg: ExperimentConfig, pft: list[RecordDict], clients: list, *, seed: int) -> None:
+    """The exported folders the nodes sent, at the run layout's ``clients/<strategy>/<client>/`` (atomically)."""
+    for reply, client in zip(pft, clients):
+        by_strategy: dict[str, dict[str, bytes]] = {}
+        for key in reply["files"]:
+            strategy, rel = key.split("/", 1)
+            by_strategy.setdefault(strategy, {})[rel] = reply["files"][key]
+        for strategy, files in by_strategy.items():
+            with atomic_path(model_dir(out, cfg, seed, "clients", strategy, client.client_id), directory=True) as tmp:
+                for rel, content in files.items():
+                    (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
+                    (Path(tmp) / rel).write_bytes(content)
+
+
+def _unit(cfg: ExperimentConfig, name: str, i: int, clients: list, record: dict, scores: dict, *, seed: int) -> dict:
+    """Client i's record for strategy ``name``: its own numbers from node i, the others' from the cross round."""
+    own, n, nan = record["row"], len(clients), float("nan")
+    if own["error"]:
+        row = result_row(seed, name, i, clients[i], [nan] * n, None) | NO_DISTORTION | {"error": own["error"]}
+    else:
+        def column(key: str, own_key: str) -> list[float]:
+            return [own[own_key] if j == i else scores.get((name, i, j), {}).get(key, nan) for j in range(n)]
+        accs = [own["acc_by_client"][0] if j == i else scores.get((name, i, j), {}).get("acc", nan) for j in range(n)]
+        row = result_row(seed, name, i, clients[i], accs, own["final_train_loss"])
+        if cfg.run.distortion:  # the pipeline's distortion_by_client, from per-split numbers
+            (dl, dg), (cl, cg) = (local_global(column("distortion", "distortion_local"), i),
+                                  local_global(column("cka", "cka_local"), i))
+            row |= {"distortion_local": dl, "distortion_global": dg, "cka_local": cl, "cka_global": cg}
+        else:
+            row |= NO_DISTORTION
+        row["error"] = None
+    return {"row": row, "phases": record["phases"], "curves": [], "seconds": record.get("seconds"),
+            "stage_seconds": record.get("stage_seconds")}
+
+
+def seed_records(cfg: ExperimentConfig, strategies: list[str], clients: list, pft: list[RecordDict], scores: dict,
+                 history: list[dict], *, seed: int) -> list[dict]:
+    """The run's records of one seed, in the pipeline's order: global-model rows, then strategy x client."""
+    accs = [float(r["metrics"]["global-acc"]) for r in pft]
+    own = SELF_DISTORTION if cfg.run.distortion else NO_DISTORTION
+    rows = [{"row": result_row(seed, "global_model", i, c, accs, None) | own | {"error": None}, "phases": [],
+             "curves": [], "fedavg_history": history if i == 0 else None} for i, c in enumerate(clients)]
+    units = [json.loads(str(r["records"]["records"])) for r in pft]
+    return rows + [_unit(cfg, name, i, clients, units[i][name], scores, seed=seed)
+                   for name in strategies for i in range(len(clients))]
+
+
+def write_federation(out: Path, clients: list) -> str:
+    """``federation/manifest.json`` as far as the server knows it: counts, label histograms and a hash of each
+    node's row indices (the indices themselves stay on the nodes); returns the federation's hash."""
+    digest = hashlib.sha256(json.dumps([c.summary["indices_sha256"] for c in clients]).encode()).hexdigest()
+    write_json(out / "federation" / "manifest.json", {
+        "source": "hf_lpft Flower App: each node's own data (row indices stay on the nodes)",
+        "num_classes": clients[0].num_classes, "indices_sha256": digest, "clients": [c.summary for c in clients]})
+    return digest
+
+
+def write_study(cfg: ExperimentConfig, out: Path, records: list[dict], strategies: dict, clients: list, *,
+                timings: dict, digest: str) -> None:
+    """Results, cross-client matrix, run record, report and Hub-ready folder: the pipeline's writers."""
+    results, _, _ = write_results(out, [r["row"] for r in records])
+    with atomic_path(out / "cross_client.parquet") as tmp:
+        cross_client_frame(results).to_parquet(tmp, index=False)
+    write_json(out / "run_record.json", {
+        "run_info": {"seeds": cfg.run.seeds, "timings_seconds": timings, "manifest_sha256": digest,
+                     "clients": [c.client_id for c in clients], "resumed": cfg.run.resume, "num_processes": 1,
+                     "strategies": {n: s.describe() for n, s in strategies.items()},
+                     "batchnorm": batchnorm_record(cfg, strategies), "general_fl": describe_fl_strategy(cfg),
+                     "engine": {"name": "flower-app", "nodes": [{"client_id": c.client_id, "hf_lpft": c.version}
+                                                                for c in clients]}},
+        "train_info": {"fedavg_history": {r["row"]["seed"]: r["fedavg_history"] for r in records
+                                          if r.get("fedavg_history")},
+                       "personalization": [{k: r["row"][k] for k in ("seed", "strategy", "client_id", "error")}
+                                           | {"phases": r["phases"], "seconds": r.get("seconds"),
+                                              "stage_seconds": r.get("stage_seconds")}
+                                           for r in records if r["row"]["strategy"] != "global_model"]},
+        "meta_info": meta_info()})
+    write_report(out)
+    publish_run(cfg, out)
+
+
+def run_study(grid: Grid, cfg: ExperimentConfig, *, num_nodes: int = 0, timeout: float = 3600.0) -> Path:
+    """The whole study on the nodes of ``grid`` (module docstring); returns the output folder."""
+    strategies = build_strategies(cfg)  # every check before any message
+    check_backbone(cfg)
+    check_strategies(cfg, strategies)
+    out = prepare_output_dir(cfg)
+    write_text(out / "config.yaml", cfg.to_yaml())
+    t0, timings, records = time.perf_counter(), {}, []
+    mapper, clients = map_clients(grid, cfg, num_nodes=num_nodes, timeout=timeout)
+    digest = write_federation(out, clients)
+    timings["federate"] = time.perf_counter() - t0
+    for seed in cfg.run.seeds:
+        t = time.perf_counter()
+        state, history = general_fl(grid, cfg, mapper.node_of, clients, seed=seed, out=out, timeout=timeout)
+        timings[f"fedavg_seed_{seed}"], t = time.perf_counter() - t, time.perf_counter()
+        pft = personalize_nodes(grid, cfg, mapper.node_of, state, seed=seed, timeout=timeout)
+        save_client_models(out, cfg, pft, clients, seed=seed)
+        timings[f"personalize_seed_{seed}"], t = time.perf_counter() - t, time.perf_counter()
+        scores = cross_evaluate(grid, cfg, mapper.node_of, state, pft, clients, seed=seed, timeout=timeout)
+        timings[f"cross_evaluate_seed_{seed}"] = time.perf_counter() - t
+        records += seed_records(cfg, list(strategies), clients, pft, scores, history, seed=seed)
+    timings["total"] = time.perf_counter() - t0
+    write_study(cfg, out, records, strategies, clients, timings=timings, digest=digest)
+    return out

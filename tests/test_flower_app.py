@@ -1,0 +1,274 @@
+"""The Flower App on a real (local) deployment and general-FL strategies other than FedAvg.
+
+The deployment test starts a SuperLink and two SuperNodes as processes on 127.0.0.1 (insecure, free ports,
+each in its own session), submits the study with ``flwr run``, compares the output folder with the
+built-in engine's, and stops every process it started by its pid (process group) in a ``finally``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import make_image_dataset
+from safetensors.torch import load_file
+
+from hf_lpft.config import ConfigError, load_config
+from hf_lpft.pipeline import run
+
+pytest.importorskip("flwr", reason="Flower is not installed: pip install 'hf-lpft[flower]'")
+
+STUDY = {"fedavg": {"rounds": 2, "batch_size": 16, "client_fraction": 0.67},
+         "pft": {"strategies": ["lp", "ft"], "epochs": 2, "batch_size": 16}, "run": {"num_threads": 1}}
+
+
+def _overrides(values: dict) -> str:
+    return " ".join(f"--{s}.{k} {','.join(v) if isinstance(v, list) else v}" for s, kv in values.items()
+                    for k, v in kv.items())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
+    # own session: its pid is also its process group, so stopping it also stops the children it spawns
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=5)
+
+
+def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited early ({proc.returncode}): {log.read_text()[-2000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout} s: {log.read_text()[-2000:]}")
+
+
+def _flower_env(tmp_path: Path, port: int) -> dict:
+    home = tmp_path / "flwr_home"  # a private Flower config: the connection "test" points at our SuperLink
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
+                                      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+    return os.environ | {"FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                         "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow  # 150-230 s on 2 busy cores (load 6-11): every message round starts a Python process per node (Flower's design)
+def test_flwr_run_on_superlink_and_supernodes_equals_the_builtin_engine(tmp_path):
+    from hf_lpft.federated.flower_app import APP_DIR
+
+    # two clients (two domains of 40 images): each message round starts one process per node
+    tiny_ds_path = str(tmp_path / "data")
+    datasets.DatasetDict({"train": make_image_dataset(40, domains=("a", "b"))}).save_to_disk(tiny_ds_path)
+    study = STUDY | {"fedavg": STUDY["fedavg"] | {"client_fraction": 0.5}}  # 1 of 2 clients a round
+    builtin = run(load_config(None, study | {"data": {"dataset": tiny_ds_path, "num_classes": 4},
+                                             "run": {"num_threads": 1, "output_dir": str(tmp_path / "builtin")}}))
+    manifest = builtin.output_dir / "federation" / "manifest.json"
+    port = _free_port()
+    env, bin_dir = _flower_env(tmp_path, port), Path(sys.executable).parent
+    procs: list[subprocess.Popen] = []
+    try:
+        link_log = tmp_path / "superlink.log"
+        procs.append(_start([str(bin_dir / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port",
+                             str(port), "--disable-runtime-dependency-installation"], link_log, env))
+        _wait_port(port, procs[0], link_log)
+        for i in range(2):
+            node_config = (f'partition-id={i} manifest="{manifest}" dataset="{tiny_ds_path}" '
+                           f'cache-dir="{tmp_path / f"cache_{i}"}"')
+            procs.append(_start([str(bin_dir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
+                                 "--port", str(_free_port()), "--node-config", node_config],
+                                tmp_path / f"supernode_{i}.log", env))
+        run_config = tmp_path / "run_config.toml"
+        run_config.write_text(f'overrides = "{_overrides(study)} --data.dataset {tiny_ds_path} --data.num_classes 4"\n'
+                              f'output-dir = "{tmp_path / "flower"}"\nnum-nodes = 2\ntimeout = 600.0\n')
+        done = subprocess.run([str(bin_dir / "flwr"), "run", str(APP_DIR), "test", "--stream", "--run-config",
+                               str(run_config)], env=env, capture_output=True, text=True, timeout=900)
+        logs = done.stdout + done.stderr
+        assert done.returncode == 0 and (tmp_path / "flower" / "run_record.json").is_file(), logs[-4000:]
+    finally:
+        _stop(procs)
+    assert all(p.poll() is not None for p in procs)
+    out = tmp_path / "flower"
+    # the personalized models came back to the server as their exported folders; Global came from the nodes
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "results.parquet"), builtin.results, rtol=1e-5)
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "cross_client.parquet"),
+                                  pd.read_parquet(builtin.output_dir / "cross_client.parquet"), rtol=1e-5)
+    a = load_file(str(out / "global" / "model.safetensors"))
+    b = load_file(str(builtin.output_dir / "global" / "model.safetensors"))
+    for k in a:
+        np.testing.assert_allclose(a[k].double().numpy(), b[k].double().numpy(), rtol=1e-6, atol=1e-7, err_msg=k)
+    record = json.loads((out / "run_record.json").read_text())
+    built = json.loads((builtin.output_dir / "run_record.json").read_text())
+    assert record["train_info"]["fedavg_history"] == built["train_info"]["fedavg_history"]
+    assert record["run_info"]["general_fl"]["name"] == "fedavg"
+    assert [n["client_id"] for n in record["run_info"]["engine"]["nodes"]] == ["a", "b"]
+    assert all(list((tmp_path / f"cache_{i}").glob("*.pt")) for i in range(2))  # decoded once per node
+    assert (out / "clients" / "ft" / "b" / "model.safetensors").is_file()
+    assert (out / "hub" / "model" / "README.md").is_file()
+
+
+@pytest.mark.distributed
+def test_flwr_run_in_simulation_equals_the_builtin_engine(tmp_path):
+    """The same app under ``flwr run`` on a SuperLink in simulation mode (virtual SuperNodes in Ray actors;
+    each node partitions the study's dataset itself from its ``partition-id``)."""
+    pytest.importorskip("ray", reason="Flower's simulation needs Ray: pip install 'flwr[simulation]'")
+    from hf_lpft.federated.flower_app import APP_DIR
+
+    tiny_ds_path = str(tmp_path / "data")
+    datasets.DatasetDict({"train": make_image_dataset(40, domains=("a", "b"))}).save_to_disk(tiny_ds_path)
+    data = {"dataset": tiny_ds_path, "num_classes": 4}
+    builtin = run(load_config(None, STUDY | {"data": data, "run": {"num_threads": 1,
+                                                                   "output_dir": str(tmp_path / "builtin")}}))
+    port = _free_port()
+    env, bin_dir = _flower_env(tmp_path, port), Path(sys.executable).parent
+    procs: list[subprocess.Popen] = []
+    try:
+        link_log = tmp_path / "superlink.log"
+        procs.append(_start([str(bin_dir / "flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1",
+                             "--port", str(port), "--disable-runtime-dependency-installation"], link_log, env))
+        _wait_port(port, procs[0], link_log)
+        run_config = tmp_path / "run_config.toml"
+        run_config.write_text(f'overrides = "{_overrides(STUDY | {"data": data})}"\n'
+                              f'output-dir = "{tmp_path / "flower"}"\nnum-nodes = 2\ntimeout = 600.0\n')
+        done = subprocess.run([str(bin_dir / "flwr"), "run", str(APP_DIR), "test", "--stream", "--run-config",
+                               str(run_config), "--federation-config", "num-supernodes=2"],
+                              env=env, capture_output=True, text=True, timeout=900)
+        logs = done.stdout + done.stderr
+        assert done.returncode == 0 and (tmp_path / "flower" / "run_record.json").is_file(), logs[-4000:]
+    finally:
+        _stop(procs)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "flower" / "results.parquet"), builtin.results,
+                                  rtol=1e-5)
+
+
+def _cfg(tmp_path, name, path, **fedavg):
+    return load_config(None, STUDY | {"data": {"dataset": path, "num_classes": 4},
+                                      "fedavg": STUDY["fedavg"] | {"engine": "flower"} | fedavg,
+                                      "run": {"output_dir": str(tmp_path / name), "num_threads": 1}})
+
+
+@pytest.mark.distributed  # Flower's simulation: Ray worker processes
+def test_fedprox_general_fl_then_personalization(tmp_path, tiny_ds_path):
+    pytest.importorskip("ray", reason="Flower's simulation needs Ray: pip install 'flwr[simulation]'")
+    prox = run(_cfg(tmp_path, "fedprox", tiny_ds_path, fl_strategy="fedprox", fl_strategy_args={"proximal_mu": 1.0}))
+    df = prox.results
+    assert sorted(df.strategy.unique()) == ["ft", "global_model", "lp"] and df.error.isna().all()
+    history = json.loads((prox.output_dir / "run_record.json").read_text())["train_info"]["fedavg_history"]["0"]
+    assert [h["round"] for h in history] == [1, 2]
+    config = (prox.output_dir / "config.yaml").read_text()
+    assert "fl_strategy: fedprox" in config and "proximal_mu: 1.0" in config
+    card = (prox.output_dir / "hub" / "model" / "README.md").read_text()  # the global model's card says so too
+    assert "| general FL | fedprox (proximal_mu=1.0), engine flower: 2 rounds" in card
+    # the proximal term acted: the global model differs from FedAvg's with the same seeds and sampling (the
+    # built-in engine's, which the Flower FedAvg equals: tests/test_flower.py); aggregation alone moves ~1e-7
+    avg = run(_cfg(tmp_path, "fedavg", tiny_ds_path, engine="builtin"))
+    a = load_file(str(prox.output_dir / "global" / "model.safetensors"))
+    b = load_file(str(avg.output_dir / "global" / "model.safetensors"))
+    assert max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point()) > 1e-4
+
+
+@pytest.mark.parametrize("fedavg, match", [
+    ({"fl_strategy": "fedfoo"}, "fedavg.fl_strategy='fedfoo' is not allowed"),
+    ({"fl_strategy": "fedprox", "engine": "builtin"}, "needs fedavg.engine='flower'"),
+])
+def test_fl_strategy_config_errors(tmp_path, tiny_ds_path, fedavg, match):
+    with pytest.raises(ConfigError, match=match):
+        _cfg(tmp_path, "x", tiny_ds_path, **fedavg)
+
+
+def test_fl_strategy_options_are_checked_against_flower():
+    from hf_lpft.config import FL_STRATEGIES
+    from hf_lpft.federated.flower import FLOWER_STRATEGIES, build_fl_strategy, check_fl_strategy
+
+    assert tuple(FLOWER_STRATEGIES) == FL_STRATEGIES
+    assert check_fl_strategy("fedadam", {"eta": "0.01", "tau": 1}) == {"eta": 0.01, "tau": 1.0}
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['mu'\] for 'fedprox'; allowed: \['proximal_mu'\]"):
+        check_fl_strategy("fedprox", {"mu": 0.1})
+    with pytest.raises(ConfigError, match="fraction_train"):  # sampling is hf_lpft's (fedavg.client_fraction)
+        check_fl_strategy("fedavgm", {"fraction_train": 0.5})
+    with pytest.raises(ConfigError, match="server_momentum='x' must be a number"):
+        check_fl_strategy("fedavgm", {"server_momentum": "x"})
+    with pytest.raises(ConfigError, match=r"'qfedavg' needs option\(s\) \['client_learning_rate'\]"):
+        check_fl_strategy("qfedavg", {})
+    for name in FL_STRATEGIES:  # every listed strategy builds (with its defaults where it has them)
+        args = {"client_learning_rate": 0.1} if name == "qfedavg" else None
+        strategy = build_fl_strategy(name, args, n_clients=3, client_fraction=1.0, seed=0)
+        assert strategy.n_clients == 3 and hasattr(strategy, "aggregate_train")
+
+
+def test_flower_app_config_and_refusals(tmp_path):
+    from flwr.cli.config_utils import load_and_validate
+
+    from hf_lpft.federated.flower_app import APP_DIR
+    from hf_lpft.federated.flower_app.server import study_config
+
+    config, _ = load_and_validate(APP_DIR / "pyproject.toml")  # what `flwr run` checks, components included
+    assert config["tool"]["flwr"]["app"]["components"]["clientapp"].endswith("apps:client_app")
+    cfg = study_config({"overrides": "--fedavg.fl_strategy fedadam --fedavg.fl_strategy_args '{eta: 0.01}'",
+                        "output-dir": str(tmp_path / "o")})
+    assert cfg.fedavg.engine == "flower" and cfg.run.output_dir == str(tmp_path / "o")
+    with pytest.raises(ConfigError, match="pft.eval_every=2"):
+        study_config({"overrides": "--pft.eval_every 2"})
+    with pytest.raises(ConfigError, match="unknown option"):
+        study_config({"overrides": "--fedavg.fl_strategy fedadam --fedavg.fl_strategy_args '{lr: 0.01}'"})
+
+
+def test_node_finds_its_data_from_its_node_config(tmp_path, tiny_ds_path):
+    import torch
+
+    from hf_lpft.federated.flower_app.node import load_node
+    from hf_lpft.pipeline import build_federation
+
+    cfg = load_config(None, {"data": {"dataset": tiny_ds_path, "num_classes": 4}})
+    _, clients = build_federation(cfg, tmp_path / "run")  # the built-in engine's clients and manifest
+    manifest = str(tmp_path / "run" / "federation" / "manifest.json")
+    for attempt in ("decoded", "cached"):
+        node = load_node(cfg, {"partition-id": 1, "manifest": manifest, "cache-dir": str(tmp_path / "cache")})
+        assert node.index == 1 and node.num_classes == 4 and node.client.client_id == clients[1].client_id, attempt
+        for part in ("train_x", "train_y", "test_x", "test_y"):
+            assert torch.equal(getattr(node.client, part), getattr(clients[1], part)), (attempt, part)
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    own = tmp_path / "site"  # a data holder's own folder, split on the node
+    datasets.DatasetDict({"train": make_image_dataset(20, domains=("z",))}).save_to_disk(str(own))
+    node = load_node(cfg, {"partition-id": 0, "dataset-dir": str(own), "client-id": "hospital-z",
+                           "cache-dir": str(tmp_path / "cache")})
+    assert node.client.client_id == "hospital-z" and (node.client.n_train, node.client.n_test) == (15, 5)
+    assert set(node.client.test_y.tolist()) == {0, 1, 2, 3}  # stratified by label
+    with pytest.raises(ConfigError, match="needs partition-id"):
+        load_node(cfg, {"manifest": manifest})
+    with pytest.raises(ConfigError, match="unknown keys \\['partition'\\]"):
+        load_node(cfg, {"partition-id": 0, "partition": 1})
+    with pytest.raises(ConfigError, match="partition-id=7 but the federation has 3 clients"):
+        load_node(cfg, {"partition-id": 7, "manifest": manifest, "cache-dir": str(tmp_path / "cache")})
+    with pytest.raises(ConfigError, match="is not a folder written by Dataset.save_to_disk"):
+        load_node(cfg, {"partition-id": 0, "dataset-dir": str(tmp_path), "cache-dir": str(tmp_path / "cache")})
