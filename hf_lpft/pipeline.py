@@ -57,6 +57,7 @@ from hf_lpft.federated.fedavg import my_share, run_fedavg
 from hf_lpft.hub.push import publish_run
 from hf_lpft.io import atomic_path, meta_info, write_json, write_text
 from hf_lpft.models.backbone import SplitModel, build_model, load_tokenizer
+from hf_lpft.speed import contiguous_weights, memory_format_of, resolve_num_threads, use_memory_format
 from hf_lpft.strategies import Budget, Strategy, build_strategy
 from hf_lpft.strategies.personalize import personalize, probe_all_clients
 from hf_lpft.train.loop import NonFiniteLossError, OptimSettings, accuracy, derive_seed
@@ -275,7 +276,7 @@ def build_federation(cfg: ExperimentConfig, out: Path, timings: dict | None = No
 
 def save_model(model: SplitModel, path: Path, strategy: Strategy | None = None) -> None:
     """Export into a temporary folder, then rename (no half-written checkpoint)."""
-    with atomic_path(path, directory=True) as tmp:
+    with atomic_path(path, directory=True) as tmp, contiguous_weights(model):  # files never depend on the format
         if strategy is None:
             model.save_pretrained(tmp)
         else:
@@ -349,10 +350,12 @@ def pretrain(cfg: ExperimentConfig, clients: list[ClientData], num_classes: int,
     done = model_dir(out, cfg, seed, "global")
     saved = ckpt.load_round(seed) if cfg.run.resume else None
     if saved is not None and len(saved[1]) == f.rounds and (done / "model.safetensors").is_file():
-        return SplitModel.from_pretrained(done).to(accelerator.device).eval(), saved[1]
+        model = SplitModel.from_pretrained(done).to(accelerator.device).eval()
+        return use_memory_format(model, cfg.run.memory_format), saved[1]
     model = build_model(cfg.model.backbone, num_classes=num_classes, image_size=cfg.data.image_size,
                         pretrained=cfg.model.pretrained, checkpoint=cfg.model.checkpoint, pooling=cfg.model.pooling,
                         dropout=cfg.model.dropout, seed=derive_seed(seed, "init") % 2**31).to(accelerator.device)
+    model = use_memory_format(model, cfg.run.memory_format)  # channels_last for CNNs: hf_lpft.speed
     if saved is not None:
         model.load_state_dict(saved[0])
     settings = OptimSettings(f.optimizer, f.momentum, f.weight_decay, f.batch_size)
@@ -368,7 +371,7 @@ def pretrain(cfg: ExperimentConfig, clients: list[ClientData], num_classes: int,
     else:
         model, history = run_fedavg(model, clients, rounds=f.rounds, local_epochs=f.local_epochs, lr=f.lr,
                                     client_fraction=f.client_fraction, settings=settings, accelerator=accelerator,
-                                    seed=seed, start_round=len(saved[1]) if saved else 0,
+                                    seed=seed, eval_every=f.eval_every, start_round=len(saved[1]) if saved else 0,
                                     history=saved[1] if saved else None, client_bn=client_bn,
                                     on_round_end=round_end)
     if accelerator.is_main_process:
@@ -629,7 +632,8 @@ def run_seed(cfg: ExperimentConfig, strategies: dict[str, Strategy], clients: li
     timings[f"evaluate_global_model_seed_{seed}"] = time.perf_counter() - t
     self_dist = SELF_DISTORTION if references else NO_DISTORTION
     global_rows = [{"row": result_row(seed, "global_model", i, c, accs[i], None) | self_dist | {"error": None},
-                    "phases": [], "curves": [], "fedavg_history": history if i == 0 else None} for i, c in enumerate(clients)]
+                    "phases": [], "curves": [], "fedavg_history": history if i == 0 else None,
+                    "memory_format": memory_format_of(global_model)} for i, c in enumerate(clients)]
     t = time.perf_counter()
     units = personalize_all(cfg, strategies, global_model, clients, seed=seed, out=out, accelerator=accelerator,
                             client_bn=client_bn, references=references)
@@ -651,8 +655,7 @@ def run(cfg: ExperimentConfig, *, accelerator: Accelerator | None = None) -> Run
     own_trackers = accelerator is None and cfg.run.report_to != "none"
     accelerator = make_accelerator(cfg, out, accelerator)
     accelerator.wait_for_everyone()
-    if cfg.run.num_threads:
-        torch.set_num_threads(cfg.run.num_threads)
+    torch.set_num_threads(resolve_num_threads(cfg.run.num_threads))  # measured default: hf_lpft.speed
     timings, t0 = {}, time.perf_counter()
     fed, clients = build_federation(cfg, out, timings, write=accelerator.is_main_process)
     if accelerator.is_main_process:
@@ -680,7 +683,9 @@ def run(cfg: ExperimentConfig, *, accelerator: Accelerator | None = None) -> Run
                      "clients": fed.client_ids, "resumed": cfg.run.resume,
                      "num_processes": accelerator.num_processes,
                      "strategies": {n: s.describe() for n, s in strategies.items()},
-                     "batchnorm": batchnorm_record(cfg, strategies)},
+                     "batchnorm": batchnorm_record(cfg, strategies),
+                     "speed": {"torch_threads": torch.get_num_threads(), "fedavg_eval_every": cfg.fedavg.eval_every,
+                               "memory_format": next((r["memory_format"] for r in records if "memory_format" in r), None)}},
         "train_info": {"fedavg_history": {r["row"]["seed"]: r["fedavg_history"] for r in records if r.get("fedavg_history")},
                        "personalization": [{k: r["row"][k] for k in ("seed", "strategy", "client_id", "error")}
                                            | {"phases": r["phases"], "seconds": r.get("seconds"),

@@ -190,6 +190,9 @@ def run_fedavg(model: nn.Module, clients: list[ClientData], *, rounds: int, loca
     """Train ``model`` in place with FedAvg; return it and one history row per round.
 
     Args:
+        eval_every: Evaluate the global model (mean test accuracy over clients, ``global_test_acc``) after
+            every k-th round and after the last; 0 = never. Evaluation costs about a tenth of a round
+            (``fedavg.eval_every``, default 5 in the config: a curve without paying for it every round).
         start_round: Rounds already done (resume); ``model`` must then hold that round's global weights.
         on_round_end: Called as ``(round, global_state, history)`` after every round (e.g. a checkpoint).
         client_bn: FedBN (``fedavg.bn: local``): client id -> that client's BatchNorm tensors, updated in

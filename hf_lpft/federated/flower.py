@@ -38,6 +38,7 @@ from torch import nn
 from hf_lpft.config import ExperimentConfig
 from hf_lpft.data.tensors import ClientData
 from hf_lpft.federated.fedavg import accumulate, finish, sample_clients
+from hf_lpft.speed import resolve_num_threads
 from hf_lpft.train.loop import OptimSettings, accuracy, derive_seed, train_phase
 from hf_lpft.train.phase import Phase
 
@@ -73,8 +74,7 @@ def make_client_app(cfg: ExperimentConfig, clients: list[ClientData], skeleton: 
 
     def setup(context: Context) -> tuple[int, nn.Module, Accelerator]:
         if not worker:
-            if cfg.run.num_threads:
-                torch.set_num_threads(cfg.run.num_threads)
+            torch.set_num_threads(resolve_num_threads(cfg.run.num_threads))
             worker["accelerator"] = Accelerator()
             worker["model"] = copy.deepcopy(skeleton).to(worker["accelerator"].device)
         i = int(context.node_config["partition-id"])
@@ -122,10 +122,11 @@ def _valid(replies, what: str) -> list[RecordDict]:
 class ExampleWeightedFedAvg(FedAvg):
     """Flower's FedAvg with hf_lpft's client sampling, aggregation and evaluation (module docstring)."""
 
-    def __init__(self, *, n_clients: int, client_fraction: float, seed: int, round_offset: int = 0):
+    def __init__(self, *, n_clients: int, client_fraction: float, seed: int, round_offset: int = 0,
+                 rounds: int | None = None, eval_every: int = 1):
         super().__init__(fraction_train=client_fraction, min_available_nodes=n_clients)
         self.n_clients, self.client_fraction, self.seed = n_clients, client_fraction, seed
-        self.round_offset = round_offset
+        self.round_offset, self.rounds, self.eval_every = round_offset, rounds, eval_every
         self.node_of: dict[int, int] = {}  # client index -> node id
         self.last_accuracy: float | None = None
 
@@ -164,12 +165,22 @@ class ExampleWeightedFedAvg(FedAvg):
         state = finish(acc, total, contents[0]["arrays"].to_torch_state_dict())
         return to_arrays(state), MetricRecord({"num-examples": int(total)})
 
+    def evaluates(self, server_round: int) -> bool:
+        """Whether this round is evaluated: every ``eval_every``-th round and the last, as the built-in engine."""
+        rnd = self.round_offset + server_round
+        return bool(self.eval_every) and (rnd % self.eval_every == 0 or rnd == self.rounds)
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        self.last_accuracy = None
+        if not self.evaluates(server_round):
+            return []
         config["server-round"] = server_round
         return self._messages([self.node_of[i] for i in range(self.n_clients)], arrays, config, MessageType.EVALUATE)
 
     def aggregate_evaluate(self, server_round: int, replies):
         contents = _valid(replies, f"evaluation of round {self.round_offset + server_round}")
+        if not contents:  # a round that is not evaluated (eval_every)
+            return None
         self.last_accuracy = float(np.mean([float(c["metrics"]["accuracy"]) for c in contents]))
         return MetricRecord({"global_test_acc": self.last_accuracy})
 
@@ -177,7 +188,7 @@ class ExampleWeightedFedAvg(FedAvg):
 def make_server_app(initial_state: dict, *, n_clients: int, rounds: int, client_fraction: float, seed: int,
                     start_round: int = 0, history: list[dict] | None = None,
                     on_round_end: RoundCallback | None = None, result: dict | None = None,
-                    timeout: float = 3600.0) -> ServerApp:
+                    timeout: float = 3600.0, eval_every: int = 1) -> ServerApp:
     """A ServerApp running ``rounds - start_round`` FedAvg rounds from ``initial_state``.
 
     ``on_round_end(round, state, history)`` runs after every round (e.g. the run's checkpoint, so an
@@ -190,13 +201,16 @@ def make_server_app(initial_state: dict, *, n_clients: int, rounds: int, client_
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         strategy = ExampleWeightedFedAvg(n_clients=n_clients, client_fraction=client_fraction, seed=seed,
-                                         round_offset=start_round)
+                                         round_offset=start_round, rounds=rounds, eval_every=eval_every)
         strategy.map_nodes(grid, timeout)
 
         def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             if server_round == 0:  # Flower also calls this before the first round
                 return None
-            history.append({"round": start_round + server_round, "global_test_acc": strategy.last_accuracy})
+            row = {"round": start_round + server_round}
+            if strategy.last_accuracy is not None:  # evaluated this round (eval_every)
+                row["global_test_acc"] = strategy.last_accuracy
+            history.append(row)
             if on_round_end is not None:
                 on_round_end(start_round + server_round, arrays.to_torch_state_dict(), history)
             return None
@@ -231,7 +245,8 @@ def run_flower_fedavg(model: nn.Module, clients: list[ClientData], cfg: Experime
     result: dict = {}
     server = make_server_app({k: v.detach().cpu() for k, v in model.state_dict().items()}, n_clients=len(clients),
                              rounds=cfg.fedavg.rounds, client_fraction=cfg.fedavg.client_fraction, seed=seed,
-                             start_round=start_round, history=history, on_round_end=on_round_end, result=result)
+                             start_round=start_round, history=history, on_round_end=on_round_end, result=result,
+                             eval_every=cfg.fedavg.eval_every)
     client = make_client_app(cfg, clients, model, seed=seed)
     run_simulation(server_app=server, client_app=client, num_supernodes=len(clients),
                    backend_config=backend_config or {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})

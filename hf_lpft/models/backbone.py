@@ -41,6 +41,8 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from hf_lpft.speed import contiguous_weights
+
 logger = logging.getLogger(__name__)
 
 BACKBONE_PREFIXES = ("timm", "hf", "hf-config")
@@ -230,8 +232,10 @@ class SplitModel(nn.Module, PyTorchModelHubMixin, library_name="hf_lpft", tags=[
 
     def save_pretrained(self, save_directory, *, config: dict | None = None, **kwargs):
         """``PyTorchModelHubMixin.save_pretrained`` that always records the resolved backbone config, so
-        ``from_pretrained`` rebuilds a transformers backbone offline."""
-        return super().save_pretrained(save_directory, config=config or self._init_config, **kwargs)
+        ``from_pretrained`` rebuilds a transformers backbone offline; weights are written contiguous whatever
+        memory format the model trains in (hf_lpft.speed)."""
+        with contiguous_weights(self):
+            return super().save_pretrained(save_directory, config=config or self._init_config, **kwargs)
 
 
 def build_model(backbone: str, *, num_classes: int, image_size: int, pretrained: bool = False,
