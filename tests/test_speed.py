@@ -98,3 +98,19 @@ def test_pipeline_default_records_a_fedavg_curve_threads_and_memory_format(tmp_p
     assert record["run_info"]["speed"] == {"torch_threads": 1, "fedavg_eval_every": 5, "memory_format": "channels_last"}
     reloaded = SplitModel.from_pretrained(result.output_dir / "global")
     assert memory_format_of(reloaded) == "contiguous" and len(reloaded.state_dict()) > 0
+
+
+def test_float_inputs_converted_once_train_identically(tiny_clients, accelerator):
+    """FedAvg converts uint8 train images to float once; the result equals per-batch conversion bit for bit."""
+    from hf_lpft.federated.fedavg import with_float_inputs
+
+    converted = with_float_inputs(tiny_clients)
+    assert all(c.train_x.dtype == torch.float32 for c in converted)
+    assert with_float_inputs(tiny_clients, limit=0) == tiny_clients  # too large: left as uint8
+    a, b = (build_model("timm:test_resnet", num_classes=4, image_size=32) for _ in range(2))
+    from hf_lpft.train.loop import train_phase
+    from hf_lpft.train.phase import Phase
+
+    for model, client in ((a, tiny_clients[0]), (b, converted[0])):
+        train_phase(model, Phase("p", "all", 1, 0.05), client, settings=SETTINGS, accelerator=accelerator, seed=1)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
