@@ -114,3 +114,16 @@ def test_float_inputs_converted_once_train_identically(tiny_clients, accelerator
     for model, client in ((a, tiny_clients[0]), (b, converted[0])):
         train_phase(model, Phase("p", "all", 1, 0.05), client, settings=SETTINGS, accelerator=accelerator, seed=1)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_evaluation_schedule_does_not_change_training(tmp_path, tiny_ds_path):
+    """Evaluating every round (the old behaviour) or only at the end gives the same global model, byte for byte:
+    of the speed-ups only channels_last changes numbers (the summation order)."""
+    files = []
+    for k in (1, 0):
+        cfg = load_config(None, {"data": {"dataset": tiny_ds_path, "num_classes": 4},
+                                 "fedavg": {"rounds": 3, "batch_size": 16, "eval_every": k},
+                                 "pft": {"strategies": ["lp"], "epochs": 1, "batch_size": 16},
+                                 "run": {"output_dir": str(tmp_path / f"k{k}"), "distortion": False}})
+        files.append((run(cfg).output_dir / "global" / "model.safetensors").read_bytes())
+    assert files[0] == files[1]
