@@ -1,4 +1,4 @@
-"""(d) Peak memory personalizing 5 vs 50 clients (goal: flat: one client's model alive at a time).
+"""(d) Peak memory and time per client personalizing 5 vs 50 clients (goal: flat: one client's model alive at a time).
 
     python benchmarks/bench_memory.py                      # defaults: timm:test_resnet, ft+lp+lp_ft, 1 epoch
     python benchmarks/bench_memory.py --few 5 --many 50 --strategies ft,lp_ft
@@ -7,7 +7,8 @@ Runs the pipeline's ``personalize_all`` (train, evaluate on every client, export
 synthetic clients, first for ``--few`` then for ``--many`` clients, in one process. A thread samples the
 process RSS (psutil) every few milliseconds; reported are the peak RSS and its rise during
 ``personalize_all`` above the level just before (client data are built before, so the rise excludes them),
-and the growth per extra client next to the size of one model copy.
+and the growth per extra client next to the size of one model copy, and the wall time per client. The global
+model is in the memory format the pipeline gives it (``run.memory_format`` auto: channels_last for CNNs).
 Torch tensors live outside Python's allocator, so tracemalloc would not see them; RSS does.
 """
 
@@ -24,6 +25,7 @@ from accelerate import Accelerator
 from common import model_parser, report, set_threads, synthetic_client
 from hf_lpft.config import load_config
 from hf_lpft.models.backbone import build_model
+from hf_lpft.speed import use_memory_format
 import hf_lpft.pipeline as pipeline
 from hf_lpft.pipeline import build_strategies, personalize_all
 
@@ -52,10 +54,10 @@ class RssSampler:
         self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
-def personalize_clients(k: int, args, accelerator) -> tuple[float, float, list[float]]:
-    """RSS rise (MB) during ``personalize_all`` over ``k`` clients, RSS after it, and RSS after each unit."""
+def personalize_clients(k: int, args, accelerator) -> tuple[float, float, list[float], float]:
+    """RSS rise (MB) during ``personalize_all`` over ``k`` clients, peak RSS, RSS after each unit, seconds a client."""
     clients = [synthetic_client(f"c{i}", n_train=args.n_train, n_test=16, seed=i) for i in range(k)]
-    global_model = build_model(args.backbone, num_classes=10, image_size=32, seed=0)
+    global_model = use_memory_format(build_model(args.backbone, num_classes=10, image_size=32, seed=0), "auto")
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(None, {"pft": {"strategies": args.strategies.split(","), "epochs": args.epochs,
                                          "batch_size": 32, "strategy_args": {"lp_ft": {"lp_epochs": 1}}},
@@ -69,12 +71,13 @@ def personalize_clients(k: int, args, accelerator) -> tuple[float, float, list[f
 
         pipeline.log_unit = log_unit
         try:
+            start = time.perf_counter()
             with RssSampler() as rss:
                 personalize_all(cfg, build_strategies(cfg), global_model, clients, seed=0, out=Path(out),
                                 accelerator=accelerator)
         finally:
             pipeline.log_unit = original
-    return (rss.peak - rss.start) / 2**20, rss.peak / 2**20, after_unit
+    return (rss.peak - rss.start) / 2**20, rss.peak / 2**20, after_unit, (time.perf_counter() - start) / k
 
 
 def main() -> None:
@@ -101,6 +104,9 @@ def main() -> None:
     per_client = (many[0] - few[0]) / (args.many - args.few)
     lines.append(f"growth per extra client {per_client:.2f} MB; one model copy is {model_mb:.2f} MB "
                  f"(a deep copy kept per unit would add {model_mb * len(args.strategies.split(',')):.2f} MB a client)")
+    lines.append(f"time per client (all strategies): {few[3]:.2f} s with {args.few} clients, {many[3]:.2f} s with "
+                 f"{args.many} (ratio {many[3] / few[3]:.2f}; each client is also evaluated on every client's test split, "
+                 "so part of the time grows with the number of clients)")
     report(f"bench_memory: {args.backbone}, strategies {args.strategies}, {args.epochs} epochs, "
            f"{args.n_train} examples a client", lines, f"peak RSS {args.many} / {args.few} clients",
            many[1] / few[1], "about 1 (flat)")

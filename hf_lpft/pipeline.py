@@ -60,6 +60,7 @@ from hf_lpft.run.preflight import (build_strategies, check_backbone, check_datas
                                    check_strategies, check_text_inputs, federation_checked, load_dataset_checked,
                                    preflight)
 from hf_lpft.strategies import Strategy
+from hf_lpft.speed import contiguous_weights, memory_format_of, resolve_num_threads
 from hf_lpft.strategies.personalize import personalize, probe_all_clients
 from hf_lpft.train.loop import NonFiniteLossError, accuracy, derive_seed
 from hf_lpft.train.optim import settings_from
@@ -144,7 +145,7 @@ def build_federation(cfg: ExperimentConfig, out: Path, timings: dict | None = No
 
 def save_model(model: SplitModel, path: Path, strategy: Strategy | None = None) -> None:
     """Export into a temporary folder, then rename (no half-written checkpoint)."""
-    with atomic_path(path, directory=True) as tmp:
+    with atomic_path(path, directory=True) as tmp, contiguous_weights(model):  # files never depend on the format
         if strategy is None:
             model.save_pretrained(tmp)
         else:
@@ -442,7 +443,8 @@ def run_seed(cfg: ExperimentConfig, strategies: dict[str, Strategy], clients: li
     self_dist = SELF_DISTORTION if references else NO_DISTORTION
     global_rows = [{"row": result_row(seed, "global_model", i, c, accs[i], None) | self_dist | {"error": None},
                     "phases": [], "curves": [], "fedavg_history": history if i == 0 else None,
-                    "global_source": given.source if i == 0 else None} for i, c in enumerate(clients)]
+                    "global_source": given.source if i == 0 else None,
+                    "memory_format": memory_format_of(global_model)} for i, c in enumerate(clients)]
     t = time.perf_counter()
     units = personalize_all(cfg, strategies, global_model, clients, seed=seed, out=out, accelerator=accelerator,
                             client_bn=client_bn, references=references)
@@ -465,8 +467,7 @@ def run(cfg: ExperimentConfig, *, accelerator: Accelerator | None = None) -> Run
     accelerator = make_accelerator(cfg, out, accelerator)
     check_precision(accelerator)
     accelerator.wait_for_everyone()
-    if cfg.run.num_threads:
-        torch.set_num_threads(cfg.run.num_threads)
+    torch.set_num_threads(resolve_num_threads(cfg.run.num_threads))  # measured default: hf_lpft.speed
     timings = {}
     fed, clients = build_federation(cfg, out, timings, write=accelerator.is_main_process, federated=federated)
     if accelerator.is_main_process:
@@ -497,7 +498,10 @@ def run(cfg: ExperimentConfig, *, accelerator: Accelerator | None = None) -> Run
                      "batchnorm": batchnorm_record(cfg, strategies),
                      "global_model": {r["row"]["seed"]: r["global_source"] for r in records if r.get("global_source")},
                      "preprocessing": preprocessing_for(cfg).to_dict(),
-                     "mixed_precision": accelerator.mixed_precision},
+                     "mixed_precision": accelerator.mixed_precision,
+
+                     "speed": {"torch_threads": torch.get_num_threads(), "fedavg_eval_every": cfg.fedavg.eval_every,
+                               "memory_format": next((r["memory_format"] for r in records if "memory_format" in r), None)}},
         "train_info": {"fedavg_history": {r["row"]["seed"]: r["fedavg_history"] for r in records if r.get("fedavg_history")},
                        "personalization": [{k: r["row"][k] for k in ("seed", "strategy", "client_id", "error")}
                                            | {"phases": r["phases"], "seconds": r.get("seconds"),

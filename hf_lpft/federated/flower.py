@@ -48,6 +48,7 @@ from torch import nn
 from hf_lpft.config import ConfigError, ExperimentConfig, _coerce
 from hf_lpft.data.tensors import ClientData
 from hf_lpft.federated.fedavg import accumulate, finish, sample_clients
+from hf_lpft.speed import resolve_num_threads
 from hf_lpft.train.loop import accuracy, derive_seed, train_phase
 from hf_lpft.train.optim import round_lr, settings_from
 from hf_lpft.train.phase import Phase
@@ -102,8 +103,7 @@ def make_client_app(cfg: ExperimentConfig, clients: list[ClientData], skeleton: 
 
     def setup(context: Context) -> tuple[int, nn.Module, Accelerator]:
         if not worker:
-            if cfg.run.num_threads:
-                torch.set_num_threads(cfg.run.num_threads)
+            torch.set_num_threads(resolve_num_threads(cfg.run.num_threads))
             worker["accelerator"] = Accelerator()
             worker["model"] = copy.deepcopy(skeleton).to(worker["accelerator"].device)
         i = int(context.node_config["partition-id"])
@@ -168,9 +168,10 @@ class SeededNodes:
     """Mixin over a Flower strategy: hf_lpft's seeded client sampling, node mapping, failure handling and
     evaluation (module docstring); training configuration and aggregation stay the strategy's own."""
 
-    def setup_nodes(self, *, n_clients: int, client_fraction: float, seed: int, round_offset: int = 0) -> None:
+    def setup_nodes(self, *, n_clients: int, client_fraction: float, seed: int, round_offset: int = 0,
+                    rounds: int | None = None, eval_every: int = 1) -> None:
         self.n_clients, self.client_fraction, self.seed = n_clients, client_fraction, seed
-        self.round_offset = round_offset
+        self.round_offset, self.rounds, self.eval_every = round_offset, rounds, eval_every
         self.node_of: dict[int, int] = {}  # client index -> node id
         self.last_accuracy: float | None = None
 
@@ -200,7 +201,15 @@ class SeededNodes:
         config["round-offset"] = self.round_offset
         return super().configure_train(server_round, arrays, config, _Nodes([self.node_of[i] for i in picked]))
 
+    def evaluates(self, server_round: int) -> bool:
+        """Whether this round is evaluated: every ``eval_every``-th round and the last, as the built-in engine."""
+        rnd = self.round_offset + server_round
+        return bool(self.eval_every) and (rnd % self.eval_every == 0 or rnd == self.rounds)
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        self.last_accuracy = None
+        if not self.evaluates(server_round):
+            return []
         return super().configure_evaluate(server_round, arrays, config, _Nodes(list(self.node_of.values())))
 
     def aggregate_train(self, server_round: int, replies):
@@ -211,6 +220,8 @@ class SeededNodes:
 
     def aggregate_evaluate(self, server_round: int, replies):
         contents = _valid(replies, f"evaluation of round {self.round_offset + server_round}")
+        if not contents:  # a round that is not evaluated (eval_every)
+            return None
         self.last_accuracy = float(np.mean([float(c["metrics"]["accuracy"]) for c in contents]))
         return MetricRecord({"global_test_acc": self.last_accuracy})
 
@@ -228,9 +239,11 @@ def _valid_messages(replies, what: str) -> list[Message]:
 class ExampleWeightedFedAvg(SeededNodes, FedAvg):
     """Flower's FedAvg with hf_lpft's client sampling, aggregation and evaluation (module docstring)."""
 
-    def __init__(self, *, n_clients: int, client_fraction: float, seed: int, round_offset: int = 0):
+    def __init__(self, *, n_clients: int, client_fraction: float, seed: int, round_offset: int = 0,
+                 rounds: int | None = None, eval_every: int = 1):
         super().__init__(fraction_train=1.0, min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
-        self.setup_nodes(n_clients=n_clients, client_fraction=client_fraction, seed=seed, round_offset=round_offset)
+        self.setup_nodes(n_clients=n_clients, client_fraction=client_fraction, seed=seed, round_offset=round_offset,
+                         rounds=rounds, eval_every=eval_every)
 
     def aggregate_train(self, server_round: int, replies):
         contents = _valid(replies, f"round {self.round_offset + server_round}")
@@ -289,17 +302,18 @@ def check_fl_strategy(name: str, args: dict | None) -> dict:
 
 
 def build_fl_strategy(name: str, args: dict | None, *, n_clients: int, client_fraction: float, seed: int,
-                      round_offset: int = 0) -> SeededNodes:
+                      round_offset: int = 0, rounds: int | None = None, eval_every: int = 1) -> SeededNodes:
     """The general-FL strategy ``name`` (``fedavg.fl_strategy``) with its validated options."""
     options = check_fl_strategy(name, args)
     if name == "fedavg":
         return ExampleWeightedFedAvg(n_clients=n_clients, client_fraction=client_fraction, seed=seed,
-                                     round_offset=round_offset)
+                                     round_offset=round_offset, rounds=rounds, eval_every=eval_every)
     base = getattr(flwr_strategies, FLOWER_STRATEGIES[name])
     cls = type(f"Seeded{base.__name__}", (SeededNodes, base), {})
     strategy = cls(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=1,
                    min_available_nodes=1, **options)
-    strategy.setup_nodes(n_clients=n_clients, client_fraction=client_fraction, seed=seed, round_offset=round_offset)
+    strategy.setup_nodes(n_clients=n_clients, client_fraction=client_fraction, seed=seed, round_offset=round_offset,
+                         rounds=rounds, eval_every=eval_every)
     return strategy
 
 
@@ -334,7 +348,10 @@ def run_rounds(grid: Grid, strategy: SeededNodes, initial_state: dict, *, rounds
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:  # Flower also calls this before the first round
             return None
-        history.append({"round": start_round + server_round, "global_test_acc": strategy.last_accuracy})
+        row = {"round": start_round + server_round}
+        if strategy.last_accuracy is not None:  # evaluated this round (eval_every)
+            row["global_test_acc"] = strategy.last_accuracy
+        history.append(row)
         if on_round_end is not None:
             on_round_end(start_round + server_round, like(arrays.to_torch_state_dict(), initial_state), history)
         return None
@@ -350,7 +367,7 @@ def make_server_app(initial_state: dict, *, n_clients: int, rounds: int, client_
                     start_round: int = 0, history: list[dict] | None = None,
                     on_round_end: RoundCallback | None = None, result: dict | None = None,
                     timeout: float = 3600.0, fl_strategy: str = "fedavg",
-                    fl_strategy_args: dict | None = None) -> ServerApp:
+                    fl_strategy_args: dict | None = None, eval_every: int = 1) -> ServerApp:
     """A ServerApp running ``rounds - start_round`` rounds of ``fl_strategy`` (default FedAvg) from ``initial_state``.
 
     ``on_round_end(round, state, history)`` runs after every round (e.g. the run's checkpoint, so an
@@ -362,7 +379,8 @@ def make_server_app(initial_state: dict, *, n_clients: int, rounds: int, client_
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         strategy = build_fl_strategy(fl_strategy, fl_strategy_args, n_clients=n_clients,
-                                     client_fraction=client_fraction, seed=seed, round_offset=start_round)
+                                     client_fraction=client_fraction, seed=seed, round_offset=start_round,
+                                     rounds=rounds, eval_every=eval_every)
         strategy.map_nodes(grid, timeout)
         result["state"], result["history"] = run_rounds(grid, strategy, initial_state, rounds=rounds,
                                                         start_round=start_round, history=history,
@@ -396,7 +414,8 @@ def run_flower_fedavg(model: nn.Module, clients: list[ClientData], cfg: Experime
     server = make_server_app({k: v.detach().cpu() for k, v in model.state_dict().items()}, n_clients=len(clients),
                              rounds=cfg.fedavg.rounds, client_fraction=cfg.fedavg.client_fraction, seed=seed,
                              start_round=start_round, history=history, on_round_end=on_round_end, result=result,
-                             fl_strategy=cfg.fedavg.fl_strategy, fl_strategy_args=cfg.fedavg.fl_strategy_args)
+                             fl_strategy=cfg.fedavg.fl_strategy, fl_strategy_args=cfg.fedavg.fl_strategy_args,
+                             eval_every=cfg.fedavg.eval_every)
     client = make_client_app(cfg, clients, model, seed=seed)
     run_simulation(server_app=server, client_app=client, num_supernodes=len(clients),
                    backend_config=backend_config or {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})

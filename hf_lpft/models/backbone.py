@@ -44,6 +44,7 @@ from torch import nn
 
 from hf_lpft.data.preprocess import Preprocessing, resolve_preprocessing
 from hf_lpft.io import write_json
+from hf_lpft.speed import contiguous_weights
 
 logger = logging.getLogger(__name__)
 
@@ -255,8 +256,10 @@ class SplitModel(nn.Module, PyTorchModelHubMixin, library_name="hf_lpft", tags=[
 
     def save_pretrained(self, save_directory, *, config: dict | None = None, **kwargs):
         """``PyTorchModelHubMixin.save_pretrained`` that always records the resolved backbone config, so
-        ``from_pretrained`` rebuilds a transformers backbone offline."""
-        return super().save_pretrained(save_directory, config=config or self._init_config, **kwargs)
+        ``from_pretrained`` rebuilds a transformers backbone offline; weights are written contiguous whatever
+        memory format the model trains in (hf_lpft.speed)."""
+        with contiguous_weights(self):
+            return super().save_pretrained(save_directory, config=config or self._init_config, **kwargs)
 
     def _save_pretrained(self, save_directory) -> None:
         """The weights, plus an image model's ``preprocessor_config.json`` (readable by ``AutoImageProcessor``)."""

@@ -40,6 +40,7 @@ from hf_lpft.models.backbone import SplitModel, build_model
 from hf_lpft.run.given_model import load_global_model
 from hf_lpft.train.loop import derive_seed
 from hf_lpft.data.preprocess import preprocessing_for
+from hf_lpft.speed import use_memory_format
 from hf_lpft.train.optim import settings_from
 
 logger = logging.getLogger(__name__)
@@ -77,12 +78,15 @@ def obtain_global_model(cfg: ExperimentConfig, clients: list[ClientData], num_cl
                         accelerator: Accelerator) -> GlobalModel:
     """θ_G for ``seed``: the given ``model.global_model``, else FedAvg through ``run.fedavg_cache`` when set."""
     if cfg.model.global_model is not None:
-        return given_global_model(cfg, num_classes, seed=seed, out=out, accelerator=accelerator)
-    if cfg.run.fedavg_cache is not None:
-        return cached_pretrain(cfg, clients, num_classes, seed=seed, out=out, accelerator=accelerator)
-    model, history = pretrain(cfg, clients, num_classes, seed=seed, out=out, accelerator=accelerator)
-    client_bn = Checkpoints(out).load_client_bn(seed) if cfg.fedavg.bn == "local" else None
-    return GlobalModel(model, history, client_bn, {"source": "fedavg"})
+        given = given_global_model(cfg, num_classes, seed=seed, out=out, accelerator=accelerator)
+    elif cfg.run.fedavg_cache is not None:
+        given = cached_pretrain(cfg, clients, num_classes, seed=seed, out=out, accelerator=accelerator)
+    else:
+        model, history = pretrain(cfg, clients, num_classes, seed=seed, out=out, accelerator=accelerator)
+        client_bn = Checkpoints(out).load_client_bn(seed) if cfg.fedavg.bn == "local" else None
+        given = GlobalModel(model, history, client_bn, {"source": "fedavg"})
+    use_memory_format(given.model, cfg.run.memory_format)  # personalization trains in the same format (speed.py)
+    return given
 
 
 def given_global_model(cfg: ExperimentConfig, num_classes: int, *, seed: int, out: Path,
@@ -228,11 +232,13 @@ def pretrain(cfg: ExperimentConfig, clients: list[ClientData], num_classes: int,
     done = global_dir(out, cfg, seed)
     saved = ckpt.load_round(seed) if cfg.run.resume else None
     if saved is not None and len(saved[1]) == f.rounds and (done / "model.safetensors").is_file():
-        return SplitModel.from_pretrained(done).to(accelerator.device).eval(), saved[1]
+        return use_memory_format(SplitModel.from_pretrained(done).to(accelerator.device).eval(),
+                                 cfg.run.memory_format), saved[1]
     model = build_model(cfg.model.backbone, num_classes=num_classes, image_size=cfg.data.image_size,
                         pretrained=cfg.model.pretrained, checkpoint=cfg.model.checkpoint, pooling=cfg.model.pooling,
                         dropout=cfg.model.dropout, seed=derive_seed(seed, "init") % 2**31,
                         preprocessing=preprocessing_for(cfg)).to(accelerator.device)
+    model = use_memory_format(model, cfg.run.memory_format)  # channels_last for CNNs: hf_lpft.speed
     if saved is not None:
         model.load_state_dict(saved[0])
     settings = settings_from(f)
@@ -248,7 +254,7 @@ def pretrain(cfg: ExperimentConfig, clients: list[ClientData], num_classes: int,
     else:
         model, history = run_fedavg(model, clients, rounds=f.rounds, local_epochs=f.local_epochs, lr=f.lr,
                                     client_fraction=f.client_fraction, settings=settings, accelerator=accelerator,
-                                    seed=seed, start_round=len(saved[1]) if saved else 0,
+                                    seed=seed, eval_every=f.eval_every, start_round=len(saved[1]) if saved else 0,
                                     history=saved[1] if saved else None, client_bn=client_bn,
                                     on_round_end=round_end)
     if accelerator.is_main_process:

@@ -33,7 +33,9 @@ from hf_lpft import __version__
 from hf_lpft.config import ConfigError, ExperimentConfig, load_config
 from hf_lpft.data.tensors import ClientData
 from hf_lpft.io import atomic_path
+from hf_lpft.data.preprocess import preprocessing_for
 from hf_lpft.models.backbone import SplitModel, build_model
+from hf_lpft.speed import use_memory_format
 
 NODE_KEYS = ("partition-id", "num-partitions", "manifest", "dataset", "dataset-dir", "client-id", "cache-dir")
 
@@ -148,7 +150,8 @@ def skeleton(cfg: ExperimentConfig, num_classes: int, state: dict | None = None)
     """The study's architecture (weights from ``state``, e.g. the global arrays of a message)."""
     m = cfg.model
     model = build_model(m.backbone, num_classes=num_classes, image_size=cfg.data.image_size, pretrained=False,
-                        pooling=m.pooling, dropout=m.dropout)
+                        pooling=m.pooling, dropout=m.dropout, preprocessing=preprocessing_for(cfg))
+    model = use_memory_format(model, cfg.run.memory_format)  # as the built-in engine trains (hf_lpft.speed)
     if state is not None:
         model.load_state_dict(state)
     return model.eval()

@@ -33,7 +33,9 @@ from hf_lpft.federated.flower import (SeededNodes, _valid, build_fl_strategy, ch
                                       run_rounds, to_arrays)
 from hf_lpft.hub.push import publish_run
 from hf_lpft.io import atomic_path, meta_info, write_json, write_text
+from hf_lpft.data.preprocess import preprocessing_for
 from hf_lpft.models.backbone import build_model
+from hf_lpft.speed import use_memory_format
 from hf_lpft.pipeline import (NO_DISTORTION, SELF_DISTORTION, batchnorm_record, build_strategies, check_backbone,
                               check_strategies, model_dir, prepare_output_dir, result_row, save_model, write_results)
 from hf_lpft.train.loop import derive_seed
@@ -98,13 +100,15 @@ def general_fl(grid: Grid, cfg: ExperimentConfig, node_of: dict, clients: list, 
     m, ckpt = cfg.model, Checkpoints(out)
     model = build_model(m.backbone, num_classes=clients[0].num_classes, image_size=cfg.data.image_size,
                         pretrained=m.pretrained, checkpoint=m.checkpoint, pooling=m.pooling, dropout=m.dropout,
-                        seed=derive_seed(seed, "init") % 2**31)
+                        seed=derive_seed(seed, "init") % 2**31, preprocessing=preprocessing_for(cfg))
+    model = use_memory_format(model, cfg.run.memory_format)  # as the built-in engine (hf_lpft.speed)
     saved = ckpt.load_round(seed) if cfg.run.resume else None
     if saved is not None:
         model.load_state_dict(saved[0])
     strategy = build_fl_strategy(cfg.fedavg.fl_strategy, cfg.fedavg.fl_strategy_args, n_clients=len(clients),
                                  client_fraction=cfg.fedavg.client_fraction, seed=seed,
-                                 round_offset=len(saved[1]) if saved else 0)
+                                 round_offset=len(saved[1]) if saved else 0, rounds=cfg.fedavg.rounds,
+                                 eval_every=cfg.fedavg.eval_every)
     strategy.node_of = dict(node_of)
     state, history = run_rounds(grid, strategy, model.state_dict(), rounds=cfg.fedavg.rounds,
                                 start_round=strategy.round_offset, history=saved[1] if saved else None,
