@@ -123,6 +123,30 @@ def run_cells(cells: list[Cell], *, accelerator=None) -> tuple[pd.DataFrame, dic
         start = time.perf_counter()
         frames[cell.dose, cell.norm, cell.shift] = run(cell.config, accelerator=accelerator).results
         seconds[cell.name] = time.perf_counter() - start
+    return _with_axes(cells, frames), seconds
+
+
+def collect_cells(cells: list[Cell]) -> tuple[pd.DataFrame, dict[str, float]]:
+    """The results of cells already run (each cell's ``results.parquet``) and their recorded wall seconds
+    (``run_record.json`` ``timings_seconds.total``), without running anything."""
+    import json
+
+    frames, seconds, missing = {}, {}, []
+    for cell in cells:
+        out = Path(cell.config.run.output_dir)
+        if not (out / "results.parquet").is_file():
+            missing.append(cell.name)
+            continue
+        frames[cell.dose, cell.norm, cell.shift] = pd.read_parquet(out / "results.parquet")
+        record = json.loads((out / "run_record.json").read_text())
+        seconds[cell.name] = float(record["run_info"]["timings_seconds"].get("total", float("nan")))
+    if missing:
+        raise ValueError(f"cells not run yet (no results.parquet): {missing}; run them first")
+    return _with_axes(cells, frames), seconds
+
+
+def _with_axes(cells: list[Cell], frames: dict) -> pd.DataFrame:
+    """Every cell's results with its axis columns; a ``rows_from`` cell gets the borrowed strategies' rows."""
     out = []
     for cell in cells:
         results = frames[cell.dose, cell.norm, cell.shift]
@@ -130,7 +154,7 @@ def run_cells(cells: list[Cell], *, accelerator=None) -> tuple[pd.DataFrame, dic
             source = frames[cell.rows_from, cell.norm, cell.shift]
             results = pd.concat([results, source[~source.strategy.isin(results.strategy)]], ignore_index=True)
         out.append(results.assign(norm=cell.norm, shift=cell.shift, dose=cell.dose, condition=cell.name))
-    return pd.concat(out, ignore_index=True), seconds
+    return pd.concat(out, ignore_index=True)
 
 
 def regime_table(results: pd.DataFrame) -> pd.DataFrame:
@@ -179,9 +203,10 @@ def format_regime_table(table: pd.DataFrame, seconds: dict[str, float] | None = 
                  if not np.isnan(r[f"lpft_minus_ft_{m}"]) else "-" for m in ("local", "global")]
         refs = [f"{_pct(r[f'{s}_local_acc'])} / {_pct(r[f'{s}_global_acc'])}" for s in ROWS]
         drop = f"{_pct(r.ft_global_drop)} ({_pct(r.ft_global_drop_bn)})"
-        wall = f"{seconds[f'{r.norm}/{r.shift}/{r.dose}']:.0f}" if seconds and f"{r.norm}/{r.shift}/{r.dose}" in seconds else "-"
-        lines.append("| " + " | ".join([r.norm, r.shift, r.dose, str(r.seeds), *diffs, r.verdict, *refs, drop, wall])
-                     + " |")
+        name = f"{r['norm']}/{r['shift']}/{r['dose']}"  # r.shift would be the Series method
+        wall = f"{seconds[name]:.0f}" if seconds and name in seconds else "-"
+        lines.append("| " + " | ".join([r["norm"], r["shift"], r["dose"], str(r.seeds), *diffs, r.verdict, *refs, drop,
+                                        wall]) + " |")
     return "\n".join(lines)
 
 
