@@ -86,7 +86,8 @@ def partition_from_args(argv: list[str]) -> int:
     args, overrides = parser.parse_known_args(argv)
     setup_logging(args.log_level.upper())
     from hf_lpft.data.federate import FederationError
-    from hf_lpft.data.stats import format_table, preview_federation
+    from hf_lpft.data.preview import preview_federation
+    from hf_lpft.data.stats import format_table
     from hf_lpft.run.preflight import check_scheme_options, check_sizes, federation_checked
 
     try:
