@@ -48,16 +48,19 @@ class ConfigHelp(argparse.Action):
 def run_from_args(argv: list[str], *, defaults: dict | None = None, description: str = "",
                   prog: str | None = None) -> int:
     """Parse ``[--config FILE] [--section.key value ...]``, run the pipeline, print the table."""
+    usage = "%(prog)s [-h] [--config FILE] [--log_level LEVEL] [--section.key value ...]"
     parser = argparse.ArgumentParser(prog=prog, description=description or "Run an hf_lpft study.", add_help=False,
-                                     usage="%(prog)s [-h] [--config FILE] [--log_level LEVEL] [--section.key value ...]",
+                                     usage=usage,
                                      epilog="Any config value can be overridden as --section.key value "
                                             "(or --key value when the name is unique), e.g. --fedavg.rounds 10; "
                                             "lists are comma-separated (--run.seeds 0,1,2), mappings YAML "
                                             "({lp_ft: {lp_epochs: 5}}), a boolean alone means true (--run.resume).")
     parser.add_argument("-h", "--help", action=ConfigHelp, defaults=defaults,
                         help="Show this help (every option, by section, with its type and default) and exit.")
-    parser.add_argument("--config", default=None, metavar="FILE", help="YAML config (sections data/model/fedavg/pft/run).")
-    parser.add_argument("--log_level", default="INFO", metavar="LEVEL", help="Log level of hf_lpft (DEBUG, INFO, WARNING).")
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="YAML config (sections data/model/fedavg/pft/run).")
+    parser.add_argument("--log_level", default="INFO", metavar="LEVEL",
+                        help="Log level of hf_lpft (DEBUG, INFO, WARNING).")
     args, overrides = parser.parse_known_args(argv)
     setup_logging(args.log_level.upper())
     try:
@@ -202,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hf-lpft {__version__}")
         return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: hf-lpft {" + ",".join(commands) + "} [options] | hf-lpft --version\n" + "\n".join(f"  {k:12s} {v}" for k, v in commands.items()))
+        print("usage: hf-lpft {" + ",".join(commands) + "} [options] | hf-lpft --version\n"
+              + "\n".join(f"  {k:12s} {v}" for k, v in commands.items()))
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     if argv[0] == "strategies":
         return list_strategies()
