@@ -8,7 +8,8 @@ import errno
 import logging
 import sys
 
-from hf_lpft.config import ConfigError, load_config
+from hf_lpft import __version__
+from hf_lpft.config import ConfigError, add_config_help, load_config
 from hf_lpft.hub import HubPushError
 
 WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)  # disk full, permissions
@@ -19,13 +20,47 @@ def setup_logging(level: str = "INFO") -> None:
     logging.getLogger("hf_lpft").setLevel(level)
 
 
-def run_from_args(argv: list[str], *, defaults: dict | None = None, description: str = "") -> int:
+class _OptionsFormatter(argparse.HelpFormatter):
+    """Help formatter writing an option's type once after all its names (``--data.alpha, --alpha float``)."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings or action.nargs == 0:
+            return super()._format_action_invocation(action)
+        return f"{', '.join(action.option_strings)} {self._format_args(action, action.dest.upper())}"
+
+
+class ConfigHelp(argparse.Action):
+    """``-h/--help`` that lists every config option by section (:func:`hf_lpft.config.add_config_help`),
+    with ``defaults`` (a recipe's) shown as the defaults; the options are added only to print the help,
+    so parsing the overrides stays :func:`hf_lpft.config.parse_overrides`'."""
+
+    def __init__(self, option_strings: list[str], dest: str, defaults: dict | None = None, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+        self.defaults = defaults
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        add_config_help(parser, self.defaults)
+        parser.formatter_class = _OptionsFormatter
+        parser.print_help()
+        parser.exit()
+
+
+def run_from_args(argv: list[str], *, defaults: dict | None = None, description: str = "",
+                  prog: str | None = None) -> int:
     """Parse ``[--config FILE] [--section.key value ...]``, run the pipeline, print the table."""
-    parser = argparse.ArgumentParser(description=description or "Run an hf_lpft study.",
+    usage = "%(prog)s [-h] [--config FILE] [--log_level LEVEL] [--section.key value ...]"
+    parser = argparse.ArgumentParser(prog=prog, description=description or "Run an hf_lpft study.", add_help=False,
+                                     usage=usage,
                                      epilog="Any config value can be overridden as --section.key value "
-                                            "(or --key value when the name is unique), e.g. --fedavg.rounds 10.")
-    parser.add_argument("--config", default=None, help="YAML config (sections data/model/fedavg/pft/run).")
-    parser.add_argument("--log_level", default="INFO", help="Log level of hf_lpft (DEBUG, INFO, WARNING).")
+                                            "(or --key value when the name is unique), e.g. --fedavg.rounds 10; "
+                                            "lists are comma-separated (--run.seeds 0,1,2), mappings YAML "
+                                            "({lp_ft: {lp_epochs: 5}}), a boolean alone means true (--run.resume).")
+    parser.add_argument("-h", "--help", action=ConfigHelp, defaults=defaults,
+                        help="Show this help (every option, by section, with its type and default) and exit.")
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="YAML config (sections data/model/fedavg/pft/run).")
+    parser.add_argument("--log_level", default="INFO", metavar="LEVEL",
+                        help="Log level of hf_lpft (DEBUG, INFO, WARNING).")
     args, overrides = parser.parse_known_args(argv)
     setup_logging(args.log_level.upper())
     try:
@@ -86,7 +121,8 @@ def partition_from_args(argv: list[str]) -> int:
     args, overrides = parser.parse_known_args(argv)
     setup_logging(args.log_level.upper())
     from hf_lpft.data.federate import FederationError
-    from hf_lpft.data.stats import format_table, preview_federation
+    from hf_lpft.data.preview import preview_federation
+    from hf_lpft.data.stats import format_table
     from hf_lpft.run.preflight import check_scheme_options, check_sizes, federation_checked
 
     try:
@@ -138,7 +174,7 @@ def personalize_from_args(argv: list[str]) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.global_model is None:
         if any(a in ("-h", "--help") for a in rest):
-            return run_from_args(rest, description=PERSONALIZE_HELP)
+            return run_from_args(rest, description=PERSONALIZE_HELP, prog="hf-lpft personalize")
         print("hf-lpft personalize: --global_model is required (a run's global/ folder, a timm or transformers "
               "model folder, a timm checkpoint file, or a Hub model id)", file=sys.stderr)
         return 2
@@ -151,7 +187,7 @@ def personalize_from_args(argv: list[str]) -> int:
         print(f"hf-lpft: configuration error: {err}", file=sys.stderr)
         return 2
     return run_from_args(rest + ["--model.global_model", args.global_model], defaults=defaults,
-                         description=PERSONALIZE_HELP)
+                         description=PERSONALIZE_HELP, prog="hf-lpft personalize")
 
 
 PERSONALIZE_HELP = ("Personalize a given global model (--global_model: a run's global/ folder, a timm or transformers "
@@ -165,8 +201,12 @@ def main(argv: list[str] | None = None) -> int:
                 "personalize": "personalize a given global model (no FedAvg): PFT, evaluation, export",
                 "partition": "preview a federation (manifest, stats, heatmap) without training",
                 "push": "publish a finished run folder to the Hub (or rewrite its Hub-ready folder)"}
+    if argv and argv[0] in ("-V", "--version"):
+        print(f"hf-lpft {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: hf-lpft {" + ",".join(commands) + "} [options]\n" + "\n".join(f"  {k:12s} {v}" for k, v in commands.items()))
+        print("usage: hf-lpft {" + ",".join(commands) + "} [options] | hf-lpft --version\n"
+              + "\n".join(f"  {k:12s} {v}" for k, v in commands.items()))
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     if argv[0] == "strategies":
         return list_strategies()
@@ -176,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         return push_from_args(argv[1:])
     if argv[0] == "personalize":
         return personalize_from_args(argv[1:])
-    return run_from_args(argv[1:])
+    return run_from_args(argv[1:], prog="hf-lpft run")
 
 
 if __name__ == "__main__":

@@ -557,3 +557,51 @@ def read_config_file(path: str | Path) -> dict:
     _check(isinstance(loaded, dict), f"config file {str(p)!r} must hold a mapping of sections "
            f"{list(SECTIONS)}, not a {type(loaded).__name__}")
     return loaded
+
+
+def _type_name(hint: Any) -> str:
+    """A type hint as it reads in ``--help``: ``int``, ``str|None``, ``list[int]``, ``dict[str,Any]``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return "|".join(_type_name(a) for a in args)
+    if origin is not None:
+        return f"{getattr(origin, '__name__', origin)}[{','.join(_type_name(a) for a in args)}]"
+    return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def cli_value(value: Any) -> str:
+    """A config value written as it is given on the command line (lists comma-separated, None as none)."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ",".join(cli_value(v) for v in value) if value else "[]"
+    if isinstance(value, dict):
+        return yaml.safe_dump(value, default_flow_style=True, width=math.inf).strip()
+    return str(value)
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    """The default value of a config dataclass field (``default_factory`` called)."""
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def add_config_help(parser: Any, defaults: dict | None = None) -> None:
+    """Add every field of every section (:data:`SECTIONS`) to ``parser`` (an ``argparse.ArgumentParser``)
+    as an argument group per section, for its ``--help`` only: ``--section.key`` (and ``--key`` where the
+    name is unique), the type, the default (``defaults`` - a recipe's nested dict - first) and the field's
+    ``metadata["help"]``. Generated from the dataclasses, so a new field shows up without being listed.
+    Parsing stays :func:`parse_overrides`' (the parser must not parse with these arguments).
+    """
+    index = _field_index()
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else None
+        group = parser.add_argument_group(f"{section} options", doc)
+        for f in dataclasses.fields(cls):
+            default = (defaults or {}).get(section, {}).get(f.name, field_default(f))
+            names = [f"--{section}.{f.name}"] + ([f"--{f.name}"] if len(index[f.name]) == 1 else [])
+            text = f"{f.metadata.get('help', '')} (default: {cli_value(default)})".strip()
+            group.add_argument(*names, dest=f"{section}.{f.name}", metavar=_type_name(hints[f.name]),
+                               help=text.replace("%", "%%"))

@@ -85,10 +85,15 @@ def _local_model(out: Path, strategy: str, client: str):
     return SplitModel.from_pretrained(folder)
 
 
-def test_templates_in_the_package_match_model_cards_folder():
-    root = Path(__file__).resolve().parents[1] / "model_cards"
+def test_templates_have_one_copy_that_model_cards_points_to():
+    """The packaged templates are the only copy; the top-level model_cards/ folder only links to each of them."""
+    root = Path(__file__).resolve().parents[1]
+    assert sorted(p.name for p in (root / "model_cards").iterdir()) == ["README.md"]
+    readme = (root / "model_cards" / "README.md").read_text()
     for name in TEMPLATES:
-        assert template_path(name).read_text() == (root / name).read_text(), f"{name}: copies differ"
+        assert template_path(name).is_file() and "{{ card_data }}" in template_path(name).read_text()
+        assert f"](../hf_lpft/hub/templates/{name})" in readme, f"model_cards/README.md does not link {name}"
+        assert (root / "model_cards" / f"../hf_lpft/hub/templates/{name}").resolve() == template_path(name).resolve()
 
 
 def test_cli_flags_parse_and_validate():

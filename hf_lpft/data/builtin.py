@@ -34,6 +34,8 @@ import datasets
 import numpy as np
 from PIL import Image, ImageFilter
 
+from hf_lpft.data.digits import BASE as _BASE
+from hf_lpft.data.digits import pad_digit
 from hf_lpft.data.shift_builtin import build_colored_digits, build_digits_c
 from hf_lpft.data.text_builtin import build_topics
 
@@ -42,7 +44,6 @@ logger = logging.getLogger(__name__)
 DIGITS5_DOMAINS = ("mnist", "mnistm", "svhn_like", "usps_like", "synth_like")
 _MNIST_DOMAINS = ("mnist", "mnistm", "svhn_like", "synth_like")
 _VERSION = 1
-_BASE = 32  # rendering size; other sizes are resized from it
 
 
 def _mnist() -> tuple[np.ndarray, np.ndarray]:
@@ -69,15 +70,8 @@ def _photos() -> list[np.ndarray]:
     return out
 
 
-def _pad(digit28: np.ndarray) -> np.ndarray:
-    """28x28 grey digit centred on a 32x32 canvas, float in [0, 1]."""
-    canvas = np.zeros((_BASE, _BASE), dtype=np.float32)
-    canvas[2:30, 2:30] = digit28.astype(np.float32) / 255.0
-    return canvas
-
-
 def _render_mnist(d: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    return np.repeat(_pad(d)[..., None], 3, axis=2)
+    return np.repeat(pad_digit(d)[..., None], 3, axis=2)
 
 
 def _render_mnistm(d: np.ndarray, rng: np.random.Generator, photos: list[np.ndarray]) -> np.ndarray:
@@ -85,7 +79,7 @@ def _render_mnistm(d: np.ndarray, rng: np.random.Generator, photos: list[np.ndar
     y0 = rng.integers(0, photo.shape[0] - _BASE)
     x0 = rng.integers(0, photo.shape[1] - _BASE)
     patch = photo[y0:y0 + _BASE, x0:x0 + _BASE].astype(np.float32) / 255.0
-    return np.abs(patch - _pad(d)[..., None])
+    return np.abs(patch - pad_digit(d)[..., None])
 
 
 def _render_svhn(d: np.ndarray, rng: np.random.Generator, pool: np.ndarray) -> np.ndarray:
@@ -98,10 +92,10 @@ def _render_svhn(d: np.ndarray, rng: np.random.Generator, pool: np.ndarray) -> n
         img[y0:y0 + h, x0:x0 + w] = 0.7 * img[y0:y0 + h, x0:x0 + w] + 0.3 * rng.uniform(0, 1, size=3)
     mask = np.zeros((_BASE, _BASE), dtype=np.float32)
     edge = int(rng.integers(6, 11))  # how much of each neighbouring digit shows at the edges
-    left, right = _pad(pool[rng.integers(len(pool))]), _pad(pool[rng.integers(len(pool))])
+    left, right = pad_digit(pool[rng.integers(len(pool))]), pad_digit(pool[rng.integers(len(pool))])
     mask[:, :edge] = 0.8 * left[:, _BASE - edge:]
     mask[:, _BASE - edge:] = 0.8 * right[:, :edge]
-    centre = np.roll(_pad(d), tuple(rng.integers(-2, 3, size=2)), axis=(0, 1))
+    centre = np.roll(pad_digit(d), tuple(rng.integers(-2, 3, size=2)), axis=(0, 1))
     mask = np.maximum(mask, centre)
     img = img * (1 - mask[..., None]) + fg * mask[..., None]
     return np.clip(img + rng.normal(0.0, 0.04, size=img.shape), 0.0, 1.0)
@@ -118,7 +112,7 @@ def _render_usps(d8: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def _render_synth(d: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     thick = Image.fromarray(d).filter(ImageFilter.MaxFilter(3))
-    g = _pad(np.asarray(thick))
+    g = pad_digit(np.asarray(thick))
     tint = rng.uniform(0.3, 1.0, size=3).astype(np.float32)
     paper = rng.uniform(0.75, 1.0)
     return np.clip(paper - g[..., None] * tint, 0.0, 1.0)

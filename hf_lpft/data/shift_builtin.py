@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from hf_lpft.data import shifts as S
+from hf_lpft.data.digits import pad_digit
 
 logger = logging.getLogger(__name__)
 
@@ -84,15 +85,13 @@ def _check_size(image_size: int) -> None:
 def build_digits_c(*, n_per_domain: int = 300, image_size: int = 32, seed: int = 0,
                    num_clients: int = 15) -> datasets.DatasetDict:
     """``digits-c``: MNIST digits, one (CIFAR-10-C corruption, severity) pair per client (domain)."""
-    from hf_lpft.data.builtin import _pad
-
     _check_size(image_size)
     pairs = S.corruption_schedule(num_clients)
     x, y, subsets = _digit_subsets(num_clients, n_per_domain, seed)
     cols: dict[str, list] = {"image": [], "label": [], "domain": [], "corruption": [], "severity": []}
     for k, ((family, severity), rows) in enumerate(zip(pairs, subsets)):
         for i in rows:
-            clean = _to_image(np.repeat(_pad(x[i])[..., None], 3, axis=2), image_size)
+            clean = _to_image(np.repeat(pad_digit(x[i])[..., None], 3, axis=2), image_size)
             row = len(cols["label"])
             cols["image"].append(Image.fromarray(S.corrupt(clean, family, severity, seed=S.example_seed(seed, row))))
             cols["label"].append(int(y[i]))
@@ -108,15 +107,13 @@ def build_digits_c(*, n_per_domain: int = 300, image_size: int = 32, seed: int =
 def build_colored_digits(*, n_per_domain: int = 800, image_size: int = 32, seed: int = 0,
                          strengths: tuple[float, ...] = COLORED_STRENGTHS) -> datasets.DatasetDict:
     """``colored-digits``: the digit's colour predicts its label with a client-specific ``strength``."""
-    from hf_lpft.data.builtin import _pad
-
     _check_size(image_size)
     x, y, subsets = _digit_subsets(len(strengths), n_per_domain, seed)
     cols: dict[str, list] = {"image": [], "label": [], "domain": [], "colour": []}
     for k, (strength, rows) in enumerate(zip(strengths, subsets)):
         colours = S.spurious_colours(y[rows], strength, num_classes=10, rng=np.random.default_rng([seed, 1000 + k]))
         for i, c in zip(rows, colours):
-            cols["image"].append(Image.fromarray(_to_image(S.colorize(_pad(x[i]), S.PALETTE[c]), image_size)))
+            cols["image"].append(Image.fromarray(_to_image(S.colorize(pad_digit(x[i]), S.PALETTE[c]), image_size)))
             cols["label"].append(int(y[i]))
             cols["domain"].append(f"{k}_rho{strength:.2f}")
             cols["colour"].append(int(c))

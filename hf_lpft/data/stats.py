@@ -139,29 +139,3 @@ def plot_client_samples(ds, fed, path: str | Path, *, image_column: str, image_s
     with atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     return Path(path)
-
-
-def preview_federation(data, output_dir: str | Path, *, builtin_kwargs: dict | None = None,
-                       federated: tuple | None = None):
-    """Load ``data.dataset``, federate it as ``data`` (a DataConfig) says and write ``federation/`` files.
-
-    Writes ``manifest.json``, ``stats.json``, ``label_heatmap.png`` and (image data) ``client_samples.png``
-    under ``output_dir/federation``; trains nothing. ``federated``: the (shifted dataset, federation) pair
-    already built and checked (``hf_lpft.run.preflight.federation_checked``). Returns the Federation.
-    """
-    from hf_lpft.data.federate import federate_from_config, save_manifest
-    from hf_lpft.data.load import load_from_config
-
-    if federated is not None:
-        shifted, fed = federated
-    else:
-        kwargs = builtin_kwargs if builtin_kwargs is not None else {"n_per_domain": data.n_per_domain,
-                                                                     "image_size": data.image_size}
-        ds = load_from_config(data, builtin_kwargs=kwargs)
-        shifted, fed = federate_from_config(ds, data)
-    folder = Path(output_dir) / "federation"
-    save_manifest(fed, folder / "manifest.json")
-    if not getattr(data, "text_column", None):
-        plot_client_samples(shifted, fed, folder / "client_samples.png", image_column=data.image_column,
-                            image_size=data.image_size, label_column=data.label_column)
-    return fed

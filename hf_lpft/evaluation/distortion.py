@@ -1,7 +1,7 @@
 """Federated feature distortion and linear CKA between the global model θ_G and a personalized model θ_c.
 
 Chen et al., "A Closer Look at Personalized Fine-Tuning in Heterogeneous Federated Learning",
-arXiv 2511.12695 (Figure 3a; see PAPER.md): Δ_c = mean over samples x of ‖f(θ_G; x) − f(θ_c; x)‖₂,
+arXiv 2511.12695 (Figure 3a): Δ_c = mean over samples x of ‖f(θ_G; x) − f(θ_c; x)‖₂,
 with f the features at the head's input (``SplitModel.features``, timm's pre-logits). The paper
 measures Δ on client c's own samples; we evaluate it on the client's own *test* split
 (``distortion_local``) and, to see how far the change reaches, averaged over the other clients' test
@@ -27,7 +27,7 @@ from hf_lpft.evaluation.metrics import local_global
 
 
 def mean_feature_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean over rows of the Euclidean distance between ``a[k]`` and ``b[k]`` (Δ of PAPER.md).
+    """Mean over rows of the Euclidean distance between ``a[k]`` and ``b[k]`` (Δ of arXiv 2511.12695, Figure 3a).
 
     Inputs of shape (n, ...) are flattened to (n, d). NaN for n = 0.
     """

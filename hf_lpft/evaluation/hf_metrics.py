@@ -5,7 +5,7 @@ metrics are defined here and instantiated directly (or by name through :func:`lo
 support ``add_batch`` / ``add`` / ``compute`` like any ``evaluate`` module.
 
 * :class:`Accuracy` -- top-1 accuracy of class predictions.
-* :class:`FederatedSummary` -- the paper's per-method summary (Chen et al., arXiv 2511.12695; PAPER.md)
+* :class:`FederatedSummary` -- the paper's per-method summary (Chen et al., arXiv 2511.12695, Table 2)
   from per-example predictions tagged with ``model_client`` (whose personalized model predicted) and
   ``data_client`` (whose test split the example is from). It builds the cross-client accuracy matrix
   and delegates the maths to :mod:`hf_lpft.evaluation.metrics` (Local, Global over the *other*

@@ -1,9 +1,10 @@
 """FedAvg (McMahan et al. 2017): example-weighted averaging and the round driver.
 
-The maths are pure functions on state dicts. Only floating-point tensors are averaged; integer
-buffers (e.g. BatchNorm's ``num_batches_tracked``) are taken from the first client, because an average
-of counters is meaningless. Client updates are accumulated as weighted sums so memory does not grow with
-the number of clients, and so the sums can be all-reduced across processes.
+The maths are the pure functions on state dicts of ``hf_lpft.train.averaging`` (shared with the soups):
+only floating-point tensors are averaged; integer buffers (e.g. BatchNorm's ``num_batches_tracked``) are
+taken from the first client, because an average of counters is meaningless. Client updates are accumulated
+as weighted sums so memory does not grow with the number of clients, and so the sums can be all-reduced
+across processes.
 
 Several processes (``accelerate launch`` / ``torchrun``): the sampled clients of a round are dealt out by
 position, the k-th sampled client to process ``k % num_processes``; each process trains its clients and
@@ -30,28 +31,12 @@ from tqdm.auto import tqdm
 
 from hf_lpft._faults import fault_point
 from hf_lpft.data.tensors import ClientData, to_float
+from hf_lpft.train.averaging import accumulate, average_state_dicts, finish
 from hf_lpft.train.loop import OptimSettings, accuracy, derive_seed, train_phase
 from hf_lpft.train.optim import round_lr
 from hf_lpft.train.phase import Phase
 
 logger = logging.getLogger(__name__)
-
-
-def accumulate(acc: dict | None, state: dict, weight: float) -> dict:
-    """Add ``weight * state`` to the running sums (float tensors); keep the first non-float tensor."""
-    if acc is None:
-        return {k: v.detach().double() * weight if v.is_floating_point() else v.detach().clone()
-                for k, v in state.items()}
-    for k, v in state.items():
-        if v.is_floating_point():
-            acc[k] += v.detach().double() * weight
-    return acc
-
-
-def finish(acc: dict, total_weight: float, like: dict) -> dict:
-    """Divide the sums by the total weight and cast back to the dtypes of ``like``."""
-    return {k: (v / total_weight).to(like[k].dtype) if like[k].is_floating_point() else v
-            for k, v in acc.items()}
 
 
 def fedavg_weights(states: list[dict], n_examples: list[int]) -> dict:
@@ -65,10 +50,7 @@ def fedavg_weights(states: list[dict], n_examples: list[int]) -> dict:
     total = float(sum(n_examples))
     if total <= 0:
         raise ValueError(f"n_examples={n_examples!r} sum to {total}; need at least one example")
-    acc = None
-    for state, n in zip(states, n_examples):
-        acc = accumulate(acc, state, float(n))
-    return finish(acc, total, states[0])
+    return average_state_dicts(states, [float(n) for n in n_examples])
 
 
 def sample_clients(n_clients: int, fraction: float, rng: np.random.Generator) -> list[int]:
@@ -122,12 +104,18 @@ def bn_keys(model: nn.Module) -> list[str]:
             for key in m.state_dict()]
 
 
+def load_client_bn(model: nn.Module, client_bn: dict | None, client_id: str) -> nn.Module:
+    """Load client ``client_id``'s own BatchNorm tensors (FedBN) into ``model`` if it has any; the rest stays."""
+    if client_bn and client_id in client_bn:
+        device = next(model.parameters()).device
+        model.load_state_dict({k: v.to(device) for k, v in client_bn[client_id].items()}, strict=False)
+    return model
+
+
 def with_client_bn(model: nn.Module, global_state: dict, client_bn: dict | None, client_id: str) -> nn.Module:
     """Load ``global_state`` into ``model``, then the client's own BatchNorm tensors if it has any (FedBN)."""
     model.load_state_dict(global_state)
-    if client_bn and client_id in client_bn:
-        model.load_state_dict(client_bn[client_id], strict=False)
-    return model
+    return load_client_bn(model, client_bn, client_id)
 
 
 def mean_test_accuracy(model: nn.Module, clients: list[ClientData], *, device, batch_size: int = 256,

@@ -1,9 +1,8 @@
 """Model and dataset cards rendered from the Jinja templates with ``ModelCard`` / ``DatasetCard.from_template``.
 
-Templates: the top-level ``model_cards/`` folder of the repository is where they are edited; the same files
-ship inside the package as ``hf_lpft/hub/templates/`` (package data) and are read with
-``importlib.resources``, which works in editable (``pip install -e``) and normal installs alike. A test
-checks the two copies are identical, so they cannot drift apart.
+Templates: one copy, inside the package as ``hf_lpft/hub/templates/`` (package data), where they are edited
+and from where they are read with ``importlib.resources``, which works in editable (``pip install -e``) and
+normal installs alike; the repository's top-level ``model_cards/README.md`` points users to them.
 
 The YAML metadata is built as ``ModelCardData`` / ``DatasetCardData`` (never by concatenating strings):
 model-index eval results carry Local and Global accuracy per strategy on the federated dataset.

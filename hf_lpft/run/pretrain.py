@@ -34,7 +34,7 @@ from hf_lpft._faults import fault_point
 from hf_lpft.checkpoint import Checkpoints
 from hf_lpft.config import ConfigError, ExperimentConfig
 from hf_lpft.data.tensors import ClientData, TextInputs
-from hf_lpft.federated.fedavg import run_fedavg
+from hf_lpft.federated.fedavg import load_client_bn, run_fedavg
 from hf_lpft.io import atomic_path, write_json
 from hf_lpft.models.backbone import SplitModel, build_model
 from hf_lpft.run.given_model import load_global_model
@@ -287,7 +287,4 @@ def client_global_model(global_model: SplitModel, client_bn: dict | None, client
     carries the client's own BatchNorm tensors (saved with the last FedAvg round), otherwise θ_G itself."""
     if not client_bn or client_id not in client_bn:
         return global_model
-    model = copy.deepcopy(global_model)
-    model.load_state_dict({k: v.to(next(model.parameters()).device) for k, v in client_bn[client_id].items()},
-                          strict=False)
-    return model.eval()
+    return load_client_bn(copy.deepcopy(global_model), client_bn, client_id).eval()

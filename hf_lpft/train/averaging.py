@@ -1,8 +1,12 @@
-"""Weight averaging of models with the same architecture: a pure function on state dicts.
+"""Weight averaging of models with the same architecture: pure functions on state dicts.
 
-Model soups (Wortsman et al. 2022, arXiv 2203.05482) and Local Superior Soups (Chen et al. 2024,
-arXiv 2410.23660) both end in a weighted average of parameters. It lives here, below ``strategies``,
-so strategies can use it without importing ``federated`` (which sits above them in the layer order).
+FedAvg (McMahan et al. 2017; the general-FL step of arXiv 2511.12695 that every PFT method starts from), model
+soups (Wortsman et al. 2022, arXiv 2203.05482) and Local Superior Soups (Chen et al. 2024, arXiv 2410.23660)
+all end in a weighted average of parameters; this is its one implementation. Floating-point tensors are
+summed as weighted float64 sums (``accumulate``) and divided once (``finish``), so memory does not grow with
+the number of models and FedAvg can all-reduce the sums across processes; other tensors (e.g. BatchNorm's
+``num_batches_tracked``) come from the first model, because an average of counters means nothing. It lives
+here, below ``strategies`` and ``federated``, so both use it without importing each other.
 """
 
 from __future__ import annotations
@@ -26,6 +30,23 @@ def _check(states: Sequence[dict], weights: Sequence[float]) -> None:
                              f"{sorted(set(state) ^ keys)[:5]}")
 
 
+def accumulate(acc: dict | None, state: dict, weight: float) -> dict:
+    """Add ``weight * state`` to the running float64 sums ``acc`` (None to start); keep the first non-float tensor."""
+    if acc is None:
+        return {k: v.detach().double() * weight if v.is_floating_point() else v.detach().clone()
+                for k, v in state.items()}
+    for k, v in state.items():
+        if v.is_floating_point():
+            acc[k] += v.detach().double() * weight
+    return acc
+
+
+def finish(acc: dict, total_weight: float, like: dict) -> dict:
+    """Divide the sums by the total weight and cast back to the dtypes of ``like``."""
+    return {k: (v / total_weight).to(like[k].dtype) if like[k].is_floating_point() else v
+            for k, v in acc.items()}
+
+
 def average_state_dicts(states: Sequence[dict], weights: Sequence[float] | None = None) -> dict:
     """Weighted average of state dicts (uniform when ``weights`` is None).
 
@@ -40,15 +61,12 @@ def average_state_dicts(states: Sequence[dict], weights: Sequence[float] | None 
     """
     weights = [1.0] * len(states) if weights is None else [float(w) for w in weights]
     _check(states, weights)
-    total = sum(weights)
-    out = {}
-    for key, first in states[0].items():
-        if not first.is_floating_point():
-            out[key] = first.detach().clone()
-            continue
-        acc = sum(w * s[key].detach().double() for s, w in zip(states, weights) if w > 0)
-        out[key] = (acc / total).to(first.dtype)
-    return out
+    acc = None
+    for state, weight in zip(states, weights):
+        if weight > 0:
+            acc = accumulate(acc, state, weight)
+    averaged = finish(acc, sum(weights), states[0])
+    return {k: v if states[0][k].is_floating_point() else states[0][k].detach().clone() for k, v in averaged.items()}
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from hf_lpft import __version__
 from hf_lpft.config import ConfigError, ExperimentConfig, load_config
-from hf_lpft.data.tensors import ClientData
+from hf_lpft.data.tensors import ClientData, TextInputs
 from hf_lpft.io import atomic_path
 from hf_lpft.data.preprocess import preprocessing_for
 from hf_lpft.models.backbone import SplitModel, build_model
@@ -117,7 +117,8 @@ def load_node(cfg: ExperimentConfig, node_config: dict) -> Node:
                           f"or neither); unknown keys {unknown}; allowed: {list(NODE_KEYS)}")
     cache = _cache_file(cfg, node_config)
     if cache.is_file():
-        saved = torch.load(cache, weights_only=False)  # written by this node (below), not received
+        with torch.serialization.safe_globals([ClientData, TextInputs]):  # no arbitrary pickles, even our own
+            saved = torch.load(cache, weights_only=True)
         return Node(saved["index"], saved["client"], saved["num_classes"], cfg, saved["summary"])
     node = _decode_node(cfg, node_config)
     cache.parent.mkdir(parents=True, exist_ok=True)
