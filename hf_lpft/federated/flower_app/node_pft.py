@@ -20,6 +20,7 @@ from hf_lpft.evaluation.distortion import extract_features, features_and_predict
 from hf_lpft.evaluation.shared_features import SharedBackbone
 from hf_lpft.federated.flower_app.node import Node, skeleton
 from hf_lpft.hub.load import _build
+from hf_lpft.speed import use_memory_format
 from hf_lpft.pipeline import build_strategies, cross_accuracy, model_dir, personalize_unit, save_model
 from hf_lpft.train.loop import accuracy
 
@@ -82,7 +83,8 @@ def cross_reply(msg: Message, node: Node, seed: int, accelerator: Accelerator) -
             for key in (k for k in files if k.startswith(prefix)):
                 (folder / key[len(prefix):]).parent.mkdir(parents=True, exist_ok=True)
                 (folder / key[len(prefix):]).write_bytes(files[key])
-            model = _build(root, f"clients/{strategy}/{client_id}", seed=seed, multi_seed=False).to(device)
+            model = use_memory_format(_build(root, f"clients/{strategy}/{client_id}", seed=seed, multi_seed=False)
+                                      .to(device), cfg.run.memory_format)  # as the reference features
             with torch.no_grad():
                 scores.append(_scores(model, ref, node.client, cfg, device))
     return Message(RecordDict({"metrics": MetricRecord({"client-index": node.index}),
