@@ -70,7 +70,7 @@ def load_conditions(folder: str | Path, *, output_dir: str | Path, names: list[s
     ``lp_epochs`` beyond ``pft.epochs``) is kept with the reason in ``skipped``, so one placeholder cannot
     stop the sweep.
     """
-    from hf_lpft.pipeline import build_strategies
+    from hf_lpft.run.preflight import build_strategies
 
     folder = Path(folder)
     base = yaml.safe_load((folder / BASE_NAME).read_text()) or {}

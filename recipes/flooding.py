@@ -18,7 +18,8 @@ from hf_lpft.cli import setup_logging
 from hf_lpft.config import ConfigError, load_config
 from hf_lpft.evaluation.report import flooding_markdown, flooding_table, plot_flooding
 from hf_lpft.io import atomic_path, write_text
-from hf_lpft.pipeline import build_strategies, run
+from hf_lpft.pipeline import run
+from hf_lpft.run.preflight import build_strategies
 
 DEFAULTS = {
     "data": {"dataset": "digits5", "scheme": "natural", "partition_by": "domain"},

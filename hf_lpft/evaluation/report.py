@@ -26,8 +26,8 @@ from matplotlib.figure import Figure
 from hf_lpft.evaluation.metrics import (DISPLAY_NAMES, drop_split_table, format_drop_split, format_markdown,
                                         summary_table)
 from hf_lpft.io import atomic_path, write_text
+from hf_lpft.layout import RunLayout
 
-FIGURES = "figures"
 
 
 def _name(strategy: str) -> str:
@@ -183,13 +183,14 @@ def drop_split_section(ok: pd.DataFrame) -> list[str]:
 
 def write_report(output_dir: str | Path) -> Path:
     """Write ``report.md`` and ``figures/*.png`` for a finished run folder; returns the report's path."""
-    out = Path(output_dir)
-    results = pd.read_parquet(out / "results.parquet")
+    layout = RunLayout(Path(output_dir))
+    out = layout.root
+    results = pd.read_parquet(layout.results)
     ok = results[results.error.isna()] if "error" in results else results
-    curves = _read(out / "curves.parquet")
-    cross = _read(out / "cross_client.parquet")
+    curves = _read(layout.curves)
+    cross = _read(layout.cross_client)
     cross = cross if cross is not None else cross_client_frame(results)
-    fig_dir = out / FIGURES
+    fig_dir = layout.figures
     seeds = ok.seed.nunique()
     measured = "distortion_local" in ok and ok.distortion_local.notna().any()
     parts = [f"# Run report: {out.name}", "",
@@ -217,7 +218,7 @@ def write_report(output_dir: str | Path) -> Path:
     parts += ["", "## Cross-client accuracy (model of client i on the test split of client j)", ""]
     parts.append("![cross-client accuracy](figures/cross_client.png)"
                  if plot_cross_client(cross, fig_dir / "cross_client.png") else "No results.")
-    return write_text(out / "report.md", "\n".join(parts) + "\n")
+    return write_text(layout.report, "\n".join(parts) + "\n")
 
 
 def flooding_table(results_by_flood: dict[float, pd.DataFrame]) -> pd.DataFrame:

@@ -22,7 +22,7 @@ Other general-FL methods (``fedavg.fl_strategy``): Flower's own strategies (FedP
 :data:`FLOWER_STRATEGIES`) with their options (``fedavg.fl_strategy_args``, checked against the class's
 signature), driven through :class:`SeededNodes` so sampling and node mapping stay hf_lpft's; their
 aggregation is Flower's. The paper presents post-hoc PFT as plug-and-play after any general FL method
-(arXiv 2511.12695, Sec. 3); the Flower App (``hf_lpft.federated.flower_app``) runs PFT after any of them.
+(arXiv 2511.12695, Sec. 3); the Flower App (``hf_lpft.flower_app``) runs PFT after any of them.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import pkgutil
 
 from hf_lpft.strategies.base import STRATEGIES, Budget, Strategy, build_strategy, get_strategy, register_strategy
 
-_SKIP = {"base", "personalize"}
+_SKIP = {"base"}
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
     if _info.name not in _SKIP and not _info.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_info.name}")

@@ -89,7 +89,7 @@ def check_reuse(cell: Cell, cells: list[Cell]) -> None:
     """A cell may borrow rows of strategies it does not run only from a cell that computes them identically."""
     if cell.rows_from is None:
         return
-    from hf_lpft.pipeline import build_strategies
+    from hf_lpft.run.preflight import build_strategies
     from hf_lpft.train.optim import settings_from
 
     source = next((c for c in cells if (c.norm, c.shift, c.dose) == (cell.norm, cell.shift, cell.rows_from)), None)
