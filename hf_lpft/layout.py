@@ -94,6 +94,16 @@ class RunLayout:
         return self.root / "hub"
 
     @property
+    def hub_model(self) -> Path:
+        """The Hub-ready model repository folder."""
+        return self.hub / "model"
+
+    @property
+    def hub_results(self) -> Path:
+        """The Hub-ready results dataset folder."""
+        return self.hub / "results"
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 

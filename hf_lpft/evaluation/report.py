@@ -23,7 +23,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from hf_lpft.evaluation.metrics import (DISPLAY_NAMES, drop_split_table, format_drop_split, format_markdown,
+from hf_lpft.evaluation.metrics import (drop_split_table, format_drop_split, format_markdown, strategy_label,
                                         summary_table)
 from hf_lpft.io import atomic_path, write_text
 from hf_lpft.layout import RunLayout
@@ -31,7 +31,7 @@ from hf_lpft.layout import RunLayout
 
 
 def _name(strategy: str) -> str:
-    return DISPLAY_NAMES.get(strategy, strategy)
+    return strategy_label(strategy)
 
 
 def cross_client_frame(results: pd.DataFrame) -> pd.DataFrame:

@@ -15,7 +15,8 @@ from hf_lpft.models.backbone import SplitModel
 
 def _local_root(path: Path) -> Path:
     """A run folder's Hub-ready ``hub/model`` if it was exported, else the folder itself."""
-    return path / "hub" / "model" if (path / "hub" / "model" / "run_record.json").is_file() else path
+    hub_model = RunLayout(path).hub_model
+    return hub_model if (hub_model / "run_record.json").is_file() else path
 
 
 def _client_rel(record: dict, strategy: str, client_id: str, seed: int | None) -> tuple[str, int]:
