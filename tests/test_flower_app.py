@@ -208,7 +208,8 @@ def test_fl_strategy_config_errors(tmp_path, tiny_ds_path, fedavg, match):
 
 def test_fl_strategy_options_are_checked_against_flower():
     from hf_lpft.config import FL_STRATEGIES
-    from hf_lpft.federated.flower import FLOWER_STRATEGIES, build_fl_strategy, check_fl_strategy
+    from hf_lpft.federated.flower import FLOWER_STRATEGIES, build_fl_strategy
+    from hf_lpft.run.flower_engine import check_fl_strategy
 
     assert tuple(FLOWER_STRATEGIES) == FL_STRATEGIES
     assert check_fl_strategy("fedadam", {"eta": "0.01", "tau": 1}) == {"eta": 0.01, "tau": 1.0}

@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from hf_lpft.federated.flower import evaluate_reply, train_reply
+from hf_lpft.run.flower_engine import local_training
 from hf_lpft.flower_app.node import Node, describe_reply, load_node, skeleton, study_of
 
 server_app = ServerApp()
@@ -58,7 +59,8 @@ def describe(msg: Message, context: Context) -> Message:
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
     node, seed, accelerator, model = _node(msg, context)
-    return train_reply(msg, model, node.client, node.index, cfg=node.cfg, seed=seed, accelerator=accelerator)
+    return train_reply(msg, model, node.client, node.index, training=local_training(node.cfg), seed=seed,
+                       accelerator=accelerator)
 
 
 @client_app.evaluate()

@@ -29,8 +29,8 @@ from hf_lpft.checkpoint import Checkpoints
 from hf_lpft.config import ConfigError, ExperimentConfig, load_config
 from hf_lpft.evaluation.metrics import local_global
 from hf_lpft.evaluation.report import write_report
-from hf_lpft.federated.flower import (SeededNodes, _valid, build_fl_strategy, check_fl_strategy, describe_fl_strategy,
-                                      run_rounds, to_arrays)
+from hf_lpft.federated.flower import SeededNodes, _valid, build_fl_strategy, run_rounds, to_arrays
+from hf_lpft.run.flower_engine import check_fl_strategy, describe_fl_strategy
 from hf_lpft.hub.push import publish_run
 from hf_lpft.io import atomic_path, meta_info, write_json, write_text
 from hf_lpft.data.preprocess import preprocessing_for
@@ -107,7 +107,8 @@ def general_fl(grid: Grid, cfg: ExperimentConfig, node_of: dict, clients: list, 
     saved = ckpt.load_round(seed) if cfg.run.resume else None
     if saved is not None:
         model.load_state_dict(saved[0])
-    strategy = build_fl_strategy(cfg.fedavg.fl_strategy, cfg.fedavg.fl_strategy_args, n_clients=len(clients),
+    options = check_fl_strategy(cfg.fedavg.fl_strategy, cfg.fedavg.fl_strategy_args)
+    strategy = build_fl_strategy(cfg.fedavg.fl_strategy, options, n_clients=len(clients),
                                  client_fraction=cfg.fedavg.client_fraction, seed=seed,
                                  round_offset=len(saved[1]) if saved else 0, rounds=cfg.fedavg.rounds,
                                  eval_every=cfg.fedavg.eval_every)

@@ -257,10 +257,17 @@ def flower_pretrain(cfg: ExperimentConfig, model: SplitModel, clients: list[Clie
                           "or choose fedavg.engine builtin")
     try:
         from hf_lpft.federated.flower import run_flower_fedavg
+        from hf_lpft.run.flower_engine import check_fl_strategy
     except ImportError as err:
         raise ConfigError(f"fedavg.engine='flower' needs Flower ({err}); pip install 'hf-lpft[flower]' or choose "
                           "fedavg.engine builtin") from err
-    model, history = run_flower_fedavg(model, clients, cfg, seed=seed, start_round=len(saved[1]) if saved else 0,
+    f = cfg.fedavg
+    options = check_fl_strategy(f.fl_strategy, f.fl_strategy_args)  # a ConfigError now, not in the server
+    model, history = run_flower_fedavg(model, clients, rounds=f.rounds, local_epochs=f.local_epochs, lr=f.lr,
+                                       client_fraction=f.client_fraction, settings=settings_from(f), seed=seed,
+                                       eval_every=f.eval_every, fl_strategy=f.fl_strategy,
+                                       fl_strategy_options=options, num_threads=cfg.run.num_threads,
+                                       start_round=len(saved[1]) if saved else 0,
                                        history=saved[1] if saved else None, on_round_end=on_round_end)
     return model.to(accelerator.device), history
 
