@@ -107,6 +107,11 @@ class RunLayout:
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 
+    @property
+    def provenance(self) -> tuple[Path, ...]:
+        """The files that say how the run was made (copied beside the models into the Hub folder)."""
+        return self.config, self.record, self.manifest, self.summary
+
     # -- model folders: the seed level only with several seeds
     def seed_part(self, seed: int) -> tuple[str, ...]:
         """``("seed_<s>",)`` when the run has several seeds, else ``()``."""

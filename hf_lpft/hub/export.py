@@ -36,7 +36,6 @@ from hf_lpft.layout import RunLayout
 
 logger = logging.getLogger(__name__)
 
-PROVENANCE = ("config.yaml", "run_record.json", "federation/manifest.json", "summary.md")
 CLIENTS_SPLIT, SUMMARY_SPLIT = "clients", "summary"
 
 
@@ -134,9 +133,9 @@ def write_model_folder(info: RunInfo, out: Path, dst: Path, *, repo_id: str | No
                            base=base, repo_id=repo_id, endpoint=endpoint, repo_ref=ref)
         card.save(dst / rel / "README.md")
         folders[(row.strategy, row.client_id, row.seed)] = rel.as_posix()
-    for name in PROVENANCE:
-        if (out / name).is_file():
-            _link(out / name, dst / name)
+    for path in RunLayout(out).provenance:
+        if path.is_file():
+            _link(path, dst / path.relative_to(out))
     global_card(info, repo_id=repo_id, results_repo_id=results_repo_id, endpoint=endpoint,
                 client_folders=folders, repo_ref=ref).save(dst / "README.md")
 

@@ -16,7 +16,7 @@ from hf_lpft.models.backbone import SplitModel
 def _local_root(path: Path) -> Path:
     """A run folder's Hub-ready ``hub/model`` if it was exported, else the folder itself."""
     hub_model = RunLayout(path).hub_model
-    return hub_model if (hub_model / "run_record.json").is_file() else path
+    return hub_model if RunLayout(hub_model).record.is_file() else path
 
 
 def _client_rel(record: dict, strategy: str, client_id: str, seed: int | None) -> tuple[str, int]:
@@ -72,11 +72,11 @@ def load_personalized(repo_or_dir: str | Path, client_id: str, strategy: str, se
     _check_source(repo_or_dir)
     if local.is_dir():
         root = _local_root(local)
-        record = json.loads((root / "run_record.json").read_text())
+        record = json.loads(RunLayout(root).record.read_text())
         rel, seed = _client_rel(record, strategy, client_id, seed)
     else:
         root = _fetch(str(repo_or_dir), ["run_record.json"], revision=revision, token=token)
-        record = json.loads((root / "run_record.json").read_text())
+        record = json.loads(RunLayout(root).record.read_text())
         rel, seed = _client_rel(record, strategy, client_id, seed)
         root = _fetch(str(repo_or_dir), [f"{rel}/*", "config.json", "model.safetensors", "global/*/config.json",
                                          "global/*/model.safetensors"], revision=revision, token=token)
