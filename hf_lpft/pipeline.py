@@ -97,6 +97,15 @@ def run_seed(cfg: ExperimentConfig, strategies: dict[str, Strategy], clients: li
     return global_rows, units
 
 
+def train_info(records: list[dict]) -> dict:
+    """The run record's train_info: FedAvg history per seed, and each unit's phases and seconds."""
+    return {"fedavg_history": {r["row"]["seed"]: r["fedavg_history"] for r in records if r.get("fedavg_history")},
+            "personalization": [{k: r["row"][k] for k in ("seed", "strategy", "client_id", "error")}
+                                | {"phases": r["phases"], "seconds": r.get("seconds"),
+                                   "stage_seconds": r.get("stage_seconds")}
+                                for r in records if r["row"]["strategy"] != "global_model"]}
+
+
 def run_record(cfg: ExperimentConfig, strategies: dict[str, Strategy], fed: Federation, records: list[dict], *,
                timings: dict, accelerator: Accelerator) -> dict:
     """``run_record.json``: run_info (what ran, timings, provenance), train_info (histories, phases), meta_info."""
@@ -112,12 +121,7 @@ def run_record(cfg: ExperimentConfig, strategies: dict[str, Strategy], fed: Fede
 
                      "speed": {"torch_threads": torch.get_num_threads(), "fedavg_eval_every": cfg.fedavg.eval_every,
                                "memory_format": next((r["memory_format"] for r in records if "memory_format" in r), None)}},
-        "train_info": {"fedavg_history": {r["row"]["seed"]: r["fedavg_history"] for r in records if r.get("fedavg_history")},
-                       "personalization": [{k: r["row"][k] for k in ("seed", "strategy", "client_id", "error")}
-                                           | {"phases": r["phases"], "seconds": r.get("seconds"),
-                                              "stage_seconds": r.get("stage_seconds")}
-                                           for r in records if r["row"]["strategy"] != "global_model"]},
-        "meta_info": meta_info()}
+        "train_info": train_info(records), "meta_info": meta_info()}
 
 
 def write_outputs(cfg: ExperimentConfig, strategies: dict[str, Strategy], fed: Federation, records: list[dict], *,

@@ -38,7 +38,7 @@ from hf_lpft.models.backbone import build_model
 from hf_lpft.speed import use_memory_format
 from hf_lpft.evaluation.clients import NO_DISTORTION, SELF_DISTORTION, result_row, write_cross_client, write_results
 from hf_lpft.layout import RunLayout, save_model
-from hf_lpft.pipeline import batchnorm_record
+from hf_lpft.pipeline import batchnorm_record, train_info
 from hf_lpft.run.preflight import build_strategies, check_backbone, check_strategies
 from hf_lpft.train.loop import derive_seed
 
@@ -228,13 +228,7 @@ def write_study(cfg: ExperimentConfig, out: Path, records: list[dict], strategie
                      "batchnorm": batchnorm_record(cfg, strategies), "general_fl": describe_fl_strategy(cfg),
                      "engine": {"name": "flower-app", "nodes": [{"client_id": c.client_id, "hf_lpft": c.version}
                                                                 for c in clients]}},
-        "train_info": {"fedavg_history": {r["row"]["seed"]: r["fedavg_history"] for r in records
-                                          if r.get("fedavg_history")},
-                       "personalization": [{k: r["row"][k] for k in ("seed", "strategy", "client_id", "error")}
-                                           | {"phases": r["phases"], "seconds": r.get("seconds"),
-                                              "stage_seconds": r.get("stage_seconds")}
-                                           for r in records if r["row"]["strategy"] != "global_model"]},
-        "meta_info": meta_info()})
+        "train_info": train_info(records), "meta_info": meta_info()})
     write_report(out)
     publish_run(cfg, out)
 
