@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -42,7 +43,7 @@ def failed_unit(cfg: ExperimentConfig, strategy: Strategy, clients: list[ClientD
 
 
 def personalize_unit(cfg: ExperimentConfig, strategy: Strategy, global_model: SplitModel, clients: list[ClientData],
-                     i: int, *, seed: int, out, accelerator: Accelerator, reference: list | None = None,
+                     i: int, *, seed: int, out: Path, accelerator: Accelerator, reference: list | None = None,
                      probed=None, shared: SharedBackbone | None = None) -> dict:
     """One (seed, strategy, client) unit: train, evaluate on every client, export; return its record.
 
@@ -95,7 +96,7 @@ def batched_probes(cfg: ExperimentConfig, strategy: Strategy, global_model: Spli
 
 
 def personalize_all(cfg: ExperimentConfig, strategies: dict[str, Strategy], global_model: SplitModel,
-                    clients: list[ClientData], *, seed: int, out, accelerator: Accelerator,
+                    clients: list[ClientData], *, seed: int, out: Path, accelerator: Accelerator,
                     client_bn: dict | None = None, references: list | None = None) -> list[dict]:
     """Every strategy on every client, skipping units a previous (interrupted) run completed; with FedBN
     (``client_bn``) client i personalizes θ_G carrying its own BatchNorm tensors."""
