@@ -28,7 +28,7 @@ from hf_lpft.federated.fedavg import run_fedavg
 from hf_lpft.models.backbone import build_model
 from hf_lpft.speed import apply_memory_format
 from hf_lpft.strategies import Budget, build_strategy
-from hf_lpft.strategies.personalize import personalize
+from hf_lpft.run.personalize import personalize
 from hf_lpft.train.loop import OptimSettings
 
 FORMATS = ("channels_last", "contiguous")

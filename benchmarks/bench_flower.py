@@ -48,7 +48,10 @@ def main() -> None:
                                     eval_every=f.eval_every)[0]
 
     def flower():
-        out["flower"] = run_flower_fedavg(copy.deepcopy(base), clients, cfg, seed=0)[0]
+        out["flower"] = run_flower_fedavg(copy.deepcopy(base), clients, rounds=f.rounds, local_epochs=f.local_epochs,
+                                          lr=f.lr, client_fraction=f.client_fraction, seed=0,
+                                          settings=OptimSettings(f.optimizer, f.momentum, f.weight_decay, f.batch_size),
+                                          eval_every=f.eval_every, num_threads=cfg.run.num_threads)[0]
 
     times = interleaved({"builtin": builtin, "flower": flower}, repeats=args.repeats)
     a, b = out["builtin"].state_dict(), out["flower"].state_dict()

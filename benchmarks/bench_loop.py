@@ -21,7 +21,7 @@ from hf_lpft.data.tensors import to_float
 from hf_lpft.models.backbone import build_model
 from hf_lpft.strategies import build_strategy
 from hf_lpft.strategies.base import Budget
-from hf_lpft.strategies.personalize import run_phase
+from hf_lpft.run.personalize import run_phase
 from hf_lpft.train.loop import OptimSettings, train_phase
 
 

@@ -17,7 +17,7 @@ from common import interleaved, median, model_parser, report, set_threads, synth
 from hf_lpft.models.backbone import build_model
 from hf_lpft.strategies import build_strategy
 from hf_lpft.strategies.base import Budget
-from hf_lpft.strategies.personalize import personalize
+from hf_lpft.run.personalize import personalize
 from hf_lpft.train.loop import OptimSettings
 
 

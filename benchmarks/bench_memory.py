@@ -26,8 +26,9 @@ from common import model_parser, report, set_threads, synthetic_client
 from hf_lpft.config import load_config
 from hf_lpft.models.backbone import build_model
 from hf_lpft.speed import use_memory_format
-import hf_lpft.pipeline as pipeline
-from hf_lpft.pipeline import build_strategies, personalize_all
+import hf_lpft.run.units as units
+from hf_lpft.run.preflight import build_strategies
+from hf_lpft.run.units import personalize_all
 
 
 class RssSampler:
@@ -63,20 +64,20 @@ def personalize_clients(k: int, args, accelerator) -> tuple[float, float, list[f
                                          "batch_size": 32, "strategy_args": {"lp_ft": {"lp_epochs": 1}}},
                                  "run": {"output_dir": out}})
         proc, after_unit = psutil.Process(), []
-        original = pipeline.log_unit
+        original = units.log_unit
 
         def log_unit(acc, record):  # called once per finished unit: sample RSS there
             after_unit.append(proc.memory_info().rss / 2**20)
             original(acc, record)
 
-        pipeline.log_unit = log_unit
+        units.log_unit = log_unit
         try:
             start = time.perf_counter()
             with RssSampler() as rss:
                 personalize_all(cfg, build_strategies(cfg), global_model, clients, seed=0, out=Path(out),
                                 accelerator=accelerator)
         finally:
-            pipeline.log_unit = original
+            units.log_unit = original
     return (rss.peak - rss.start) / 2**20, rss.peak / 2**20, after_unit, (time.perf_counter() - start) / k
 
 

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_lpft.io import atomic_path, write_json
+from hf_lpft.layout import RunLayout
 
 _SEP = "::"  # client id / state key separator inside client_bn.safetensors
 
@@ -22,10 +23,11 @@ class Checkpoints:
     """The ``checkpoints/`` folder of a run."""
 
     def __init__(self, output_dir: str | Path):
-        self.root = Path(output_dir) / "checkpoints"
+        self.layout = RunLayout(Path(output_dir))
+        self.root = self.layout.checkpoints
 
     def _fedavg_dir(self, seed: int) -> Path:
-        return self.root / f"seed_{seed}" / "fedavg"
+        return self.layout.fedavg_checkpoint(seed)
 
     def save_round(self, seed: int, state: dict, history: list[dict], *, client_bn: dict | None = None) -> None:
         """Overwrite the seed's FedAvg checkpoint with the global state after ``len(history)`` rounds, and
@@ -56,7 +58,7 @@ class Checkpoints:
         return out
 
     def _unit_path(self, seed: int, strategy: str, client_id: str) -> Path:
-        return self.root / f"seed_{seed}" / "units" / strategy / f"{client_id}.json"
+        return self.layout.unit_record(seed, strategy, client_id)
 
     def save_unit(self, seed: int, strategy: str, client_id: str, record: dict) -> None:
         write_json(self._unit_path(seed, strategy, client_id), record)

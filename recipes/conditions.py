@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from hf_lpft.cli import setup_logging
-from hf_lpft.conditions import load_conditions, run_conditions, write_conditions
+from hf_lpft.studies.conditions import load_conditions, run_conditions, write_conditions
 
 FOLDER = Path(__file__).parent / "configs" / "conditions"
 

@@ -16,9 +16,7 @@ from pathlib import Path
 
 from hf_lpft.cli import setup_logging
 from hf_lpft.config import ConfigError, load_config
-from hf_lpft.evaluation.report import flooding_markdown, flooding_table, plot_flooding
-from hf_lpft.io import atomic_path, write_text
-from hf_lpft.pipeline import build_strategies, run
+from hf_lpft.studies.flooding import flooding_configs, run_flooding, write_flooding
 
 DEFAULTS = {
     "data": {"dataset": "digits5", "scheme": "natural", "partition_by": "domain"},
@@ -26,16 +24,6 @@ DEFAULTS = {
     "pft": {"epochs": 15, "lr": 0.01},
     "run": {"output_dir": "outputs/flooding", "overwrite": True},
 }
-
-
-def flooded_config(base, flood: float, strategies: list[str]):
-    """``base`` with only ``strategies`` run, each flooded at ``flood``, into ``<output_dir>/flood_<b>``."""
-    d = base.to_dict()
-    d["pft"]["strategies"] = strategies
-    for s in strategies:
-        d["pft"]["strategy_args"].setdefault(s, {})["flood"] = flood
-    d["run"]["output_dir"] = str(Path(base.run.output_dir) / f"flood_{flood:g}")
-    return load_config(None, d)
 
 
 def main(argv=None) -> int:
@@ -52,22 +40,12 @@ def main(argv=None) -> int:
     try:
         base = load_config(args.config, overrides, defaults=DEFAULTS)
         strategies = [s.strip() for s in args.flood_strategies.split(",") if s.strip()]
-        cfgs = {b: flooded_config(base, b, strategies) for b in floods}
-        for cfg in cfgs.values():  # every level's options (flood >= 0, strategy names) fail before any training
-            build_strategies(cfg)
-        results = {b: run(cfg).results for b, cfg in cfgs.items()}
+        results = run_flooding(flooding_configs(base, floods, strategies))
     except ConfigError as err:
         print(f"flooding: configuration error: {err}", file=sys.stderr)
         return 2
-    out = Path(base.run.output_dir)
-    table = flooding_table(results)
-    markdown = flooding_markdown(table)
-    write_text(out / "flooding.md", "# Loss flooding: Global accuracy vs final local training loss\n\n"
-               + markdown + "\n\n![flooding](flooding.png)\n")
-    with atomic_path(out / "flooding.csv") as tmp:
-        table.to_csv(tmp, index=False)
-    plot_flooding(table, out / "flooding.png")
-    print(markdown + f"\n\nwrote {out / 'flooding.md'}")
+    _, markdown = write_flooding(base.run.output_dir, results)
+    print(markdown + f"\n\nwrote {Path(base.run.output_dir) / 'flooding.md'}")
     return 0
 
 

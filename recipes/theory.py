@@ -6,7 +6,7 @@
 lambda* and lambda** are the exact roots of FT - LP-FT = lambda^2 (c0 + c1 lambda + c2 lambda^2); the sweep
 over --lams is a cross-check and the plot. Prints the Markdown report and writes theory_report.md,
 theory_sweep.json and theory_sweep.png into --output_dir. The model and its conditions:
-hf_lpft/evaluation/theory.py.
+hf_lpft/studies/theory.py.
 """
 
 import argparse
@@ -14,8 +14,8 @@ import sys
 
 import numpy as np
 
-from hf_lpft.evaluation.theory import GLOBAL_TARGETS, TheoryConfig
-from hf_lpft.evaluation.theory_report import analyse, render_report, save_report
+from hf_lpft.studies.theory import GLOBAL_TARGETS, TheoryConfig
+from hf_lpft.studies.theory_report import analyse, render_report, save_report
 
 
 def parse_lams(spec: str) -> np.ndarray:

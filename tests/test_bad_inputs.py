@@ -168,7 +168,7 @@ def tripwire(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("heavy work started before the bad input was rejected")
     monkeypatch.setattr("hf_lpft.run.pretrain.run_fedavg", boom)
-    monkeypatch.setattr("hf_lpft.pipeline.personalize", boom)
+    monkeypatch.setattr("hf_lpft.run.units.personalize", boom)
 
 
 def snapshot(root: Path) -> dict[str, bytes]:

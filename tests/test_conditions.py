@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hf_lpft.conditions import condition_table, format_condition_table, load_conditions, write_conditions
+from hf_lpft.studies.conditions import condition_table, format_condition_table, load_conditions, write_conditions
 
 FOLDER = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "conditions"
 

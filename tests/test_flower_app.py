@@ -85,7 +85,7 @@ def _flower_env(tmp_path: Path, port: int) -> dict:
 @pytest.mark.distributed
 @pytest.mark.slow  # 150-230 s on 2 busy cores (load 6-11): every message round starts a Python process per node (Flower's design)
 def test_flwr_run_on_superlink_and_supernodes_equals_the_builtin_engine(tmp_path):
-    from hf_lpft.federated.flower_app import APP_DIR
+    from hf_lpft.flower_app import APP_DIR
 
     # two clients (two domains of 40 images): each message round starts one process per node
     tiny_ds_path = str(tmp_path / "data")
@@ -142,7 +142,7 @@ def test_flwr_run_in_simulation_equals_the_builtin_engine(tmp_path):
     """The same app under ``flwr run`` on a SuperLink in simulation mode (virtual SuperNodes in Ray actors;
     each node partitions the study's dataset itself from its ``partition-id``)."""
     pytest.importorskip("ray", reason="Flower's simulation needs Ray: pip install 'flwr[simulation]'")
-    from hf_lpft.federated.flower_app import APP_DIR
+    from hf_lpft.flower_app import APP_DIR
 
     tiny_ds_path = str(tmp_path / "data")
     datasets.DatasetDict({"train": make_image_dataset(40, domains=("a", "b"))}).save_to_disk(tiny_ds_path)
@@ -208,7 +208,8 @@ def test_fl_strategy_config_errors(tmp_path, tiny_ds_path, fedavg, match):
 
 def test_fl_strategy_options_are_checked_against_flower():
     from hf_lpft.config import FL_STRATEGIES
-    from hf_lpft.federated.flower import FLOWER_STRATEGIES, build_fl_strategy, check_fl_strategy
+    from hf_lpft.federated.flower import FLOWER_STRATEGIES, build_fl_strategy
+    from hf_lpft.run.flower_engine import check_fl_strategy
 
     assert tuple(FLOWER_STRATEGIES) == FL_STRATEGIES
     assert check_fl_strategy("fedadam", {"eta": "0.01", "tau": 1}) == {"eta": 0.01, "tau": 1.0}
@@ -229,8 +230,8 @@ def test_fl_strategy_options_are_checked_against_flower():
 def test_flower_app_config_and_refusals(tmp_path):
     from flwr.cli.config_utils import load_and_validate
 
-    from hf_lpft.federated.flower_app import APP_DIR
-    from hf_lpft.federated.flower_app.server import study_config
+    from hf_lpft.flower_app import APP_DIR
+    from hf_lpft.flower_app.server import study_config
 
     config, _ = load_and_validate(APP_DIR / "pyproject.toml")  # what `flwr run` checks, components included
     assert config["tool"]["flwr"]["app"]["components"]["clientapp"].endswith("apps:client_app")
@@ -246,8 +247,8 @@ def test_flower_app_config_and_refusals(tmp_path):
 def test_node_finds_its_data_from_its_node_config(tmp_path, tiny_ds_path):
     import torch
 
-    from hf_lpft.federated.flower_app.node import load_node
-    from hf_lpft.pipeline import build_federation
+    from hf_lpft.flower_app.node import load_node
+    from hf_lpft.run.federation import build_federation
 
     cfg = load_config(None, {"data": {"dataset": tiny_ds_path, "num_classes": 4}})
     _, clients = build_federation(cfg, tmp_path / "run")  # the built-in engine's clients and manifest

@@ -5,10 +5,11 @@ import weakref
 
 import torch
 
-import hf_lpft.strategies.personalize as personalize_module
+import hf_lpft.run.personalize as personalize_module
 from hf_lpft.config import load_config
 from hf_lpft.models.backbone import build_model
-from hf_lpft.pipeline import build_strategies, personalize_all
+from hf_lpft.run.preflight import build_strategies
+from hf_lpft.run.units import personalize_all
 
 
 def test_client_copies_are_released(tiny_clients, accelerator, tmp_path, monkeypatch):

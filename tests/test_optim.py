@@ -11,7 +11,7 @@ from hf_lpft.config import SCHEDULES as CONFIG_SCHEDULES
 from hf_lpft.config import ConfigError, FedAvgConfig, PFTConfig
 from hf_lpft.models.backbone import build_model
 from hf_lpft.strategies import Budget, build_strategy
-from hf_lpft.strategies.personalize import personalize
+from hf_lpft.run.personalize import personalize
 from hf_lpft.train.optim import (OPTIMIZERS, SCHEDULES, OptimSettings, cosine_factor, make_optimizer, round_lr,
                                  settings_from)
 

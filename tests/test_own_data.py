@@ -180,7 +180,7 @@ def test_fp16_on_cpu_is_refused():
     from types import SimpleNamespace
 
     from hf_lpft.config import ConfigError
-    from hf_lpft.pipeline import check_precision
+    from hf_lpft.run.tracking import check_precision
 
     with pytest.raises(ConfigError, match="fp16 needs a GPU"):
         check_precision(SimpleNamespace(mixed_precision="fp16", device=torch.device("cpu")))

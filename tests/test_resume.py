@@ -152,16 +152,16 @@ def test_kill_then_resume_gives_identical_results(runner, reference, tiny_ds_pat
 
 def diverging_client(monkeypatch, client_id: str):
     """Make ``personalize`` hit a NaN loss for one client (the loop's own error), the others train normally."""
-    import hf_lpft.pipeline as pipeline
+    import hf_lpft.run.units as units
     from hf_lpft.train.loop import NonFiniteLossError
 
-    real = pipeline.personalize
+    real = units.personalize
 
     def personalize(strategy, global_model, data, **kwargs):
         if data.client_id == client_id:
             raise NonFiniteLossError(f"client {client_id}: loss is nan in phase 'finetune', epoch 0; lower the learning rate")
         return real(strategy, global_model, data, **kwargs)
-    monkeypatch.setattr(pipeline, "personalize", personalize)
+    monkeypatch.setattr(units, "personalize", personalize)
 
 
 def test_diverging_client_is_recorded_and_the_others_go_on(tmp_path, tiny_ds_path, monkeypatch, capsys, one_thread):
@@ -211,7 +211,8 @@ def test_unit_results_do_not_depend_on_client_order(strategy, tiny_clients, acce
     whatever the order of the clients and whatever the process did before."""
     from hf_lpft.config import load_config
     from hf_lpft.models.backbone import build_model
-    from hf_lpft.pipeline import build_strategies, personalize_unit
+    from hf_lpft.run.preflight import build_strategies
+    from hf_lpft.run.units import personalize_unit
 
     cfg = load_config(None, {"pft": {"strategies": [strategy], "epochs": 1, "batch_size": 16},
                              "run": {"output_dir": str(tmp_path), "distortion": False}})

@@ -11,9 +11,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from hf_lpft.data.tensors import to_float
 from hf_lpft.models.backbone import SplitModel, build_model
-from hf_lpft.pipeline import save_model
+from hf_lpft.layout import save_model
 from hf_lpft.strategies import STRATEGIES, Budget, build_strategy
-from hf_lpft.strategies.personalize import personalize, run_phase
+from hf_lpft.run.personalize import personalize, run_phase
 from hf_lpft.train.freeze import trainable_names
 from hf_lpft.train.loop import OptimSettings, predict, train_phase
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_lpft.evaluation.theory import (
+from hf_lpft.studies.theory import (
     TheoryConfig,
     closed_form_global,
     compare,
@@ -26,7 +26,7 @@ from hf_lpft.evaluation.theory import (
     population_loss,
     sweep_lambda,
 )
-from hf_lpft.evaluation.theory_report import analyse, render_report, save_report, theorem_conditions
+from hf_lpft.studies.theory_report import analyse, render_report, save_report, theorem_conditions
 
 RTOL = 1e-10
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from hf_lpft.strategies import display_name
+
 METRIC_COLUMNS = ("local", "global", "c_std", "worst", "c_std_matrix", "worst_matrix", "avg_lg", "avg_lgw",
                   "avg_lgw_matrix", "below_global_share")
 # Column headers of the printed table, in METRIC_COLUMNS order (accuracies in %, then a share).
@@ -91,10 +93,13 @@ def summary_table(results: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-DISPLAY_NAMES = {"global_model": "global-model", "ft": "FT", "lp": "LP", "lp_ft": "LP-FT",
-                 "proximal_ft": "Proximal FT", "sparse_ft": "Sparse FT", "soup_ft": "Soup FT",
-                 "lss_ft": "LSS FT", "lora": "LoRA", "lp_lora": "LP-LoRA", "surgical_ft": "Surgical FT",
-                 "bn_adapt": "BN-adapt"}
+GLOBAL_MODEL_LABEL = "global-model"
+
+
+def strategy_label(strategy: str, global_label: str = GLOBAL_MODEL_LABEL) -> str:
+    """A results row's strategy as tables show it: the registered display name, ``global_label`` for the
+    global model's rows (arXiv 2511.12695, Table 2 lists the methods by these names)."""
+    return global_label if strategy == "global_model" else display_name(strategy)
 
 
 def format_markdown(summary: pd.DataFrame) -> str:
@@ -103,7 +108,7 @@ def format_markdown(summary: pd.DataFrame) -> str:
     headers = ["strategy", *METRIC_HEADERS] + [EXTRA_COLUMNS[c] for c in extras]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for _, r in summary.iterrows():
-        cells = [DISPLAY_NAMES.get(r.strategy, r.strategy)] + [f"{100 * r[c]:.2f} ({100 * r[c + '_std']:.2f})" for c in METRIC_COLUMNS[:-1]]
+        cells = [strategy_label(r.strategy)] + [f"{100 * r[c]:.2f} ({100 * r[c + '_std']:.2f})" for c in METRIC_COLUMNS[:-1]]
         share = r["below_global_share"]
         cells.append("-" if np.isnan(share) else f"{100 * share:.0f}%")
         cells += [f"{r[c]:.3g} ({r[c + '_std']:.2g})" for c in extras]  # feature units, not %
@@ -151,5 +156,5 @@ def format_drop_split(table: pd.DataFrame) -> str:
     for _, r in table.iterrows():
         cells = [f"{100 * r[f'{c}_mean']:.2f} ({100 * np.nan_to_num(r[f'{c}_std']):.2f})"
                  for c in ("global_drop", "global_drop_bn", "global_drop_weights")]
-        lines.append(f"| {DISPLAY_NAMES.get(r.strategy, r.strategy)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {strategy_label(r.strategy)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -23,15 +23,15 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from hf_lpft.evaluation.metrics import (DISPLAY_NAMES, drop_split_table, format_drop_split, format_markdown,
+from hf_lpft.evaluation.metrics import (drop_split_table, format_drop_split, format_markdown, strategy_label,
                                         summary_table)
 from hf_lpft.io import atomic_path, write_text
+from hf_lpft.layout import RunLayout
 
-FIGURES = "figures"
 
 
 def _name(strategy: str) -> str:
-    return DISPLAY_NAMES.get(strategy, strategy)
+    return strategy_label(strategy)
 
 
 def cross_client_frame(results: pd.DataFrame) -> pd.DataFrame:
@@ -44,7 +44,7 @@ def cross_client_frame(results: pd.DataFrame) -> pd.DataFrame:
                                        "data_index", "accuracy"])
 
 
-def _save(fig: Figure, path: Path) -> None:
+def save_figure(fig: Figure, path: Path) -> None:
     FigureCanvasAgg(fig)
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -69,7 +69,7 @@ def plot_distortion_vs_global(results: pd.DataFrame, path: Path) -> bool:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("Global accuracy (%)")
     axes[1].legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 
@@ -94,7 +94,7 @@ def plot_epoch_curves(curves: pd.DataFrame, results: pd.DataFrame, path: Path) -
         ax.set(xlabel="personalization epoch (0 = global model)", ylabel=label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 
@@ -183,13 +183,14 @@ def drop_split_section(ok: pd.DataFrame) -> list[str]:
 
 def write_report(output_dir: str | Path) -> Path:
     """Write ``report.md`` and ``figures/*.png`` for a finished run folder; returns the report's path."""
-    out = Path(output_dir)
-    results = pd.read_parquet(out / "results.parquet")
+    layout = RunLayout(Path(output_dir))
+    out = layout.root
+    results = pd.read_parquet(layout.results)
     ok = results[results.error.isna()] if "error" in results else results
-    curves = _read(out / "curves.parquet")
-    cross = _read(out / "cross_client.parquet")
+    curves = _read(layout.curves)
+    cross = _read(layout.cross_client)
     cross = cross if cross is not None else cross_client_frame(results)
-    fig_dir = out / FIGURES
+    fig_dir = layout.figures
     seeds = ok.seed.nunique()
     measured = "distortion_local" in ok and ok.distortion_local.notna().any()
     parts = [f"# Run report: {out.name}", "",
@@ -217,40 +218,5 @@ def write_report(output_dir: str | Path) -> Path:
     parts += ["", "## Cross-client accuracy (model of client i on the test split of client j)", ""]
     parts.append("![cross-client accuracy](figures/cross_client.png)"
                  if plot_cross_client(cross, fig_dir / "cross_client.png") else "No results.")
-    return write_text(out / "report.md", "\n".join(parts) + "\n")
+    return write_text(layout.report, "\n".join(parts) + "\n")
 
-
-def flooding_table(results_by_flood: dict[float, pd.DataFrame]) -> pd.DataFrame:
-    """Loss-flooding ablation (Figure 3b): per (strategy, flood level), mean over clients and seeds of the
-    final local training loss (plain cross-entropy of the last epoch), Local, Global and Δ own."""
-    rows = []
-    for flood, results in results_by_flood.items():
-        ok = results[(results.strategy != "global_model") & results.error.isna()]
-        for strategy, g in ok.groupby("strategy", sort=False):
-            rows.append({"strategy": strategy, "flood": flood, "final_train_loss": g.final_train_loss.mean(),
-                         "local_acc": g.local_acc.mean(), "global_acc": g.global_acc.mean(),
-                         "distortion_local": g.distortion_local.mean() if "distortion_local" in g else np.nan})
-    return pd.DataFrame(rows).sort_values(["strategy", "flood"], kind="stable", ignore_index=True)
-
-
-def flooding_markdown(table: pd.DataFrame) -> str:
-    """The ablation table in Markdown (accuracies in %)."""
-    lines = ["| strategy | flood | final train loss | Local | Global | Δ own |", "|---|---|---|---|---|---|"]
-    lines += [f"| {_name(r.strategy)} | {r.flood:g} | {r.final_train_loss:.3f} | {100 * r.local_acc:.2f} | "
-              f"{100 * r.global_acc:.2f} | {r.distortion_local:.3g} |" for r in table.itertuples()]
-    return "\n".join(lines)
-
-
-def plot_flooding(table: pd.DataFrame, path: Path) -> None:
-    """Global accuracy against final local training loss, one line per strategy, points labelled by flood."""
-    fig = Figure(figsize=(5.5, 4))
-    ax = fig.subplots()
-    for k, (strategy, g) in enumerate(table.groupby("strategy", sort=False)):
-        ax.plot(g.final_train_loss, 100 * g.global_acc, marker="o", color=f"C{k % 10}", label=_name(strategy))
-        for r in g.itertuples():
-            ax.annotate(f"b={r.flood:g}", (r.final_train_loss, 100 * r.global_acc), fontsize=7,
-                        textcoords="offset points", xytext=(4, 4))
-    ax.set(xlabel="final local training loss", ylabel="Global accuracy (%)", title="Loss flooding")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, path)

@@ -22,7 +22,7 @@ Other general-FL methods (``fedavg.fl_strategy``): Flower's own strategies (FedP
 :data:`FLOWER_STRATEGIES`) with their options (``fedavg.fl_strategy_args``, checked against the class's
 signature), driven through :class:`SeededNodes` so sampling and node mapping stay hf_lpft's; their
 aggregation is Flower's. The paper presents post-hoc PFT as plug-and-play after any general FL method
-(arXiv 2511.12695, Sec. 3); the Flower App (``hf_lpft.federated.flower_app``) runs PFT after any of them.
+(arXiv 2511.12695, Sec. 3); the Flower App (``hf_lpft.flower_app``) runs PFT after any of them.
 """
 
 from __future__ import annotations
@@ -45,12 +45,11 @@ from flwr.serverapp import strategy as flwr_strategies
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
-from hf_lpft.config import ConfigError, ExperimentConfig, _coerce
 from hf_lpft.data.tensors import ClientData
 from hf_lpft.federated.fedavg import accumulate, finish, sample_clients
 from hf_lpft.speed import resolve_num_threads
 from hf_lpft.train.loop import accuracy, derive_seed, train_phase
-from hf_lpft.train.optim import round_lr, settings_from
+from hf_lpft.train.optim import OptimSettings, round_lr
 from hf_lpft.train.phase import Phase
 
 logger = logging.getLogger(__name__)
@@ -63,7 +62,19 @@ def to_arrays(state: dict) -> ArrayRecord:
     return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in state.items()})
 
 
-def local_update(model: nn.Module, state: dict, client: ClientData, *, cfg: ExperimentConfig, rnd: int, seed: int,
+@dataclasses.dataclass(frozen=True)
+class LocalTraining:
+    """What a client's local FedAvg update needs, as explicit values (the built-in ``run_fedavg``'s arguments):
+    ``rounds`` (for a cosine schedule over rounds), local epochs, lr, optimizer settings, torch threads."""
+
+    rounds: int
+    local_epochs: int
+    lr: float
+    settings: OptimSettings
+    num_threads: int | None = None
+
+
+def local_update(model: nn.Module, state: dict, client: ClientData, *, training: LocalTraining, rnd: int, seed: int,
                  accelerator: Accelerator, proximal_mu: float = 0.0) -> tuple[dict, float]:
     """One client's local training from ``state``, exactly as the built-in engine's FedAvg does it; with
     ``proximal_mu`` > 0 (FedProx, Li et al. 2020) plus (mu/2)·||w − w_global||² in the loss.
@@ -71,7 +82,7 @@ def local_update(model: nn.Module, state: dict, client: ClientData, *, cfg: Expe
     Returns:
         The trained state and the mean loss of the last local epoch (NaN if none).
     """
-    f = cfg.fedavg
+    f = training
     model.load_state_dict(state)
     extra = None
     if proximal_mu > 0:
@@ -82,7 +93,7 @@ def local_update(model: nn.Module, state: dict, client: ClientData, *, cfg: Expe
         anchor = {n: p.detach().clone() for n, p in model.named_parameters()}  # detached: the term must not move it
         extra = lambda m: proximal_term({n: p for n, p in m.named_parameters() if p.requires_grad}, anchor,  # noqa: E731
                                         proximal_mu)
-    settings = settings_from(f)
+    settings = f.settings
     lr = round_lr(f.lr, settings, rnd=rnd, rounds=f.rounds)  # rnd is 0-based, as in the built-in engine
     record = train_phase(model, Phase("fedavg_local", "all", f.local_epochs, lr, bn="train"), client,
                          settings=dataclasses.replace(settings, schedule="constant"),
@@ -92,7 +103,7 @@ def local_update(model: nn.Module, state: dict, client: ClientData, *, cfg: Expe
     return model.state_dict(), float(losses[-1])
 
 
-def make_client_app(cfg: ExperimentConfig, clients: list[ClientData], skeleton: nn.Module, *, seed: int) -> ClientApp:
+def make_client_app(training: LocalTraining, clients: list[ClientData], skeleton: nn.Module, *, seed: int) -> ClientApp:
     """A ClientApp serving ``clients``: node ``partition-id`` i is ``clients[i]``.
 
     ``skeleton``: a model of the right architecture (its weights are replaced by the global arrays).
@@ -103,7 +114,7 @@ def make_client_app(cfg: ExperimentConfig, clients: list[ClientData], skeleton: 
 
     def setup(context: Context) -> tuple[int, nn.Module, Accelerator]:
         if not worker:
-            torch.set_num_threads(resolve_num_threads(cfg.run.num_threads))
+            torch.set_num_threads(resolve_num_threads(training.num_threads))
             worker["accelerator"] = Accelerator()
             worker["model"] = copy.deepcopy(skeleton).to(worker["accelerator"].device)
         i = int(context.node_config["partition-id"])
@@ -119,7 +130,7 @@ def make_client_app(cfg: ExperimentConfig, clients: list[ClientData], skeleton: 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         i, model, accelerator = setup(context)
-        return train_reply(msg, model, clients[i], i, cfg=cfg, seed=seed, accelerator=accelerator)
+        return train_reply(msg, model, clients[i], i, training=training, seed=seed, accelerator=accelerator)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
@@ -129,13 +140,14 @@ def make_client_app(cfg: ExperimentConfig, clients: list[ClientData], skeleton: 
     return app
 
 
-def train_reply(msg: Message, model: nn.Module, client: ClientData, i: int, *, cfg: ExperimentConfig, seed: int,
+def train_reply(msg: Message, model: nn.Module, client: ClientData, i: int, *, training: LocalTraining, seed: int,
                 accelerator: Accelerator) -> Message:
     """A TRAIN message answered: local training from the message's arrays (with FedProx's ``proximal-mu``)."""
     conf = msg.content["config"]
     rnd = int(conf["round-offset"]) + int(conf["server-round"]) - 1  # 0-based, as in the built-in engine
     mu = float(conf["proximal-mu"]) if "proximal-mu" in conf else 0.0
-    state, loss = local_update(model, msg.content["arrays"].to_torch_state_dict(), client, cfg=cfg, rnd=rnd,
+    state, loss = local_update(model, msg.content["arrays"].to_torch_state_dict(), client, training=training,
+                               rnd=rnd,
                                seed=seed, accelerator=accelerator, proximal_mu=mu)
     metrics = MetricRecord({"num-examples": client.n_train, "client-index": i, "train_loss": loss})
     return Message(RecordDict({"arrays": to_arrays(state), "metrics": metrics}), reply_to=msg)
@@ -276,35 +288,11 @@ def strategy_options(name: str) -> dict[str, tuple[type, object]]:
             if k != "self" and k not in MANAGED_ARGS and p.kind is not p.VAR_KEYWORD}
 
 
-def check_fl_strategy(name: str, args: dict | None) -> dict:
-    """Validated options of ``fedavg.fl_strategy`` (coerced to the declared types).
-
-    Raises:
-        ConfigError: unknown strategy, unknown or missing option (the error lists the allowed ones) or a bad value.
-    """
-    if name not in FLOWER_STRATEGIES:
-        raise ConfigError(f"fedavg.fl_strategy={name!r} is not allowed; choose one of {list(FLOWER_STRATEGIES)}")
-    options, args = strategy_options(name), dict(args or {})
-    unknown = sorted(set(args) - set(options))
-    if unknown:
-        raise ConfigError(f"fedavg.fl_strategy_args: unknown option(s) {unknown} for {name!r}; allowed: "
-                          f"{sorted(options) or 'none (fedavg is configured by fedavg.*)'}")
-    missing = sorted(k for k, (_, default) in options.items() if default is inspect.Parameter.empty and k not in args)
-    if missing:
-        raise ConfigError(f"fedavg.fl_strategy_args: {name!r} needs option(s) {missing}")
-    out = {}
-    for k, v in args.items():
-        hint = options[k][0]
-        out[k] = _coerce(f"fedavg.fl_strategy_args.{k}", v, hint) if hint in (int, float, bool, str) else v
-        if hint in (int, float, bool, str) and not isinstance(out[k], hint):
-            raise ConfigError(f"fedavg.fl_strategy_args.{k}={v!r} must be a {hint.__name__}")
-    return out
-
-
-def build_fl_strategy(name: str, args: dict | None, *, n_clients: int, client_fraction: float, seed: int,
+def build_fl_strategy(name: str, options: dict | None, *, n_clients: int, client_fraction: float, seed: int,
                       round_offset: int = 0, rounds: int | None = None, eval_every: int = 1) -> SeededNodes:
-    """The general-FL strategy ``name`` (``fedavg.fl_strategy``) with its validated options."""
-    options = check_fl_strategy(name, args)
+    """The general-FL strategy ``name`` (``fedavg.fl_strategy``) with its ``options``, validated by the caller
+    (``hf_lpft.run.flower_engine.check_fl_strategy``: values coerced to the types :func:`strategy_options` names)."""
+    options = dict(options or {})
     if name == "fedavg":
         return ExampleWeightedFedAvg(n_clients=n_clients, client_fraction=client_fraction, seed=seed,
                                      round_offset=round_offset, rounds=rounds, eval_every=eval_every)
@@ -315,17 +303,6 @@ def build_fl_strategy(name: str, args: dict | None, *, n_clients: int, client_fr
     strategy.setup_nodes(n_clients=n_clients, client_fraction=client_fraction, seed=seed, round_offset=round_offset,
                          rounds=rounds, eval_every=eval_every)
     return strategy
-
-
-def describe_fl_strategy(cfg: ExperimentConfig) -> dict:
-    """The general-FL method of a run, for the run record and the cards."""
-    f = cfg.fedavg
-    options = check_fl_strategy(f.fl_strategy, f.fl_strategy_args)
-    source = "hf_lpft FedAvg (float64 example-weighted, equal to the built-in engine)" if f.fl_strategy == "fedavg" \
-        else f"flwr.serverapp.strategy.{FLOWER_STRATEGIES[f.fl_strategy]}"
-    return {"name": f.fl_strategy, "implementation": source,
-            "options": {k: (d if k not in options else options[k]) for k, (_, d) in
-                        strategy_options(f.fl_strategy).items() if isinstance(d, (int, float, bool, str))}}
 
 
 def like(state: dict, reference: dict) -> dict:
@@ -367,7 +344,7 @@ def make_server_app(initial_state: dict, *, n_clients: int, rounds: int, client_
                     start_round: int = 0, history: list[dict] | None = None,
                     on_round_end: RoundCallback | None = None, result: dict | None = None,
                     timeout: float = 3600.0, fl_strategy: str = "fedavg",
-                    fl_strategy_args: dict | None = None, eval_every: int = 1) -> ServerApp:
+                    fl_strategy_options: dict | None = None, eval_every: int = 1) -> ServerApp:
     """A ServerApp running ``rounds - start_round`` rounds of ``fl_strategy`` (default FedAvg) from ``initial_state``.
 
     ``on_round_end(round, state, history)`` runs after every round (e.g. the run's checkpoint, so an
@@ -378,7 +355,7 @@ def make_server_app(initial_state: dict, *, n_clients: int, rounds: int, client_
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        strategy = build_fl_strategy(fl_strategy, fl_strategy_args, n_clients=n_clients,
+        strategy = build_fl_strategy(fl_strategy, fl_strategy_options, n_clients=n_clients,
                                      client_fraction=client_fraction, seed=seed, round_offset=start_round,
                                      rounds=rounds, eval_every=eval_every)
         strategy.map_nodes(grid, timeout)
@@ -389,34 +366,38 @@ def make_server_app(initial_state: dict, *, n_clients: int, rounds: int, client_
     return app
 
 
-def run_flower_fedavg(model: nn.Module, clients: list[ClientData], cfg: ExperimentConfig, *, seed: int,
-                      start_round: int = 0, history: list[dict] | None = None,
+def run_flower_fedavg(model: nn.Module, clients: list[ClientData], *, rounds: int, local_epochs: int, lr: float,
+                      client_fraction: float, settings: OptimSettings, seed: int, eval_every: int = 1,
+                      fl_strategy: str = "fedavg", fl_strategy_options: dict | None = None,
+                      num_threads: int | None = None, start_round: int = 0, history: list[dict] | None = None,
                       on_round_end: RoundCallback | None = None,
                       backend_config: dict | None = None) -> tuple[nn.Module, list[dict]]:
     """FedAvg on Flower's local simulation (one virtual node per client); ``model`` ends with the global weights.
 
     Args:
         model: The initial global model (the start round's weights when resuming); trained in place.
+        rounds, local_epochs, lr, client_fraction, settings, eval_every: as the built-in ``run_fedavg``.
+        fl_strategy, fl_strategy_options: the general-FL method and its validated options
+            (``hf_lpft.run.flower_engine.check_fl_strategy``).
+        num_threads: torch threads of each virtual client (``run.num_threads``; None = the measured default).
         backend_config: Flower's simulation backend settings; default one CPU per client, no GPU
             (e.g. ``{"client_resources": {"num_cpus": 1, "num_gpus": 0.25}}`` shares a GPU by four).
 
     Raises:
-        ConfigError: ``fedavg.fl_strategy_args`` do not fit ``fedavg.fl_strategy``.
         RuntimeError: the simulation ended without a global model (a client or the server failed; Flower
             logs the cause).
     """
     from flwr.simulation import run_simulation
 
-    check_fl_strategy(cfg.fedavg.fl_strategy, cfg.fedavg.fl_strategy_args)  # a ConfigError now, not in the server
-    if cfg.fedavg.rounds <= start_round:
+    if rounds <= start_round:
         return model.eval(), list(history or [])
     result: dict = {}
     server = make_server_app({k: v.detach().cpu() for k, v in model.state_dict().items()}, n_clients=len(clients),
-                             rounds=cfg.fedavg.rounds, client_fraction=cfg.fedavg.client_fraction, seed=seed,
+                             rounds=rounds, client_fraction=client_fraction, seed=seed,
                              start_round=start_round, history=history, on_round_end=on_round_end, result=result,
-                             fl_strategy=cfg.fedavg.fl_strategy, fl_strategy_args=cfg.fedavg.fl_strategy_args,
-                             eval_every=cfg.fedavg.eval_every)
-    client = make_client_app(cfg, clients, model, seed=seed)
+                             fl_strategy=fl_strategy, fl_strategy_options=fl_strategy_options, eval_every=eval_every)
+    training = LocalTraining(rounds, local_epochs, lr, settings, num_threads)
+    client = make_client_app(training, clients, model, seed=seed)
     run_simulation(server_app=server, client_app=client, num_supernodes=len(clients),
                    backend_config=backend_config or {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
     if "state" not in result:

@@ -19,7 +19,9 @@ import pandas as pd
 import yaml
 from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData
 
-from hf_lpft.evaluation.metrics import format_markdown, summary_table
+from hf_lpft.evaluation.metrics import format_markdown, strategy_label, summary_table
+from hf_lpft.layout import RunLayout
+from hf_lpft.strategies import get_strategy
 
 TEMPLATES = ("global_model.md", "personalized_model.md", "results_dataset.md")
 TAGS = ["federated-learning", "personalized-fine-tuning", "lp-ft"]
@@ -44,18 +46,27 @@ class RunInfo:
 
     @classmethod
     def read(cls, output_dir: str | Path, experiment: str) -> RunInfo:
-        out = Path(output_dir)
-        missing = [n for n in ("config.yaml", "run_record.json", "federation/manifest.json", "results.parquet")
-                   if not (out / n).is_file()]
+        out = RunLayout(Path(output_dir))
+        needed = (out.config, out.record, out.manifest, out.results)
+        missing = [p.relative_to(out.root).as_posix() for p in needed if not p.is_file()]
         if missing:
-            raise FileNotFoundError(f"{str(out)!r} is not a complete run folder: missing {missing}")
-        return cls(yaml.safe_load((out / "config.yaml").read_text()), json.loads((out / "run_record.json").read_text()),
-                   json.loads((out / "federation/manifest.json").read_text()), pd.read_parquet(out / "results.parquet"),
-                   experiment)
+            raise FileNotFoundError(f"{str(out.root)!r} is not a complete run folder: missing {missing}")
+        return cls(yaml.safe_load(out.config.read_text()), json.loads(out.record.read_text()),
+                   json.loads(out.manifest.read_text()), pd.read_parquet(out.results), experiment)
 
     @property
     def seeds(self) -> list[int]:
         return list(self.config["run"]["seeds"])
+
+    @property
+    def layout(self) -> RunLayout:
+        """The paths of model folders for this run's seeds (relative paths also name the Hub folder's)."""
+        return RunLayout(Path("."), self.seeds)
+
+    def export_kind(self, strategy: str) -> str:
+        """What ``strategy``'s export wrote: from the run record (older records: the registered class)."""
+        desc = self.record.get("run_info", {}).get("strategies", {}).get(strategy, {})
+        return desc.get("export_kind") or get_strategy(strategy).export_kind
 
     @property
     def ok(self) -> pd.DataFrame:
@@ -159,10 +170,10 @@ def eval_results(info: RunInfo, rows: pd.DataFrame, *, label: str) -> list[EvalR
     return out
 
 
-def _folder_cell(row, client_folders: dict, *, multi_seed: bool) -> str:
+def _folder_cell(row, client_folders: dict, *, layout: RunLayout) -> str:
     """Where a result row's weights are: the root / ``global/seed_<s>``, a client folder, or none (failed unit)."""
     if row.strategy == "global_model":
-        return f"`global/seed_{row.seed}`" if multi_seed else "root"
+        return f"`{layout.global_rel(row.seed).as_posix()}`" if layout.seed_part(row.seed) else "root"
     folder = client_folders.get((row.strategy, row.client_id, row.seed))
     return f"`{folder}`" if folder else "none (the unit failed)"
 
@@ -181,10 +192,10 @@ def global_card(info: RunInfo, *, repo_id: str | None, results_repo_id: str | No
                          **info.card_metadata())
     rows = [{"strategy": r.strategy, "client_id": r.client_id, "seed": r.seed, "n_train": r.n_train, "n_test": r.n_test,
              "local": _pct(r.local_acc), "global_": _pct(r.global_acc),
-             "folder": _folder_cell(r, client_folders, multi_seed=len(info.seeds) > 1)}
+             "folder": _folder_cell(r, client_folders, layout=info.layout)}
             for r in info.results.itertuples()]
-    lora = next((f for (s, _, _), f in client_folders.items() if s in ("lora", "lp_lora")), None)
-    first = next(iter(client_folders), ("ft", info.provenance()["client_ids"][0], 0))
+    lora = next((f for (s, _, _), f in client_folders.items() if info.export_kind(s) == "adapter"), None)
+    first = next(iter(client_folders), (next(iter(strategies), "ft"), info.provenance()["client_ids"][0], 0))
     strategies_yaml = yaml.safe_dump(info.record["run_info"].get("strategies", {}), sort_keys=False)
     return ModelCard.from_template(
         data, template_path=str(template_path("global_model.md")), title=f"{info.experiment}: FedAvg global model + "
@@ -212,7 +223,7 @@ def client_card(info: RunInfo, row, *, strategy_desc: dict, fmt: str, folder: st
                          **info.card_metadata())
     return ModelCard.from_template(
         data, template_path=str(template_path("personalized_model.md")),
-        title=f"{info.experiment}: client {row.client_id}, {row.strategy}", client_id=row.client_id,
+        title=f"{info.experiment}: client {row.client_id}, {strategy_label(row.strategy)}", client_id=row.client_id,
         strategy=row.strategy, seed=row.seed, multi_seed=len(info.seeds) > 1, local=_pct(row.local_acc),
         global_=_pct(row.global_acc), n_train=row.n_train, n_test=row.n_test, format=fmt,
         format_description=FORMATS[fmt], folder=folder, base=base, repo_id=repo_id, repo_url=f"{endpoint}/{repo_id}",

@@ -32,10 +32,10 @@ from safetensors.torch import load_file, save_file
 
 from hf_lpft.hub.cards import RunInfo, client_card, global_card, results_card
 from hf_lpft.io import atomic_path, write_json
+from hf_lpft.layout import RunLayout
 
 logger = logging.getLogger(__name__)
 
-PROVENANCE = ("config.yaml", "run_record.json", "federation/manifest.json", "summary.md")
 CLIENTS_SPLIT, SUMMARY_SPLIT = "clients", "summary"
 
 
@@ -70,10 +70,6 @@ def _link(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
-
-
-def _seed_part(info: RunInfo, seed: int) -> tuple[str, ...]:
-    return (f"seed_{seed}",) if len(info.seeds) > 1 else ()
 
 
 def _same_backbone(state: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> bool:
@@ -113,21 +109,22 @@ def write_model_folder(info: RunInfo, out: Path, dst: Path, *, repo_id: str | No
                        endpoint: str, ref: str) -> None:
     """Fill ``dst`` with the model repository's files (see the module docstring); ``ref`` is what the cards
     load from: ``repo_id``, or the folder ``dst`` becomes."""
-    first = out.joinpath("global", *_seed_part(info, info.seeds[0]))
+    layout = info.layout
+    first = out / layout.global_rel(info.seeds[0])
     for name in ("config.json", "model.safetensors"):
         _link(first / name, dst / name)
     bases = {}
     for seed in info.seeds:
-        src = out.joinpath("global", *_seed_part(info, seed))
+        src = out / layout.global_rel(seed)
         bases[seed] = load_file(str(src / "model.safetensors"))
-        if len(info.seeds) > 1:
+        if layout.seed_part(seed):  # several seeds: each global model in its own folder too
             for name in ("config.json", "model.safetensors"):
-                _link(src / name, dst / "global" / f"seed_{seed}" / name)
+                _link(src / name, dst / layout.global_rel(seed) / name)
     folders = {}
     strategies = info.record["run_info"].get("strategies", {})
     for row in info.ok[info.ok.strategy != "global_model"].itertuples(index=False):
-        rel = Path("clients", row.strategy, row.client_id, *_seed_part(info, row.seed))
-        base = f"global/seed_{row.seed}" if len(info.seeds) > 1 else "."
+        rel = layout.client_rel(row.strategy, row.client_id, row.seed)
+        base = layout.global_rel(row.seed).as_posix() if layout.seed_part(row.seed) else "."
         base_ref = repo_id if repo_id and base == "." else model_ref(ref, base, is_repo=repo_id is not None)
         fmt = export_client(out / rel, dst / rel, bases[row.seed], base_ref=base_ref)
         write_json(dst / rel / "personalization.json", {"format": fmt, "strategy": row.strategy, "client_id": row.client_id,
@@ -136,9 +133,9 @@ def write_model_folder(info: RunInfo, out: Path, dst: Path, *, repo_id: str | No
                            base=base, repo_id=repo_id, endpoint=endpoint, repo_ref=ref)
         card.save(dst / rel / "README.md")
         folders[(row.strategy, row.client_id, row.seed)] = rel.as_posix()
-    for name in PROVENANCE:
-        if (out / name).is_file():
-            _link(out / name, dst / name)
+    for path in RunLayout(out).provenance:
+        if path.is_file():
+            _link(path, dst / path.relative_to(out))
     global_card(info, repo_id=repo_id, results_repo_id=results_repo_id, endpoint=endpoint,
                 client_folders=folders, repo_ref=ref).save(dst / "README.md")
 
@@ -153,16 +150,16 @@ def write_run_cards(info: RunInfo, out: Path) -> None:
     each LoRA adapter's ``base_model_name_or_path`` set to its global model's folder (absolute path)."""
     ref, strategies, folders = str(out), info.record["run_info"].get("strategies", {}), {}
     for row in info.ok[info.ok.strategy != "global_model"].itertuples(index=False):
-        rel = Path("clients", row.strategy, row.client_id, *_seed_part(info, row.seed))
-        base = Path("global", *_seed_part(info, row.seed)).as_posix()
-        fmt = "peft_adapter" if (out / rel / "adapter_config.json").is_file() else "full"
+        rel = info.layout.client_rel(row.strategy, row.client_id, row.seed)
+        base = info.layout.global_rel(row.seed).as_posix()
+        fmt = "peft_adapter" if info.export_kind(row.strategy) == "adapter" else "full"
         if fmt == "peft_adapter":
             set_adapter_base(out / rel, str((out / base).resolve()))
         client_card(info, row, strategy_desc=strategies.get(row.strategy, {}), fmt=fmt, folder=rel.as_posix(),
                     base=base, repo_id=None, endpoint=hub_endpoint(), repo_ref=ref).save(out / rel / "README.md")
         folders[(row.strategy, row.client_id, row.seed)] = rel.as_posix()
     for seed in info.seeds:
-        base = Path("global", *_seed_part(info, seed)).as_posix()
+        base = info.layout.global_rel(seed).as_posix()
         global_card(info, repo_id=None, results_repo_id=None, endpoint=hub_endpoint(), client_folders=folders,
                     repo_ref=ref, base=base).save(out / base / "README.md")
 
@@ -215,11 +212,12 @@ def export_run(output_dir: str | Path, *, repo_id: str | None = None, results_re
     endpoint = endpoint or hub_endpoint()
     results_repo_id = results_repo_id or default_results_repo(repo_id)
     write_run_cards(info, out)
-    with atomic_path(out / "hub" / "model", directory=True) as tmp:
+    layout = RunLayout(out)
+    with atomic_path(layout.hub_model, directory=True) as tmp:
         write_model_folder(info, out, tmp, repo_id=repo_id, results_repo_id=results_repo_id, endpoint=endpoint,
-                           ref=repo_id or str(out / "hub" / "model"))
-    with atomic_path(out / "hub" / "results", directory=True) as tmp:
+                           ref=repo_id or str(layout.hub_model))
+    with atomic_path(layout.hub_results, directory=True) as tmp:
         write_results_folder(info, tmp, repo_id=results_repo_id, model_repo_id=repo_id, endpoint=endpoint,
-                             ref=str(out / "hub" / "results"))
-    logger.info("Hub-ready folders written to %s", out / "hub")
-    return HubFolders(out / "hub" / "model", out / "hub" / "results", info.experiment)
+                             ref=str(layout.hub_results))
+    logger.info("Hub-ready folders written to %s", layout.hub)
+    return HubFolders(layout.hub_model, layout.hub_results, info.experiment)

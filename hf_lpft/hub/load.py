@@ -9,12 +9,14 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from hf_lpft.layout import RunLayout
 from hf_lpft.models.backbone import SplitModel
 
 
 def _local_root(path: Path) -> Path:
     """A run folder's Hub-ready ``hub/model`` if it was exported, else the folder itself."""
-    return path / "hub" / "model" if (path / "hub" / "model" / "run_record.json").is_file() else path
+    hub_model = RunLayout(path).hub_model
+    return hub_model if RunLayout(hub_model).record.is_file() else path
 
 
 def _client_rel(record: dict, strategy: str, client_id: str, seed: int | None) -> tuple[str, int]:
@@ -28,8 +30,7 @@ def _client_rel(record: dict, strategy: str, client_id: str, seed: int | None) -
     seed = seeds[0] if seed is None else seed
     if seed not in seeds:
         raise ValueError(f"seed={seed!r} was not run; seeds: {seeds}")
-    rel = f"clients/{strategy}/{client_id}" + (f"/seed_{seed}" if len(seeds) > 1 else "")
-    return rel, seed
+    return RunLayout(Path("."), seeds).client_rel(strategy, client_id, seed).as_posix(), seed
 
 
 def _check_source(repo_or_dir: str | Path) -> None:
@@ -71,19 +72,20 @@ def load_personalized(repo_or_dir: str | Path, client_id: str, strategy: str, se
     _check_source(repo_or_dir)
     if local.is_dir():
         root = _local_root(local)
-        record = json.loads((root / "run_record.json").read_text())
+        record = json.loads(RunLayout(root).record.read_text())
         rel, seed = _client_rel(record, strategy, client_id, seed)
     else:
         root = _fetch(str(repo_or_dir), ["run_record.json"], revision=revision, token=token)
-        record = json.loads((root / "run_record.json").read_text())
+        record = json.loads(RunLayout(root).record.read_text())
         rel, seed = _client_rel(record, strategy, client_id, seed)
         root = _fetch(str(repo_or_dir), [f"{rel}/*", "config.json", "model.safetensors", "global/*/config.json",
                                          "global/*/model.safetensors"], revision=revision, token=token)
-    return _build(root, rel, seed=seed, multi_seed=len(record["run_info"]["seeds"]) > 1)
+    return _build(RunLayout(root, record["run_info"]["seeds"]), rel, seed=seed)
 
 
-def _build(root: Path, rel: str, *, seed: int, multi_seed: bool) -> nn.Module:
+def _build(layout: RunLayout, rel: str, *, seed: int) -> nn.Module:
     """Assemble the model from a folder in the Hub layout or in the run layout (``global/`` + ``clients/``)."""
+    root = layout.root
     folder = root / rel
     if not folder.is_dir():
         raise FileNotFoundError(f"no personalized model at {str(folder)!r}")
@@ -93,7 +95,7 @@ def _build(root: Path, rel: str, *, seed: int, multi_seed: bool) -> nn.Module:
         fmt, base_dir = meta["format"], root / meta["base"]
     else:  # the run folder itself
         fmt = "peft_adapter" if (folder / "adapter_config.json").is_file() else "full"
-        base_dir = root / "global" / (f"seed_{seed}" if multi_seed else "")
+        base_dir = layout.global_dir(seed)
     if fmt == "full":
         return SplitModel.from_pretrained(folder).eval()
     base = SplitModel.from_pretrained(base_dir)

@@ -18,7 +18,6 @@ import importlib.util
 import inspect
 import logging
 import os
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -26,9 +25,9 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-import yaml
 
 from hf_lpft.config import ConfigError, ExperimentConfig, given_keys
+from hf_lpft.layout import RunLayout
 from hf_lpft.data.federate import Federation, FederationError, default_partition_by, federate_from_config, \
     num_classes_of
 from hf_lpft.data.load import load_from_config
@@ -59,7 +58,7 @@ def preflight(cfg: ExperimentConfig) -> dict[str, Strategy]:
     check_backbone(cfg)
     check_strategies(cfg, strategies)
     check_launch(cfg)
-    check_output_dir(cfg)
+    RunLayout.of(cfg).check(cfg)
     check_hub(cfg)
     return strategies
 
@@ -168,52 +167,6 @@ def check_launch(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"fedavg.engine='flower' runs in one process (Flower's simulation runs the clients in "
                               f"parallel itself), not {n}; launch without accelerate/torchrun or choose "
                               "fedavg.engine builtin")
-
-
-# -- the output folder (read only) ------------------------------------------------------------------------------
-def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """``key: old -> new`` for every setting a resumed run may not change (publishing and run control may)."""
-    keys = sorted(set(saved) | set(current))
-    out = []
-    for k in keys:
-        a, b = saved.get(k), current.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_differences(a, b, f"{prefix}{k}.")
-        elif a != b and f"{prefix}{k}" not in ("run.resume", "run.overwrite", "run.report_to") \
-                and prefix + k != "hub" \
-                and not prefix.startswith("hub."):  # publishing settings may change on resume
-            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return out
-
-
-def check_output_dir(cfg: ExperimentConfig) -> Path:
-    """The output folder can be used as the run asks (fresh, resumed with the same config, overwritten) and
-    written; creates nothing (a probe file in the nearest existing folder is created and deleted)."""
-    out = Path(cfg.run.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"run.output_dir={str(out)!r} exists and is not a folder")
-    if cfg.run.resume and (out / "config.yaml").is_file():
-        try:
-            saved = yaml.safe_load((out / "config.yaml").read_text())
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-            raise ConfigError(f"cannot resume {str(out)!r}: its config.yaml is unreadable ({err}); "
-                              "use --run.overwrite true to start again") from None
-        diff = config_differences(saved if isinstance(saved, dict) else {}, cfg.to_dict())
-        if diff:
-            raise ConfigError(f"cannot resume {str(out)!r}: the config differs from the saved one: {diff}")
-    elif out.is_dir() and any(out.iterdir()) and not cfg.run.overwrite and not cfg.run.resume:
-        raise ConfigError(f"run.output_dir={str(out)!r} is not empty; pass --run.resume true to continue "
-                          "it, --run.overwrite true to start again, or choose another folder")
-    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(f"{existing} is a file")
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as err:
-        raise ConfigError(f"run.output_dir={str(out)!r} is not writable ({err.strerror or err}); "
-                          "choose a folder you can create and write files in") from err
-    return out
 
 
 # -- the network and the Hub --------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ so every process of a run takes the same path even while another run stores the 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -34,10 +33,12 @@ from hf_lpft._faults import fault_point
 from hf_lpft.checkpoint import Checkpoints
 from hf_lpft.config import ConfigError, ExperimentConfig
 from hf_lpft.data.tensors import ClientData, TextInputs
-from hf_lpft.federated.fedavg import load_client_bn, run_fedavg
-from hf_lpft.io import atomic_path, write_json
+from hf_lpft.federated.fedavg import run_fedavg
+from hf_lpft.io import write_json
+from hf_lpft.layout import RunLayout, save_model
 from hf_lpft.models.backbone import SplitModel, build_model
 from hf_lpft.run.given_model import load_global_model
+from hf_lpft.run.tracking import log_scalars
 from hf_lpft.train.loop import derive_seed
 from hf_lpft.data.preprocess import preprocessing_for
 from hf_lpft.speed import use_memory_format
@@ -54,24 +55,6 @@ class GlobalModel:
     history: list[dict]
     client_bn: dict | None
     source: dict
-
-
-def global_dir(out: Path, cfg: ExperimentConfig, seed: int) -> Path:
-    """``global/`` (``global/seed_<s>/`` with several seeds): the rule of pipeline.model_dir."""
-    return out / "global" / f"seed_{seed}" if len(cfg.run.seeds) > 1 else out / "global"
-
-
-def save_global(model: SplitModel, path: Path) -> None:
-    """Save θ_G into a temporary folder, then rename (no half-written checkpoint)."""
-    with atomic_path(path, directory=True) as tmp:
-        model.save_pretrained(tmp)
-        fault_point("export_model")  # test hook (hf_lpft._faults); a no-op in real runs
-
-
-def _log(accelerator: Accelerator, values: dict, step: int | None = None) -> None:
-    values = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    if accelerator.trackers and values:
-        accelerator.log(values, step=step)
 
 
 def obtain_global_model(cfg: ExperimentConfig, clients: list[ClientData], num_classes: int, *, seed: int, out: Path,
@@ -99,7 +82,7 @@ def given_global_model(cfg: ExperimentConfig, num_classes: int, *, seed: int, ou
         model, info = load_global_model(cfg, num_classes, seed=seed)
     model = model.to(accelerator.device).eval()
     if accelerator.is_main_process:
-        save_global(model, global_dir(out, cfg, seed))
+        save_model(model, RunLayout(out, cfg.run.seeds).global_dir(seed))
     accelerator.wait_for_everyone()
     return GlobalModel(model, [], None, info)
 
@@ -211,7 +194,7 @@ def cached_pretrain(cfg: ExperimentConfig, clients: list[ClientData], num_classe
     if hit:
         model, history, client_bn = load_entry(entry, accelerator.device)
         if accelerator.is_main_process:  # the usual output layout: global/ and the (FedBN) round checkpoint
-            save_global(model, global_dir(out, cfg, seed))
+            save_model(model, RunLayout(out, cfg.run.seeds).global_dir(seed))
             Checkpoints(out).save_round(seed, model.state_dict(), history, client_bn=client_bn)
         accelerator.wait_for_everyone()
         logger.info("seed %d: FedAvg result %s loaded from %s (no FedAvg)", seed, key, cfg.run.fedavg_cache)
@@ -229,7 +212,7 @@ def pretrain(cfg: ExperimentConfig, clients: list[ClientData], num_classes: int,
              accelerator: Accelerator) -> tuple[SplitModel, list[dict]]:
     """The global model θ_G: FedAvg from scratch, from a round checkpoint, or reloaded when complete."""
     f, ckpt = cfg.fedavg, Checkpoints(out)
-    done = global_dir(out, cfg, seed)
+    done = RunLayout(out, cfg.run.seeds).global_dir(seed)
     saved = ckpt.load_round(seed) if cfg.run.resume else None
     if saved is not None and len(saved[1]) == f.rounds and (done / "model.safetensors").is_file():
         return use_memory_format(SplitModel.from_pretrained(done).to(accelerator.device).eval(),
@@ -247,7 +230,7 @@ def pretrain(cfg: ExperimentConfig, clients: list[ClientData], num_classes: int,
     def round_end(rnd: int, state: dict, hist: list) -> None:
         if accelerator.is_main_process:  # one writer when several processes run
             ckpt.save_round(seed, state, hist, client_bn=client_bn)
-        _log(accelerator, {f"seed_{seed}/fedavg/{k}": v for k, v in hist[-1].items() if k != "round"}, step=rnd)
+        log_scalars(accelerator, {f"seed_{seed}/fedavg/{k}": v for k, v in hist[-1].items() if k != "round"}, step=rnd)
     if f.engine == "flower":
         model, history = flower_pretrain(cfg, model, clients, seed=seed, saved=saved, accelerator=accelerator,
                                          on_round_end=round_end)
@@ -258,7 +241,7 @@ def pretrain(cfg: ExperimentConfig, clients: list[ClientData], num_classes: int,
                                     history=saved[1] if saved else None, client_bn=client_bn,
                                     on_round_end=round_end)
     if accelerator.is_main_process:
-        save_global(model, done)
+        save_model(model, done)
         if f.rounds == 0:
             ckpt.save_round(seed, model.state_dict(), [], client_bn=client_bn)
     accelerator.wait_for_everyone()  # global/ and the FedBN checkpoint are complete before any process reads them
@@ -274,17 +257,17 @@ def flower_pretrain(cfg: ExperimentConfig, model: SplitModel, clients: list[Clie
                           "or choose fedavg.engine builtin")
     try:
         from hf_lpft.federated.flower import run_flower_fedavg
+        from hf_lpft.run.flower_engine import check_fl_strategy
     except ImportError as err:
         raise ConfigError(f"fedavg.engine='flower' needs Flower ({err}); pip install 'hf-lpft[flower]' or choose "
                           "fedavg.engine builtin") from err
-    model, history = run_flower_fedavg(model, clients, cfg, seed=seed, start_round=len(saved[1]) if saved else 0,
+    f = cfg.fedavg
+    options = check_fl_strategy(f.fl_strategy, f.fl_strategy_args)  # a ConfigError now, not in the server
+    model, history = run_flower_fedavg(model, clients, rounds=f.rounds, local_epochs=f.local_epochs, lr=f.lr,
+                                       client_fraction=f.client_fraction, settings=settings_from(f), seed=seed,
+                                       eval_every=f.eval_every, fl_strategy=f.fl_strategy,
+                                       fl_strategy_options=options, num_threads=cfg.run.num_threads,
+                                       start_round=len(saved[1]) if saved else 0,
                                        history=saved[1] if saved else None, on_round_end=on_round_end)
     return model.to(accelerator.device), history
 
-
-def client_global_model(global_model: SplitModel, client_bn: dict | None, client_id: str) -> SplitModel:
-    """The global model client ``client_id`` starts from: with FedBN (``fedavg.bn: local``) a copy that
-    carries the client's own BatchNorm tensors (saved with the last FedAvg round), otherwise θ_G itself."""
-    if not client_bn or client_id not in client_bn:
-        return global_model
-    return load_client_bn(copy.deepcopy(global_model), client_bn, client_id).eval()

@@ -1,7 +1,8 @@
 """Strategy interface and registry: a strategy declares phases and hooks, never loops.
 
-Adding a PFT method = one file in this folder with a ``@register_strategy`` class + one row in the
-test matrix.
+Adding a PFT method = one file in this folder with a ``@register_strategy`` class that says its
+``name``, ``display_name`` (tables and cards) and ``export_kind`` (what its export writes); registration
+checks them, so no table elsewhere lists strategies.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from hf_lpft.config import ConfigError, _coerce, check_field_types
 from hf_lpft.train.phase import BN_MODES, SOLVERS, Phase
 
 STRATEGIES: dict[str, type[Strategy]] = {}
+# What ``Strategy.export`` writes: a SplitModel folder (``save_pretrained``; the Hub export keeps only the head
+# when the backbone equals θ_G's) or a peft adapter folder (adapters + head, loaded onto θ_G).
+EXPORT_KINDS = {"full": "a SplitModel folder (model.safetensors + config.json)",
+                "adapter": "a peft adapter folder (adapter_config.json + adapter_model.safetensors)"}
 
 
 @dataclass(frozen=True)
@@ -80,11 +85,14 @@ def check_probe(prefix: str, probe: str, l2: list[float] | None, bn: str) -> Non
 class Strategy(ABC):
     """A personalized fine-tuning method.
 
-    Subclasses set ``name``, ``description`` and ``config_cls`` and implement :meth:`phases`.
+    Subclasses set ``name``, ``display_name``, ``description``, ``export_kind`` (one of :data:`EXPORT_KINDS`)
+    and ``config_cls`` and implement :meth:`phases`.
     """
 
     name: ClassVar[str]
+    display_name: ClassVar[str]
     description: ClassVar[str]
+    export_kind: ClassVar[str]
     config_cls: ClassVar[type[StrategyConfig]] = StrategyConfig
 
     def __init__(self, config: StrategyConfig | None = None, *, budget: Budget | None = None):
@@ -145,15 +153,46 @@ class Strategy(ABC):
     def describe(self) -> dict:
         """Config and phases, for the run record and the model card."""
         return {"name": self.name, "config": dataclasses.asdict(self.config),
-                "phases": [dataclasses.asdict(p) for p in self.phases()]}
+                "phases": [dataclasses.asdict(p) for p in self.phases()],
+                "display_name": self.display_name, "export_kind": self.export_kind}
+
+
+def check_strategy_class(cls: type) -> None:
+    """A registrable strategy: a Strategy subclass that sets its own ``name`` and ``display_name`` (a subclass
+    must not show its parent's), a ``description`` and an ``export_kind`` from :data:`EXPORT_KINDS`."""
+    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+        raise TypeError(f"register_strategy takes a Strategy subclass, not {cls!r}")
+    for attr in ("name", "display_name"):
+        if not isinstance(vars(cls).get(attr), str) or not vars(cls)[attr].strip():
+            raise TypeError(f"strategy class {cls.__name__} must set the class attribute {attr!r} itself "
+                            f"(a non-empty string), got {vars(cls).get(attr)!r}")
+    if not isinstance(getattr(cls, "description", None), str) or not cls.description.strip():
+        raise TypeError(f"strategy class {cls.__name__} must set 'description' (a non-empty string)")
+    if getattr(cls, "export_kind", None) not in EXPORT_KINDS:
+        raise ValueError(f"strategy {cls.name!r}: export_kind={getattr(cls, 'export_kind', None)!r} is not allowed; "
+                         f"choose one of {list(EXPORT_KINDS)}")
 
 
 def register_strategy(cls: type[Strategy]) -> type[Strategy]:
-    """Class decorator: add a strategy to the registry under ``cls.name``."""
+    """Class decorator: add a strategy to the registry under ``cls.name`` after :func:`check_strategy_class`
+    (as peft checks the methods it registers)."""
+    check_strategy_class(cls)
     if cls.name in STRATEGIES:
         raise ValueError(f"strategy {cls.name!r} is registered twice")
     STRATEGIES[cls.name] = cls
     return cls
+
+
+def unregister_strategy(name: str) -> type[Strategy]:
+    """Remove ``name`` from the registry (e.g. a strategy a test registered); returns its class."""
+    return STRATEGIES.pop(get_strategy(name).name)
+
+
+def display_name(name: str) -> str:
+    """How tables and cards show strategy ``name``: its ``display_name``, or ``name`` for one not registered
+    in this process (e.g. read back from an older run folder)."""
+    cls = STRATEGIES.get(name)
+    return cls.display_name if cls is not None else name
 
 
 def get_strategy(name: str) -> type[Strategy]:

@@ -41,6 +41,8 @@ class BNAdapt(Strategy):
     """Only BatchNorm running statistics change: re-estimated on the client's training split."""
 
     name = "bn_adapt"
+    display_name = "BN-adapt"
+    export_kind = "full"
     description = "BN-adapt: re-estimate BatchNorm statistics on the client's data; no weight update (reference)."
     config_cls = BNAdaptConfig
 

@@ -26,6 +26,8 @@ class FT(Strategy):
     """Full fine-tuning from the global model: all parameters, all epochs."""
 
     name = "ft"
+    display_name = "FT"
+    export_kind = "full"
     description = "Full fine-tuning: every parameter trains for the whole budget."
     config_cls = FTConfig
 

@@ -150,6 +150,8 @@ class LoRA(Strategy):
     """LoRA adapters on the backbone + our head, trained together for the whole budget."""
 
     name = "lora"
+    display_name = "LoRA"
+    export_kind = "adapter"  # a peft adapter folder (see export)
     description = "LoRA: low-rank adapters (peft) on the frozen backbone, trained with the head."
     config_cls = LoRAStrategyConfig
 
@@ -206,6 +208,7 @@ class LPLoRA(LoRA):
     """LP-LoRA: probe the head on frozen features, then train LoRA adapters and the head."""
 
     name = "lp_lora"
+    display_name = "LP-LoRA"
     description = "LP-LoRA: probe the head first (backbone frozen), then LoRA adapters + head."
     config_cls = LPLoRAStrategyConfig
 

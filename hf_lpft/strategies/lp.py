@@ -28,6 +28,8 @@ class LP(Strategy):
     """Linear probing: the head starts from the global head and trains alone; the backbone is frozen."""
 
     name = "lp"
+    display_name = "LP"
+    export_kind = "full"
     description = "Linear probing: only the head trains; backbone and its BatchNorm statistics frozen."
     config_cls = LPConfig
 

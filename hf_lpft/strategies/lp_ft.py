@@ -42,6 +42,8 @@ class LPFT(Strategy):
     """Probe the head for ``lp_epochs``, then fine-tune everything for the rest of the budget."""
 
     name = "lp_ft"
+    display_name = "LP-FT"
+    export_kind = "full"
     description = "LP-FT: probe the head first (backbone frozen), then fine-tune all parameters."
     config_cls = LPFTConfig
 

@@ -181,6 +181,8 @@ class LSSFT(Strategy):
     """Local Superior Soups: grow a simplex of vertices around θ_G, train on sampled interpolations, average."""
 
     name = "lss_ft"
+    display_name = "LSS FT"
+    export_kind = "full"
     description = "LSS FT: vertices trained through random interpolations, with affinity to θ_G and diversity; averaged."
     config_cls = LSSConfig
 

@@ -57,6 +57,8 @@ class ProximalFT(Strategy):
     """Full fine-tuning with a squared L2 pull towards the weights the phase started from (θ_G)."""
 
     name = "proximal_ft"
+    display_name = "Proximal FT"
+    export_kind = "full"
     description = "Proximal FT: full fine-tuning + (mu/2)·||θ − θ_G||² towards the global model (FedProx term)."
     config_cls = ProximalConfig
 

@@ -91,6 +91,8 @@ class SoupFT(Strategy):
     """
 
     name = "soup_ft"
+    display_name = "Soup FT"
+    export_kind = "full"
     description = "Soup FT: several full fine-tuning runs (different data orders) weight-averaged."
     config_cls = SoupConfig
 

@@ -120,6 +120,8 @@ class SparseFT(Strategy):
     """Fine-tune the SNIP-selected share ``1 - sparsity`` of the weights; every other entry stays θ_G."""
 
     name = "sparse_ft"
+    display_name = "Sparse FT"
+    export_kind = "full"
     description = "Sparse FT: only the weights with the highest SNIP sensitivity |g·θ| on the client's data update."
     config_cls = SparseConfig
 

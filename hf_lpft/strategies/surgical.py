@@ -126,6 +126,8 @@ class SurgicalFT(Strategy):
     """Fine-tune the parts of the model matched by presets/patterns, plus the head; everything else stays θ_G."""
 
     name = "surgical_ft"
+    display_name = "Surgical FT"
+    export_kind = "full"
     description = "Surgical FT (Lee et al. 2023): only chosen blocks (first/last block, stem, norms, patterns) + head train."
     config_cls = SurgicalConfig
 

@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from hf_lpft.conditions import _mean_std, _merge, _per_seed, _verdict, condition_config
+from hf_lpft.studies.sweep import (diff_cell, label, lpft_minus_ft, merge_layers, pct, per_seed, run_point,
+                                   strategy_means, sweep_config, verdict)
 from hf_lpft.config import ExperimentConfig, parse_overrides
 from hf_lpft.io import atomic_path, write_text
 
@@ -29,8 +30,6 @@ logger = logging.getLogger(__name__)
 
 AXES = ("norm", "shift", "dose")
 ROWS = ("global_model", "ft", "lp", "lp_ft", "proximal_ft", "bn_adapt")
-LABELS = {"global_model": "global model", "ft": "FT", "lp": "LP", "lp_ft": "LP-FT", "proximal_ft": "Proximal FT",
-          "bn_adapt": "BN-adapt"}
 
 
 @dataclass
@@ -57,12 +56,12 @@ def load_cells(folder: str | Path, *, output_dir: str | Path, quick: bool = Fals
     missing = [a for a in AXES if not axes.get(a)]
     if missing:
         raise ValueError(f"{folder / 'axes.yaml'} lacks the axis/axes {missing}; it needs {list(AXES)}")
-    extra = _merge(parse_overrides(overrides or []), {"run": {"fedavg_cache": str(out / "fedavg_cache")}})
+    extra = merge_layers(parse_overrides(overrides or []), {"run": {"fedavg_cache": str(out / "fedavg_cache")}})
     cells = []
     for norm, shift, dose in itertools.product(*(axes[a] for a in AXES)):
         layer = dict(axes["dose"][dose] or {})
         rows_from = layer.pop("rows_from", None)
-        cfg = condition_config(base, _merge(axes["norm"][norm] or {}, axes["shift"][shift] or {}, layer),
+        cfg = sweep_config(base, merge_layers(axes["norm"][norm] or {}, axes["shift"][shift] or {}, layer),
                                output_dir=out / norm / shift / dose.replace("/", "_"), quick=quick, overrides=extra)
         cells.append(Cell(norm, shift, dose, cfg, rows_from))
     for cell in cells:
@@ -89,7 +88,7 @@ def check_reuse(cell: Cell, cells: list[Cell]) -> None:
     """A cell may borrow rows of strategies it does not run only from a cell that computes them identically."""
     if cell.rows_from is None:
         return
-    from hf_lpft.pipeline import build_strategies
+    from hf_lpft.run.preflight import build_strategies
     from hf_lpft.train.optim import settings_from
 
     source = next((c for c in cells if (c.norm, c.shift, c.dose) == (cell.norm, cell.shift, cell.rows_from)), None)
@@ -115,13 +114,11 @@ def _with_strategies(cfg: ExperimentConfig, names: list[str]) -> ExperimentConfi
 
 def run_cells(cells: list[Cell], *, accelerator=None) -> tuple[pd.DataFrame, dict[str, float]]:
     """Run every cell (resumable); per-client results with the axis columns, and wall seconds per cell."""
-    from hf_lpft.pipeline import run
-
     frames, seconds = {}, {}
     for cell in cells:
         logger.info("regime map cell %s -> %s", cell.name, cell.config.run.output_dir)
         start = time.perf_counter()
-        frames[cell.dose, cell.norm, cell.shift] = run(cell.config, accelerator=accelerator).results
+        frames[cell.dose, cell.norm, cell.shift] = run_point(cell.config, accelerator=accelerator)
         seconds[cell.name] = time.perf_counter() - start
     return _with_axes(cells, frames), seconds
 
@@ -160,22 +157,14 @@ def _with_axes(cells: list[Cell], frames: dict) -> pd.DataFrame:
 def regime_table(results: pd.DataFrame) -> pd.DataFrame:
     """One row per cell: LP-FT − FT on Local / Global (mean, std over seeds of the per-seed client means), each
     row strategy's Local / Global, and FT's Global drop split into BatchNorm statistics and weights."""
-    per_seed = _per_seed(results)
     rows = []
-    for name, group in per_seed.groupby("condition", sort=False):
+    for name, group in per_seed(results).groupby("condition", sort=False):
         by = {s: g.set_index("seed") for s, g in group.groupby("strategy")}
         first = results[results.condition == name].iloc[0]
-        row = {"norm": first["norm"], "shift": first["shift"], "dose": first["dose"]}
-        paired = sorted(set(by["ft"].index) & set(by["lp_ft"].index)) if {"ft", "lp_ft"} <= set(by) else []
-        row["seeds"] = len(paired)
-        for metric in ("local", "global"):
-            diff = (by["lp_ft"].loc[paired, f"{metric}_acc"] - by["ft"].loc[paired, f"{metric}_acc"]).to_numpy(float)
-            row[f"lpft_minus_ft_{metric}"], row[f"lpft_minus_ft_{metric}_std"] = _mean_std(diff)
-        for s in ROWS:
-            for metric in ("local_acc", "global_acc"):
-                row[f"{s}_{metric}"] = float(by[s][metric].mean()) if s in by else float("nan")
+        row = {"norm": first["norm"], "shift": first["shift"], "dose": first["dose"]} | lpft_minus_ft(by) \
+            | strategy_means(by, ROWS)
         row.update(_ft_drop_split(results[results.condition == name]))
-        row["verdict"] = _verdict(row["lpft_minus_ft_global"], row["lpft_minus_ft_global_std"], row["seeds"])
+        row["verdict"] = verdict(row["lpft_minus_ft_global"], row["lpft_minus_ft_global_std"], row["seeds"])
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -189,24 +178,19 @@ def _ft_drop_split(results: pd.DataFrame) -> dict:
     return {"ft_global_drop": float(ft.global_drop.mean()), "ft_global_drop_bn": float(ft.global_drop_bn.mean())}
 
 
-def _pct(x: float) -> str:
-    return "-" if np.isnan(x) else f"{100 * x:.1f}"
-
-
 def format_regime_table(table: pd.DataFrame, seconds: dict[str, float] | None = None) -> str:
     """Markdown: differences in points as mean (std); accuracies in % as Local / Global."""
     heads = ["norm", "shift", "dose", "seeds", "LP-FT − FT Local", "LP-FT − FT Global", "verdict (Global)",
-             *[f"{LABELS[s]} L / G" for s in ROWS], "FT Global drop (of which BN stats)", "wall s"]
+             *[f"{label(s)} L / G" for s in ROWS], "FT Global drop (of which BN stats)", "wall s"]
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for _, r in table.iterrows():
-        diffs = [f"{100 * r[f'lpft_minus_ft_{m}']:+.2f} ({100 * r[f'lpft_minus_ft_{m}_std']:.2f})"
-                 if not np.isnan(r[f"lpft_minus_ft_{m}"]) else "-" for m in ("local", "global")]
-        refs = [f"{_pct(r[f'{s}_local_acc'])} / {_pct(r[f'{s}_global_acc'])}" for s in ROWS]
-        drop = f"{_pct(r.ft_global_drop)} ({_pct(r.ft_global_drop_bn)})"
-        name = f"{r['norm']}/{r['shift']}/{r['dose']}"  # r.shift would be the Series method
-        wall = f"{seconds[name]:.0f}" if seconds and name in seconds else "-"
-        lines.append("| " + " | ".join([r["norm"], r["shift"], r["dose"], str(r.seeds), *diffs, r.verdict, *refs, drop,
-                                        wall]) + " |")
+        diffs = [diff_cell(r, m) for m in ("local", "global")]
+        refs = [f"{pct(r[f'{s}_local_acc'])} / {pct(r[f'{s}_global_acc'])}" for s in ROWS]
+        drop = f"{pct(r.ft_global_drop)} ({pct(r.ft_global_drop_bn)})"
+        cell = f"{r['norm']}/{r['shift']}/{r['dose']}"  # r.shift would be pandas' Series.shift method
+        wall = f"{seconds[cell]:.0f}" if seconds and cell in seconds else "-"
+        lines.append("| " + " | ".join([r["norm"], r["shift"], r["dose"], str(r.seeds), *diffs, r.verdict, *refs, drop, wall])
+                     + " |")
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ them with ``accelerate`` for device placement and backward.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -108,6 +109,35 @@ def cached_features(model: nn.Module, x: torch.Tensor, phase: Phase, *, batch_si
     return torch.cat(feats)
 
 
+def training_inputs(model: nn.Module, phase: Phase, data: ClientData, *, settings: OptimSettings,
+                    accelerator: Accelerator) -> tuple[torch.Tensor, nn.Module]:
+    """(inputs, module to train): the backbone's features computed once and the head, when the backbone is
+    frozen and deterministic (``cache_blocker`` says why not otherwise), else the raw inputs and the model."""
+    blocker = cache_blocker(model, phase) if settings.cache_features else "feature caching is switched off"
+    if blocker is None and hasattr(model, "features"):
+        with accelerator.autocast():  # the backbone runs in the run's precision, cached or not
+            inputs = cached_features(model, data.train_x, phase, batch_size=256, device=accelerator.device).float()
+        return inputs, head_module(model)
+    if phase.trainable == "head":
+        logger.info("phase %s: probing without feature cache (%s)", phase.name, blocker)
+    return data.train_x, model
+
+
+def _batch(forward: nn.Module, xb: torch.Tensor, yb: torch.Tensor, *, data: ClientData, phase: Phase, epoch: int,
+           accelerator: Accelerator, flood: float | None, step, scheduler) -> float:
+    """One optimizer step on a batch; returns its plain cross-entropy (a non-finite one stops the run)."""
+    with accelerator.autocast():  # accelerate's mixed precision (bf16 / fp16); a no-op in fp32
+        loss = nn.functional.cross_entropy(forward(xb).float(), yb)
+    value = loss.item()
+    if not math.isfinite(value):
+        raise NonFiniteLossError(f"client {data.client_id}: loss is {value} in phase "
+                                 f"{phase.name!r}, epoch {epoch}; lower the learning rate")
+    step(flooded(loss, flood))
+    if scheduler is not None:
+        scheduler.step()
+    return value
+
+
 def train_phase(model: nn.Module, phase: Phase, data: ClientData, *, settings: OptimSettings,
                 accelerator: Accelerator, seed: int, extra_loss: LossHook | None = None,
                 grad_hook: GradHook | None = None, flood: float | None = None,
@@ -138,35 +168,22 @@ def train_phase(model: nn.Module, phase: Phase, data: ClientData, *, settings: O
     optimizer = prepared_optimizer(raw, accelerator)
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
-    inputs, forward = data.train_x, model
-    blocker = cache_blocker(model, phase) if settings.cache_features else "feature caching is switched off"
-    if blocker is None and hasattr(model, "features"):
-        # The backbone is frozen and deterministic: compute its features once, train the head on them.
-        with accelerator.autocast():  # the backbone runs in the run's precision, cached or not
-            inputs = cached_features(model, data.train_x, phase, batch_size=256, device=accelerator.device).float()
-        forward = head_module(model)
-    elif phase.trainable == "head":
-        logger.info("phase %s: probing without feature cache (%s)", phase.name, blocker)
+    inputs, forward = training_inputs(model, phase, data, settings=settings, accelerator=accelerator)
     record["cached_features"] = forward is not model
     steps = phase.epochs * math.ceil(data.n_train / settings.batch_size)
     bar = tqdm(total=steps, desc=f"{data.client_id}/{phase.name}", leave=False,
                disable=not show_progress(accelerator, steps))
+    step = functools.partial(_step, model, optimizer=optimizer, accelerator=accelerator, extra_loss=extra_loss,
+                             grad_hook=grad_hook, post_step=post_step)
     try:
         for epoch in range(phase.epochs):
             set_train_mode(model, phase.bn)
             loss_sum, n_seen = 0.0, 0
             for xb, yb in iterate_batches(inputs, data.train_y, batch_size=settings.batch_size,
                                           generator=generator, device=accelerator.device):
-                with accelerator.autocast():  # accelerate's mixed precision (bf16 / fp16); a no-op in fp32
-                    loss = nn.functional.cross_entropy(forward(xb).float(), yb)
-                value = loss.item()
-                if not math.isfinite(value):
-                    raise NonFiniteLossError(f"client {data.client_id}: loss is {value} in phase "
-                                             f"{phase.name!r}, epoch {epoch}; lower the learning rate")
+                value = _batch(forward, xb, yb, data=data, phase=phase, epoch=epoch, accelerator=accelerator,
+                               flood=flood, step=step, scheduler=scheduler)
                 loss_sum, n_seen = loss_sum + value * len(yb), n_seen + len(yb)
-                _step(model, flooded(loss, flood), optimizer, accelerator, extra_loss, grad_hook, post_step)
-                if scheduler is not None:
-                    scheduler.step()
                 bar.update()
                 bar.set_postfix(epoch=epoch, loss=f"{value:.4f}", refresh=False)
             record["epoch_loss"].append(loss_sum / max(n_seen, 1))

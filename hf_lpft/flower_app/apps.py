@@ -18,7 +18,8 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from hf_lpft.federated.flower import evaluate_reply, train_reply
-from hf_lpft.federated.flower_app.node import Node, describe_reply, load_node, skeleton, study_of
+from hf_lpft.run.flower_engine import local_training
+from hf_lpft.flower_app.node import Node, describe_reply, load_node, skeleton, study_of
 
 server_app = ServerApp()
 client_app = ClientApp()
@@ -30,7 +31,7 @@ _NODES: dict[tuple, tuple[Node, Accelerator, torch.nn.Module]] = {}
 
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
-    from hf_lpft.federated.flower_app.server import run_study, study_config
+    from hf_lpft.flower_app.server import run_study, study_config
 
     rc = context.run_config
     run_study(grid, study_config(rc), num_nodes=int(rc.get("num-nodes", 0)), timeout=float(rc.get("timeout", 3600)))
@@ -58,7 +59,8 @@ def describe(msg: Message, context: Context) -> Message:
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
     node, seed, accelerator, model = _node(msg, context)
-    return train_reply(msg, model, node.client, node.index, cfg=node.cfg, seed=seed, accelerator=accelerator)
+    return train_reply(msg, model, node.client, node.index, training=local_training(node.cfg), seed=seed,
+                       accelerator=accelerator)
 
 
 @client_app.evaluate()
@@ -69,7 +71,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @client_app.train("pft")
 def personalize(msg: Message, context: Context) -> Message:
-    from hf_lpft.federated.flower_app.node_pft import personalize_reply
+    from hf_lpft.flower_app.node_pft import personalize_reply
 
     node, seed, accelerator, _ = _node(msg, context)
     return personalize_reply(msg, node, seed, accelerator)
@@ -77,7 +79,7 @@ def personalize(msg: Message, context: Context) -> Message:
 
 @client_app.evaluate("cross")
 def cross(msg: Message, context: Context) -> Message:
-    from hf_lpft.federated.flower_app.node_pft import cross_reply
+    from hf_lpft.flower_app.node_pft import cross_reply
 
     node, seed, accelerator, _ = _node(msg, context)
     return cross_reply(msg, node, seed, accelerator)

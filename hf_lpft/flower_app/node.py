@@ -83,7 +83,7 @@ def _own_folder(cfg: ExperimentConfig, node_config: dict) -> tuple:
 def _partition(cfg: ExperimentConfig, node_config: dict) -> tuple:
     """Client ``partition-id`` of a manifest (or of the study's own partition) of the source dataset."""
     from hf_lpft.data.federate import federate_from_config
-    from hf_lpft.pipeline import check_dataset, load_dataset_checked
+    from hf_lpft.run.preflight import check_dataset, load_dataset_checked
 
     data = dataclasses.replace(cfg.data, dataset=str(node_config.get("dataset", cfg.data.dataset)),
                                manifest=str(node_config["manifest"]) if "manifest" in node_config else None)
@@ -129,7 +129,7 @@ def load_node(cfg: ExperimentConfig, node_config: dict) -> Node:
 
 
 def _decode_node(cfg: ExperimentConfig, node_config: dict) -> Node:
-    from hf_lpft.pipeline import client_inputs
+    from hf_lpft.run.federation import client_inputs
 
     i = int(node_config["partition-id"])
     own = "dataset-dir" in node_config

@@ -1,6 +1,6 @@
 """Report of the Section 4 theory simulator (Chen et al., arXiv 2511.12695): thresholds, conditions, plot.
 
-The maths lives in hf_lpft.evaluation.theory; this module turns one analysed configuration per shift into
+The maths lives in hf_lpft.studies.theory; this module turns one analysed configuration per shift into
 a Markdown report, a JSON record and a plot. Sign convention everywhere: D(lam) = FT - LP-FT global loss,
 D >= 0 means LP-FT's global loss is at most FT's.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hf_lpft.evaluation.theory import (
+from hf_lpft.studies.theory import (
     Crossings,
     TheoryConfig,
     grid_sign_changes,

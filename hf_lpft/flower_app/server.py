@@ -28,16 +28,18 @@ from flwr.serverapp import Grid
 from hf_lpft.checkpoint import Checkpoints
 from hf_lpft.config import ConfigError, ExperimentConfig, load_config
 from hf_lpft.evaluation.metrics import local_global
-from hf_lpft.evaluation.report import cross_client_frame, write_report
-from hf_lpft.federated.flower import (SeededNodes, _valid, build_fl_strategy, check_fl_strategy, describe_fl_strategy,
-                                      run_rounds, to_arrays)
+from hf_lpft.evaluation.report import write_report
+from hf_lpft.federated.flower import SeededNodes, _valid, build_fl_strategy, run_rounds, to_arrays
+from hf_lpft.run.flower_engine import check_fl_strategy, describe_fl_strategy
 from hf_lpft.hub.push import publish_run
 from hf_lpft.io import atomic_path, meta_info, write_json, write_text
 from hf_lpft.data.preprocess import preprocessing_for
 from hf_lpft.models.backbone import build_model
 from hf_lpft.speed import use_memory_format
-from hf_lpft.pipeline import (NO_DISTORTION, SELF_DISTORTION, batchnorm_record, build_strategies, check_backbone,
-                              check_strategies, model_dir, prepare_output_dir, result_row, save_model, write_results)
+from hf_lpft.evaluation.clients import NO_DISTORTION, SELF_DISTORTION, result_row, write_cross_client, write_results
+from hf_lpft.layout import RunLayout, save_model
+from hf_lpft.pipeline import batchnorm_record, train_info
+from hf_lpft.run.preflight import build_strategies, check_backbone, check_strategies
 from hf_lpft.train.loop import derive_seed
 
 PFT = f"{MessageType.TRAIN}.pft"
@@ -105,7 +107,8 @@ def general_fl(grid: Grid, cfg: ExperimentConfig, node_of: dict, clients: list, 
     saved = ckpt.load_round(seed) if cfg.run.resume else None
     if saved is not None:
         model.load_state_dict(saved[0])
-    strategy = build_fl_strategy(cfg.fedavg.fl_strategy, cfg.fedavg.fl_strategy_args, n_clients=len(clients),
+    options = check_fl_strategy(cfg.fedavg.fl_strategy, cfg.fedavg.fl_strategy_args)
+    strategy = build_fl_strategy(cfg.fedavg.fl_strategy, options, n_clients=len(clients),
                                  client_fraction=cfg.fedavg.client_fraction, seed=seed,
                                  round_offset=len(saved[1]) if saved else 0, rounds=cfg.fedavg.rounds,
                                  eval_every=cfg.fedavg.eval_every)
@@ -115,7 +118,7 @@ def general_fl(grid: Grid, cfg: ExperimentConfig, node_of: dict, clients: list, 
                                 on_round_end=lambda r, s, h: ckpt.save_round(seed, s, h), timeout=timeout,
                                 train_config=_study_record(cfg, seed))
     model.load_state_dict(state)
-    save_model(model, model_dir(out, cfg, seed, "global"))
+    save_model(model, RunLayout(out, cfg.run.seeds).global_dir(seed))
     if cfg.fedavg.rounds == 0 or not history:
         ckpt.save_round(seed, model.state_dict(), history)
     return model.state_dict(), history
@@ -162,7 +165,8 @@ def save_client_models(out: Path, cfg: ExperimentConfig, pft: list[RecordDict], 
             strategy, rel = key.split("/", 1)
             by_strategy.setdefault(strategy, {})[rel] = reply["files"][key]
         for strategy, files in by_strategy.items():
-            with atomic_path(model_dir(out, cfg, seed, "clients", strategy, client.client_id), directory=True) as tmp:
+            with atomic_path(RunLayout(out, cfg.run.seeds).client_dir(strategy, client.client_id, seed),
+                             directory=True) as tmp:
                 for rel, content in files.items():
                     (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
                     (Path(tmp) / rel).write_bytes(content)
@@ -205,7 +209,7 @@ def write_federation(out: Path, clients: list) -> str:
     """``federation/manifest.json`` as far as the server knows it: counts, label histograms and a hash of each
     node's row indices (the indices themselves stay on the nodes); returns the federation's hash."""
     digest = hashlib.sha256(json.dumps([c.summary["indices_sha256"] for c in clients]).encode()).hexdigest()
-    write_json(out / "federation" / "manifest.json", {
+    write_json(RunLayout(out).manifest, {
         "source": "hf_lpft Flower App: each node's own data (row indices stay on the nodes)",
         "num_classes": clients[0].num_classes, "indices_sha256": digest, "clients": [c.summary for c in clients]})
     return digest
@@ -214,23 +218,17 @@ def write_federation(out: Path, clients: list) -> str:
 def write_study(cfg: ExperimentConfig, out: Path, records: list[dict], strategies: dict, clients: list, *,
                 timings: dict, digest: str) -> None:
     """Results, cross-client matrix, run record, report and Hub-ready folder: the pipeline's writers."""
-    results, _, _ = write_results(out, [r["row"] for r in records])
-    with atomic_path(out / "cross_client.parquet") as tmp:
-        cross_client_frame(results).to_parquet(tmp, index=False)
-    write_json(out / "run_record.json", {
+    layout = RunLayout(out, cfg.run.seeds)
+    results, _, _ = write_results(layout, [r["row"] for r in records])
+    write_cross_client(layout, results)
+    write_json(layout.record, {
         "run_info": {"seeds": cfg.run.seeds, "timings_seconds": timings, "manifest_sha256": digest,
                      "clients": [c.client_id for c in clients], "resumed": cfg.run.resume, "num_processes": 1,
                      "strategies": {n: s.describe() for n, s in strategies.items()},
                      "batchnorm": batchnorm_record(cfg, strategies), "general_fl": describe_fl_strategy(cfg),
                      "engine": {"name": "flower-app", "nodes": [{"client_id": c.client_id, "hf_lpft": c.version}
                                                                 for c in clients]}},
-        "train_info": {"fedavg_history": {r["row"]["seed"]: r["fedavg_history"] for r in records
-                                          if r.get("fedavg_history")},
-                       "personalization": [{k: r["row"][k] for k in ("seed", "strategy", "client_id", "error")}
-                                           | {"phases": r["phases"], "seconds": r.get("seconds"),
-                                              "stage_seconds": r.get("stage_seconds")}
-                                           for r in records if r["row"]["strategy"] != "global_model"]},
-        "meta_info": meta_info()})
+        "train_info": train_info(records), "meta_info": meta_info()})
     write_report(out)
     publish_run(cfg, out)
 
@@ -240,8 +238,9 @@ def run_study(grid: Grid, cfg: ExperimentConfig, *, num_nodes: int = 0, timeout:
     strategies = build_strategies(cfg)  # every check before any message
     check_backbone(cfg)
     check_strategies(cfg, strategies)
-    out = prepare_output_dir(cfg)
-    write_text(out / "config.yaml", cfg.to_yaml())
+    layout = RunLayout.of(cfg)
+    out = layout.prepare(cfg)
+    write_text(layout.config, cfg.to_yaml())
     t0, timings, records = time.perf_counter(), {}, []
     mapper, clients = map_clients(grid, cfg, num_nodes=num_nodes, timeout=timeout)
     digest = write_federation(out, clients)

@@ -24,14 +24,15 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from hf_lpft.config import ExperimentConfig, load_config, parse_overrides
+from hf_lpft.config import ExperimentConfig, parse_overrides
 from hf_lpft.io import atomic_path, write_text
+from hf_lpft.studies.sweep import (diff_cell, label, lpft_minus_ft, pct, per_seed, run_point, strategy_means,
+                                   sweep_config, verdict)
 
 logger = logging.getLogger(__name__)
 
 BASE_NAME = "base.yaml"
 REFERENCES = ("global_model", "ft", "lp_ft", "lp", "bn_adapt")
-LABELS = {"global_model": "global model", "ft": "FT", "lp_ft": "LP-FT", "lp": "LP", "bn_adapt": "BN-adapt"}
 
 
 @dataclass
@@ -43,23 +44,10 @@ class Condition:
     skipped: str | None = None
 
 
-def _merge(*layers: dict) -> dict:
-    merged: dict[str, dict] = {}
-    for layer in layers:
-        for section, values in (layer or {}).items():
-            merged.setdefault(section, {}).update(values or {})
-    return merged
-
-
 def condition_config(base: dict, condition: dict, *, output_dir: Path, quick: bool = False,
                      overrides: dict | None = None) -> ExperimentConfig:
-    """The validated config of one condition; ``quick`` = first seed only and a third of the FedAvg rounds."""
-    layers = [base, condition]
-    if quick:
-        cfg = load_config(None, _merge(*layers))
-        layers.append({"run": {"seeds": cfg.run.seeds[:1]}, "fedavg": {"rounds": max(1, cfg.fedavg.rounds // 3)}})
-    run = {"run": {"output_dir": str(output_dir), "resume": True}}  # an interrupted sweep continues
-    return load_config(None, _merge(*layers, overrides or {}, run))
+    """The validated config of one condition (:func:`hf_lpft.studies.sweep.sweep_config`)."""
+    return sweep_config(base, condition, output_dir=output_dir, quick=quick, overrides=overrides)
 
 
 def load_conditions(folder: str | Path, *, output_dir: str | Path, names: list[str] | None = None,
@@ -70,7 +58,7 @@ def load_conditions(folder: str | Path, *, output_dir: str | Path, names: list[s
     ``lp_epochs`` beyond ``pft.epochs``) is kept with the reason in ``skipped``, so one placeholder cannot
     stop the sweep.
     """
-    from hf_lpft.pipeline import build_strategies
+    from hf_lpft.run.preflight import build_strategies
 
     folder = Path(folder)
     base = yaml.safe_load((folder / BASE_NAME).read_text()) or {}
@@ -97,8 +85,6 @@ def run_conditions(conditions: list[Condition], *, accelerator=None) -> pd.DataF
 
     A condition that fails while running is logged and marked ``skipped`` (the others still run).
     """
-    from hf_lpft.pipeline import run
-
     frames = []
     for c in conditions:
         if c.config is None:
@@ -106,78 +92,39 @@ def run_conditions(conditions: list[Condition], *, accelerator=None) -> pd.DataF
             continue
         logger.info("condition %s -> %s", c.name, c.config.run.output_dir)
         try:
-            frames.append(run(c.config, accelerator=accelerator).results.assign(condition=c.name))
+            frames.append(run_point(c.config, accelerator=accelerator).assign(condition=c.name))
         except Exception as err:  # noqa: BLE001 - a sweep reports a failed condition and goes on
             logger.exception("condition %s failed", c.name)
             c.skipped = f"failed: {type(err).__name__}: {err}"
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def _per_seed(results: pd.DataFrame) -> pd.DataFrame:
-    """Client means per (condition, seed, strategy); rows of failed clients are left out."""
-    ok = results[results["error"].isna()] if "error" in results else results
-    cols = [c for c in ("local_acc", "global_acc", "distortion_local", "distortion_global") if c in ok]
-    return ok.groupby(["condition", "seed", "strategy"], sort=False)[cols].mean().reset_index()
-
-
-def _mean_std(values: np.ndarray) -> tuple[float, float]:
-    values = values[~np.isnan(values)]
-    if not len(values):
-        return float("nan"), float("nan")
-    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
-
-
-def _verdict(mean: float, std: float, seeds: int) -> str:
-    """Which of LP-FT and FT kept more Global beyond one std over seeds (one seed: the sign only, marked)."""
-    if np.isnan(mean):
-        return "-"
-    verdict = "LP-FT higher" if mean - std > 0 else "FT higher" if mean + std < 0 else "within noise"
-    return verdict + (" (1 seed)" if seeds == 1 else "")
-
-
 def condition_table(results: pd.DataFrame) -> pd.DataFrame:
     """One row per condition (first-seen order): LP-FT − FT on Local / Global (mean, std over seeds), the
     reference strategies' Local / Global, and FT / LP-FT distortion when the results have it."""
-    per_seed = _per_seed(results)
+    per = per_seed(results)
     rows = []
-    for condition in dict.fromkeys(per_seed.condition):
-        group = per_seed[per_seed.condition == condition]
-        row: dict = {"condition": condition}
+    for condition in dict.fromkeys(per.condition):
+        group = per[per.condition == condition]
         by = {s: g.set_index("seed") for s, g in group.groupby("strategy")}
-        paired = sorted(set(by.get("ft", pd.DataFrame()).index) & set(by.get("lp_ft", pd.DataFrame()).index))
-        row["seeds"] = len(paired)
-        for metric in ("local", "global"):
-            diff = (by["lp_ft"].loc[paired, f"{metric}_acc"] - by["ft"].loc[paired, f"{metric}_acc"]).to_numpy(float) \
-                if paired else np.array([])
-            row[f"lpft_minus_ft_{metric}"], row[f"lpft_minus_ft_{metric}_std"] = _mean_std(diff)
-        for s in REFERENCES:
-            for metric in ("local_acc", "global_acc"):
-                row[f"{s}_{metric}"] = float(by[s][metric].mean()) if s in by else float("nan")
-        for s in ("ft", "lp_ft"):
-            for metric in ("distortion_local", "distortion_global"):
-                present = s in by and metric in by[s]
-                row[f"{s}_{metric}"] = float(by[s][metric].mean()) if present else float("nan")
-        row["verdict"] = _verdict(row["lpft_minus_ft_global"], row["lpft_minus_ft_global_std"], row["seeds"])
+        row = {"condition": condition} | lpft_minus_ft(by) | strategy_means(by, REFERENCES) \
+            | strategy_means(by, ("ft", "lp_ft"), ("distortion_local", "distortion_global"))
+        row["verdict"] = verdict(row["lpft_minus_ft_global"], row["lpft_minus_ft_global_std"], row["seeds"])
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _pct(x: float) -> str:
-    return "-" if np.isnan(x) else f"{100 * x:.1f}"
-
-
-def _pair(a: float, b: float, fmt=_pct) -> str:
+def _pair(a: float, b: float, fmt=pct) -> str:
     return "-" if np.isnan(a) and np.isnan(b) else f"{fmt(a)} / {fmt(b)}"
 
 
 def format_condition_table(table: pd.DataFrame, skipped: dict[str, str] | None = None) -> str:
     """The table as Markdown: accuracies in % as Local / Global, differences as mean (std) in points."""
     heads = ["condition", "seeds", "LP-FT − FT Local", "LP-FT − FT Global", "verdict (Global)"] + \
-        [f"{LABELS[s]} L / G" for s in REFERENCES] + ["Δ FT own / other", "Δ LP-FT own / other"]
+        [f"{label(s)} L / G" for s in REFERENCES] + ["Δ FT own / other", "Δ LP-FT own / other"]
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for _, r in table.iterrows():
-        diffs = [("-" if np.isnan(r[f"lpft_minus_ft_{m}"]) else
-                  f"{100 * r[f'lpft_minus_ft_{m}']:+.2f} ({100 * r[f'lpft_minus_ft_{m}_std']:.2f})") for m in ("local", "global")]
+        diffs = [diff_cell(r, m) for m in ("local", "global")]
         refs = [_pair(r[f"{s}_local_acc"], r[f"{s}_global_acc"]) for s in REFERENCES]
         dist = [_pair(r[f"{s}_distortion_local"], r[f"{s}_distortion_global"], fmt=lambda x: "-" if np.isnan(x) else f"{x:.3g}")
                 for s in ("ft", "lp_ft")]

@@ -1,6 +1,6 @@
 """The heavy node messages of the Flower App: personalize every strategy, score other clients' models.
 
-Kept apart from :mod:`hf_lpft.federated.flower_app.node` so the general-FL messages (a fresh process each on
+Kept apart from :mod:`hf_lpft.flower_app.node` so the general-FL messages (a fresh process each on
 a SuperNode) do not import the pipeline, the strategies and peft.
 """
 
@@ -18,10 +18,13 @@ from hf_lpft.config import ExperimentConfig
 from hf_lpft.data.tensors import ClientData
 from hf_lpft.evaluation.distortion import extract_features, features_and_predictions, linear_cka, mean_feature_distance
 from hf_lpft.evaluation.shared_features import SharedBackbone
-from hf_lpft.federated.flower_app.node import Node, skeleton
+from hf_lpft.flower_app.node import Node, skeleton
 from hf_lpft.hub.load import _build
 from hf_lpft.speed import use_memory_format
-from hf_lpft.pipeline import build_strategies, cross_accuracy, model_dir, personalize_unit, save_model
+from hf_lpft.evaluation.clients import cross_accuracy
+from hf_lpft.layout import RunLayout, save_model
+from hf_lpft.run.preflight import build_strategies
+from hf_lpft.run.units import personalize_unit
 from hf_lpft.train.loop import accuracy
 
 
@@ -45,7 +48,7 @@ def personalize_reply(msg: Message, node: Node, seed: int, accelerator: Accelera
         for name, strategy in build_strategies(cfg).items():
             records[name] = personalize_unit(cfg, strategy, global_model, [client], 0, seed=seed, out=Path(tmp),
                                              accelerator=accelerator, reference=reference, shared=shared)
-            folder = model_dir(Path(tmp), cfg, seed, "clients", name, client.client_id)
+            folder = RunLayout(Path(tmp), cfg.run.seeds).client_dir(name, client.client_id, seed)
             for rel, content in (folder_files(folder) if folder.is_dir() else {}).items():
                 files[f"{name}/{rel}"] = content
     global_acc = cross_accuracy(global_model, [client], cfg=cfg, device=device)[0]
@@ -76,15 +79,15 @@ def cross_reply(msg: Message, node: Node, seed: int, accelerator: Accelerator) -
     files = msg.content["files"]
     scores = []
     with tempfile.TemporaryDirectory(prefix="hf_lpft_node_") as tmp:
-        root = Path(tmp)
-        save_model(global_model.cpu(), root / "global")
+        layout = RunLayout(Path(tmp), (seed,))  # one model per client here: no seed level
+        save_model(global_model.cpu(), layout.global_dir(seed))
         for strategy, client_id in wanted:
-            folder, prefix = root / "clients" / strategy / client_id, f"{strategy}/{client_id}/"
+            folder, prefix = layout.client_dir(strategy, client_id, seed), f"{strategy}/{client_id}/"
             for key in (k for k in files if k.startswith(prefix)):
                 (folder / key[len(prefix):]).parent.mkdir(parents=True, exist_ok=True)
                 (folder / key[len(prefix):]).write_bytes(files[key])
-            model = use_memory_format(_build(root, f"clients/{strategy}/{client_id}", seed=seed, multi_seed=False)
-                                      .to(device), cfg.run.memory_format)  # as the reference features
+            model = use_memory_format(_build(layout, layout.client_rel(strategy, client_id, seed).as_posix(),
+                                             seed=seed).to(device), cfg.run.memory_format)  # as the reference
             with torch.no_grad():
                 scores.append(_scores(model, ref, node.client, cfg, device))
     return Message(RecordDict({"metrics": MetricRecord({"client-index": node.index}),

@@ -1,5 +1,0 @@
-"""``python -m hf_lpft.federated.flower_app``: print the Flower App folder (for ``flwr run <folder> ...``)."""
-
-from hf_lpft.federated.flower_app import APP_DIR
-
-print(APP_DIR)
