@@ -127,8 +127,6 @@ def test_every_module_has_a_layer_and_no_import_goes_upward():
     assert not upward, "\n".join(upward)
 
 
-@pytest.mark.xfail(strict=True, reason="data/preprocess.py imports models.backbone inside functions (a hidden circle "
-                                       "data.preprocess <-> models.backbone); data/ is the other half of issue 15")
 def test_data_imports_nothing_below_it():
     assert not [u for u in upward_imports() if u.startswith("hf_lpft.data.")]
 
@@ -147,9 +145,6 @@ def test_no_import_circle():
     assert not _circles(through_data=False)
 
 
-@pytest.mark.xfail(strict=True, reason="circles through data/ (builtin <-> shift_builtin, federate -> stats -> "
-                                       "federate, preprocess <-> models.backbone) are data/'s, the other half of "
-                                       "issue 15; remove this mark when they are broken")
 def test_no_import_circle_through_data():
     assert not _circles(through_data=True)
 
@@ -171,8 +166,6 @@ def test_no_function_over_60_lines():
     assert not [f for f in long_functions() if not f.startswith("hf_lpft/data/")]
 
 
-@pytest.mark.xfail(strict=True, reason="hf_lpft/data/federate.py federate() is 62 lines; data/ is changed in the "
-                                       "other half of issue 15; remove this mark once it is shortened")
 def test_no_function_over_60_lines_in_data():
     assert not long_functions("hf_lpft.data")
 

@@ -323,6 +323,28 @@ def default_partition_by(scheme: str, *, label_column: str, domain_column: str) 
             "pathological": label_column}.get(scheme)
 
 
+def _recorded_params(scheme: str, *, partition_by, label_column, test_fraction, max_examples_per_client, num_clients,
+                     alpha, min_partition_size, classes_per_client, quantity_mode, domain_column, clients_per_domain,
+                     corruption, corruption_families, corruption_severities, label_permutation) -> dict:
+    """The parameters a federation records in its manifest: those its scheme and shifts use, nothing else."""
+    params = {"partition_by": partition_by, "label_column": label_column, "test_fraction": test_fraction,
+              "max_examples_per_client": max_examples_per_client}
+    if scheme != "natural":
+        params.update(num_clients=num_clients)
+    if scheme in ("dirichlet", "natural+dirichlet") or (scheme == "quantity" and quantity_mode == "dirichlet"):
+        params.update(alpha=alpha, min_partition_size=min_partition_size)
+    params.update({"pathological": {"classes_per_client": classes_per_client},
+                   "quantity": {"quantity_mode": quantity_mode},
+                   "natural+dirichlet": {"domain_column": domain_column, "clients_per_domain": clients_per_domain}
+                   }.get(scheme, {}))
+    if corruption != "none":
+        params.update(corruption=corruption, corruption_families=list(corruption_families or []) or None,
+                      corruption_severities=list(corruption_severities or []) or None)
+    if label_permutation:
+        params.update(label_permutation=label_permutation)
+    return params
+
+
 def federate(ds: datasets.Dataset, *, scheme: str = "natural", partition_by: str | None = None,
              label_column: str = "label", domain_column: str = "domain", num_clients: int = 5,
              alpha: float = 0.5, min_partition_size: int = 10, classes_per_client: int = 2,
@@ -369,21 +391,13 @@ def federate(ds: datasets.Dataset, *, scheme: str = "natural", partition_by: str
         train, test = _split(rows, labels[rows], test_fraction=test_fraction, seed=seed + pid)
         lm = shift.get("label_map")
         clients.append(ClientSplit(cid, train, test, _hist(labels, train, k, lm), _hist(labels, test, k, lm), shift))
-    params = {"partition_by": partition_by, "label_column": label_column, "test_fraction": test_fraction,
-              "max_examples_per_client": max_examples_per_client}
-    if scheme != "natural":
-        params.update(num_clients=num_clients)
-    if scheme in ("dirichlet", "natural+dirichlet") or (scheme == "quantity" and quantity_mode == "dirichlet"):
-        params.update(alpha=alpha, min_partition_size=min_partition_size)
-    params.update({"pathological": {"classes_per_client": classes_per_client},
-                   "quantity": {"quantity_mode": quantity_mode},
-                   "natural+dirichlet": {"domain_column": domain_column, "clients_per_domain": clients_per_domain}
-                   }.get(scheme, {}))
-    if corruption != "none":
-        params.update(corruption=corruption, corruption_families=list(corruption_families or []) or None,
-                      corruption_severities=list(corruption_severities or []) or None)
-    if label_permutation:
-        params.update(label_permutation=label_permutation)
+    params = _recorded_params(scheme, partition_by=partition_by, label_column=label_column, test_fraction=test_fraction,
+                              max_examples_per_client=max_examples_per_client, num_clients=num_clients, alpha=alpha,
+                              min_partition_size=min_partition_size, classes_per_client=classes_per_client,
+                              quantity_mode=quantity_mode, domain_column=domain_column,
+                              clients_per_domain=clients_per_domain, corruption=corruption,
+                              corruption_families=corruption_families, corruption_severities=corruption_severities,
+                              label_permutation=label_permutation)
     return Federation(scheme, params, seed, len(ds), k, clients)
 
 

@@ -100,7 +100,7 @@ class Preprocessing:
         return self.normalize(self.to_uint8(inputs))
 
     def load_tokenizer(self):
-        from hf_lpft.models.backbone import load_tokenizer
+        from hf_lpft.data.sources import load_tokenizer
 
         return load_tokenizer(self.tokenizer)
 
@@ -153,7 +153,7 @@ def resolve_preprocessing(backbone: str, *, image_size: int, pretrained: bool = 
     if prefix == "timm" and (pretrained or checkpoint is not None):
         return timm_preprocessing(name, image_size=image_size)
     if prefix == "hf" and pretrained:
-        from hf_lpft.models.backbone import resolve_hf_source
+        from hf_lpft.data.sources import resolve_hf_source
 
         found = hf_image_preprocessing(resolve_hf_source(name), image_size=image_size)
         if found is not None:

