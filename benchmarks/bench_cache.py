@@ -87,7 +87,8 @@ def main() -> None:
                                                    repeats=args.repeats).items()}
     lines = [f"probing epoch (after the first): cached {later['cached'] * 1e3:.1f} ms, "
              f"uncached {later['uncached'] * 1e3:.1f} ms  -> {later['uncached'] / later['cached']:.0f}x",
-             f"whole probing phase ({args.epochs} epochs, cached incl. its feature pass): cached {whole['cached']:.2f} s, "
+             f"whole probing phase ({args.epochs} epochs, cached incl. its feature pass): cached {whole['cached']:.2f} "
+             "s, "
              f"uncached {whole['uncached']:.2f} s  -> {whole['uncached'] / whole['cached']:.1f}x",
              f"{args.clients} clients' heads ({args.epochs} epochs, ~{args.n_train} examples each, d={dim}): "
              f"loop one by one {heads['loop']:.3f} s, batched {heads['batched']:.3f} s  -> "

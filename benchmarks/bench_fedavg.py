@@ -76,7 +76,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="FedAvg rounds per timed call")
     ap.add_argument("--eval_every", type=int, default=5, help="fedavg.eval_every (the config's default: 5)")
     ap.add_argument("--pft_epochs", type=int, default=3)
-    ap.add_argument("--compare_threads", type=int, default=2, help="also time the bare loop at this many threads (0 = no)")
+    ap.add_argument("--compare_threads", type=int, default=2,
+                    help="also time the bare loop at this many threads (0 = no)")
     args = ap.parse_args()
     set_threads(args.threads)
     clients = [synthetic_client(f"c{i}", n_train=args.n_train, n_test=200, seed=i) for i in range(args.clients)]
@@ -98,7 +99,8 @@ def main() -> None:
         lines.append(f"threads: bare channels_last 1 thread / {args.compare_threads} threads time = "
                      f"{med['bare channels_last'] / med[f'bare channels_last {args.compare_threads} threads']:.2f} "
                      f"(> 1: more threads faster)")
-    report(f"bench_fedavg: {args.backbone}, {args.clients} clients x {args.n_train} examples, {args.rounds} rounds a call, "
+    report(f"bench_fedavg: {args.backbone}, {args.clients} clients x {args.n_train} examples, {args.rounds} rounds a "
+           "call, "
            f"batch {args.batch_size}, eval_every {args.eval_every}", lines,
            f"FedAvg round / best bare loop throughput ({best}, same threads)",
            med[f"bare {best}"] / med[f"fedavg {best}"], ">= 0.9")

@@ -57,7 +57,8 @@ def main() -> None:
     a, b = out["builtin"].state_dict(), out["flower"].state_dict()
     diff = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
     med = {k: median(v) for k, v in times.items()}
-    lines = [f"{k:8s} {med[k]:7.2f} s for {args.rounds} rounds (runs {[round(t, 2) for t in v]} s)" for k, v in times.items()]
+    lines = [f"{k:8s} {med[k]:7.2f} s for {args.rounds} rounds (runs {[round(t, 2) for t in v]} s)" for k,
+             v in times.items()]
     lines.append(f"max |builtin - flower| over the global weights: {diff:.2e}")
     report(f"bench_flower: {args.backbone}, {args.clients} clients x {args.n_train} examples, {args.rounds} rounds, "
            f"memory format {cfg.run.memory_format}", lines, "Flower time / built-in time", med["flower"] / med["builtin"])

@@ -98,7 +98,8 @@ def main() -> None:
     lines = [f"{args.few:3d} clients: RSS rise during personalization {few[0]:7.1f} MB (peak RSS {few[1]:.0f} MB)",
              f"{args.many:3d} clients: RSS rise during personalization {many[0]:7.1f} MB (peak RSS {many[1]:.0f} MB)",
              f"{args.many} clients, RSS after each unit: first {units[0]:.0f} MB, median of first half "
-             f"{sorted(units[:half])[half // 2]:.0f} MB, of second half {sorted(units[half:])[(len(units) - half) // 2]:.0f} MB, "
+             f"{sorted(units[:half])[half // 2]:.0f} MB, of second half "
+             f"{sorted(units[half:])[(len(units) - half) // 2]:.0f} MB, "
              f"last {units[-1]:.0f} MB ({len(units)} units)"]
     model_mb = sum(t.numel() * t.element_size() for t in build_model(args.backbone, num_classes=10, image_size=32)
                    .state_dict().values()) / 2**20
@@ -106,7 +107,8 @@ def main() -> None:
     lines.append(f"growth per extra client {per_client:.2f} MB; one model copy is {model_mb:.2f} MB "
                  f"(a deep copy kept per unit would add {model_mb * len(args.strategies.split(',')):.2f} MB a client)")
     lines.append(f"time per client (all strategies): {few[3]:.2f} s with {args.few} clients, {many[3]:.2f} s with "
-                 f"{args.many} (ratio {many[3] / few[3]:.2f}; each client is also evaluated on every client's test split, "
+                 f"{args.many} (ratio {many[3] / few[3]:.2f}; each client is also evaluated on every client's test "
+                 "split, "
                  "so part of the time grows with the number of clients)")
     report(f"bench_memory: {args.backbone}, strategies {args.strategies}, {args.epochs} epochs, "
            f"{args.n_train} examples a client", lines, f"peak RSS {args.many} / {args.few} clients",

@@ -85,7 +85,8 @@ def main() -> None:
           f"{' '.join(extra)}")
     print("  " + f"{'stage':34s}" + "".join(f"{n:>18s}" for n in names))
     for k in keys:
-        print("  " + f"{k:34s}" + "".join(f"{split[n].get(k, 0.0):9.1f} s {100 * split[n].get(k, 0.0) / results[n][0]:4.0f}%"
+        print("  " + f"{k:34s}" + "".join(f"{split[n].get(k, 0.0):9.1f} s "
+                                          f"{100 * split[n].get(k, 0.0) / results[n][0]:4.0f}%"
                                         for n in names))
     print("  " + f"{'wall':34s}" + "".join(f"{results[n][0]:9.1f} s {'':5s}" for n in names))
     for n in names:

@@ -35,7 +35,8 @@ class Checkpoints:
         with atomic_path(self._fedavg_dir(seed), directory=True) as tmp:
             save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / "state.safetensors"))
             if client_bn is not None:
-                flat = {f"{cid}{_SEP}{k}": v.detach().contiguous().cpu() for cid, s in client_bn.items() for k, v in s.items()}
+                flat = {f"{cid}{_SEP}{k}": v.detach().contiguous().cpu() for cid, s in client_bn.items() for k,
+                        v in s.items()}
                 save_file(flat, str(tmp / "client_bn.safetensors"))
             (tmp / "history.json").write_text(json.dumps(history))
 

@@ -143,11 +143,13 @@ def partition_from_args(argv: list[str]) -> int:
 def push_from_args(argv: list[str]) -> int:
     """``hf-lpft push OUTPUT_DIR --hub_repo_id me/x [--hub_private] [--local_only]``: publish a finished run."""
     parser = argparse.ArgumentParser(prog="hf-lpft push", description="Publish a run folder: model repo in one "
-                                     "commit + results dataset. Endpoint from HF_ENDPOINT, token from HF_TOKEN or the login cache.")
+                                     "commit + results dataset. Endpoint from HF_ENDPOINT, token from HF_TOKEN or the "
+                                     "login cache.")
     parser.add_argument("output_dir")
     parser.add_argument("--hub_repo_id", required=True, help="Model repo 'namespace/name'.")
     parser.add_argument("--hub_private", action="store_true", help="Create the repos private.")
-    parser.add_argument("--hub_results_repo_id", default=None, help="Results dataset repo (default <hub_repo_id>-results).")
+    parser.add_argument("--hub_results_repo_id", default=None,
+                        help="Results dataset repo (default <hub_repo_id>-results).")
     parser.add_argument("--hub_experiment", default=None, help="Dataset config name (default: the folder's name).")
     parser.add_argument("--local_only", action="store_true", help="Only rewrite <output_dir>/hub; push nothing.")
     args = parser.parse_args(argv)

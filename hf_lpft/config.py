@@ -82,7 +82,8 @@ def _typed(name: str, value: Any, hint: Any) -> Any:
     if hint is bool:
         _check(isinstance(value, bool), f"{name}={value!r} must be true or false")
     elif hint is int:
-        _check(isinstance(value, numbers.Integral) and not isinstance(value, bool), f"{name}={value!r} must be an integer")
+        _check(isinstance(value, numbers.Integral) and not isinstance(value, bool),
+               f"{name}={value!r} must be an integer")
         return int(value)
     elif hint is float:
         _check(isinstance(value, numbers.Real) and not isinstance(value, bool), f"{name}={value!r} must be a number")
@@ -115,57 +116,95 @@ def check_field_types(obj: Any, section: str) -> None:
 class DataConfig:
     """Which dataset to federate and how."""
 
-    dataset: str = field(default="digits5", metadata={"help": "Embedded dataset name (digits5), a Hub dataset id, or a local path saved with save_to_disk."})
+    dataset: str = field(default="digits5", metadata={"help": (
+        "Embedded dataset name (digits5), a Hub dataset id, or a local path saved with save_to_disk.")})
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     split: str = field(default="train", metadata={"help": "Split of the source dataset to federate."})
     image_column: str = field(default="image", metadata={"help": "Column holding the images."})
-    text_column: str | None = field(default=None, metadata={"help": "Column holding the text of a text dataset (e.g. text for topics); set, it replaces image_column: examples are tokenized with the backbone's tokenizer (needs an hf: backbone)."})
-    max_seq_len: int = field(default=128, metadata={"help": "Text: tokens kept per example (truncation); each batch is padded to its longest example."})
-    label_column: str = field(default="label", metadata={"help": "Column holding the class labels (ClassLabel or int)."})
-    domain_column: str = field(default="domain", metadata={"help": "Column naming the domain of each example (natural scheme)."})
-    scheme: str = field(default="natural", metadata={"help": "Partition scheme (flwr-datasets partitioners): iid, dirichlet (label skew, alpha), pathological (classes_per_client classes a client), natural (one client per value of partition_by), quantity (size skew, quantity_mode), natural+dirichlet (clients_per_domain clients a domain with Dirichlet label skew inside each)."})
-    partition_by: str | None = field(default=None, metadata={"help": "Column to partition by, or joint columns as a+b; default domain_column for natural and natural+dirichlet, label_column for dirichlet and pathological."})
-    num_clients: int = field(default=5, metadata={"help": "Number of clients (iid, dirichlet, pathological, quantity); natural uses the number of distinct values."})
+    text_column: str | None = field(default=None, metadata={"help": (
+        "Column holding the text of a text dataset (e.g. text for topics); set, it replaces image_column: examples "
+        "are tokenized with the backbone's tokenizer (needs an hf: backbone).")})
+    max_seq_len: int = field(default=128, metadata={"help": (
+        "Text: tokens kept per example (truncation); each batch is padded to its longest example.")})
+    label_column: str = field(default="label", metadata={"help": (
+        "Column holding the class labels (ClassLabel or int).")})
+    domain_column: str = field(default="domain", metadata={"help": (
+        "Column naming the domain of each example (natural scheme).")})
+    scheme: str = field(default="natural", metadata={"help": (
+        "Partition scheme (flwr-datasets partitioners): iid, dirichlet (label skew, alpha), pathological "
+        "(classes_per_client classes a client), natural (one client per value of partition_by), quantity (size skew, "
+        "quantity_mode), natural+dirichlet (clients_per_domain clients a domain with Dirichlet label skew inside "
+        "each).")})
+    partition_by: str | None = field(default=None, metadata={"help": (
+        "Column to partition by, or joint columns as a+b; default domain_column for natural and natural+dirichlet, "
+        "label_column for dirichlet and pathological.")})
+    num_clients: int = field(default=5, metadata={"help": (
+        "Number of clients (iid, dirichlet, pathological, quantity); natural uses the number of distinct values.")})
     alpha: float = field(default=0.5, metadata={"help": "Dirichlet concentration; smaller = more label skew."})
-    min_partition_size: int = field(default=10, metadata={"help": "Dirichlet and quantity: resample (at most 10 times) until every client has at least this many examples."})
+    min_partition_size: int = field(default=10, metadata={"help": (
+        "Dirichlet and quantity: resample (at most 10 times) until every client has at least this many examples.")})
     classes_per_client: int = field(default=2, metadata={"help": "Pathological scheme: classes a client."})
-    quantity_mode: str = field(default="dirichlet", metadata={"help": "Quantity scheme: client sizes from dirichlet(alpha), linear, square or exponential in the client index."})
+    quantity_mode: str = field(default="dirichlet", metadata={"help": (
+        "Quantity scheme: client sizes from dirichlet(alpha), linear, square or exponential in the client index.")})
     clients_per_domain: int = field(default=2, metadata={"help": "natural+dirichlet: clients a domain."})
-    corruption: str = field(default="none", metadata={"help": "Input-level covariate shift: none, or per_client (client i gets the i-th (corruption, severity) pair of hf_lpft.data.shifts.corruption_schedule, CIFAR-10-C families)."})
-    corruption_families: list[str] | None = field(default=None, metadata={"help": "Corruption families to cycle over; None = all 15 CIFAR-10-C families."})
-    corruption_severities: list[int] | None = field(default=None, metadata={"help": "Severities (1-5) to rotate over; None = 1..5."})
-    label_permutation: int = field(default=0, metadata={"help": "Concept shift: permute this many classes on each client with a seeded per-client cycle (0 = off)."})
-    test_fraction: float = field(default=0.25, metadata={"help": "Share of each client's data held out as its test split (stratified by label)."})
-    max_examples_per_client: int | None = field(default=None, metadata={"help": "Cap each client's examples (before the train/test split); None = no cap."})
+    corruption: str = field(default="none", metadata={"help": (
+        "Input-level covariate shift: none, or per_client (client i gets the i-th (corruption, severity) pair of "
+        "hf_lpft.data.shifts.corruption_schedule, CIFAR-10-C families).")})
+    corruption_families: list[str] | None = field(default=None, metadata={"help": (
+        "Corruption families to cycle over; None = all 15 CIFAR-10-C families.")})
+    corruption_severities: list[int] | None = field(default=None, metadata={"help": (
+        "Severities (1-5) to rotate over; None = 1..5.")})
+    label_permutation: int = field(default=0, metadata={"help": (
+        "Concept shift: permute this many classes on each client with a seeded per-client cycle (0 = off).")})
+    test_fraction: float = field(default=0.25, metadata={"help": (
+        "Share of each client's data held out as its test split (stratified by label).")})
+    max_examples_per_client: int | None = field(default=None, metadata={"help": (
+        "Cap each client's examples (before the train/test split); None = no cap.")})
     image_size: int = field(default=32, metadata={"help": "Images are resized to image_size x image_size RGB."})
-    n_per_domain: int = field(default=800, metadata={"help": "Embedded datasets (digits5, digits-c, colored-digits): examples per domain (one domain = one client under the natural scheme)."})
-    num_classes: int | None = field(default=None, metadata={"help": "Expected number of classes; checked against the dataset when set."})
+    n_per_domain: int = field(default=800, metadata={"help": (
+        "Embedded datasets (digits5, digits-c, colored-digits): examples per domain (one domain = one client under "
+        "the natural scheme).")})
+    num_classes: int | None = field(default=None, metadata={"help": (
+        "Expected number of classes; checked against the dataset when set.")})
     seed: int = field(default=0, metadata={"help": "Seed of the partition and the per-client splits."})
-    manifest: str | None = field(default=None, metadata={"help": "Path of a saved federation manifest to rebuild exactly the same partition."})
-    data_dir: str | None = field(default=None, metadata={"help": "Your own data: the folder datasets.load_dataset reads, e.g. with dataset imagefolder (<data_dir>/<domain>/<class>/<image>)."})
-    data_files: list[str] | None = field(default=None, metadata={"help": "Your own data: files (or globs) for dataset csv, json or parquet, passed to datasets.load_dataset as data_files."})
-    domain_level: int | None = field(default=None, metadata={"help": "Your own images: fill domain_column with the name of this folder level below data_dir (0 = the first level, e.g. <data_dir>/<domain>/<class>/<image>)."})
+    manifest: str | None = field(default=None, metadata={"help": (
+        "Path of a saved federation manifest to rebuild exactly the same partition.")})
+    data_dir: str | None = field(default=None, metadata={"help": (
+        "Your own data: the folder datasets.load_dataset reads, e.g. with dataset imagefolder "
+        "(<data_dir>/<domain>/<class>/<image>).")})
+    data_files: list[str] | None = field(default=None, metadata={"help": (
+        "Your own data: files (or globs) for dataset csv, json or parquet, passed to datasets.load_dataset as "
+        "data_files.")})
+    domain_level: int | None = field(default=None, metadata={"help": (
+        "Your own images: fill domain_column with the name of this folder level below data_dir (0 = the first level, "
+        "e.g. <data_dir>/<domain>/<class>/<image>).")})
 
     def __post_init__(self) -> None:
         check_field_types(self, "data")
-        _check_choice("data.scheme", self.scheme, ("iid", "dirichlet", "pathological", "natural", "quantity", "natural+dirichlet"))
+        _check_choice("data.scheme", self.scheme,
+                      ("iid", "dirichlet", "pathological", "natural", "quantity", "natural+dirichlet"))
         _check(self.classes_per_client >= 1, f"data.classes_per_client={self.classes_per_client!r} must be >= 1")
         _check_choice("data.quantity_mode", self.quantity_mode, ("dirichlet", "linear", "square", "exponential"))
         _check(self.clients_per_domain >= 1, f"data.clients_per_domain={self.clients_per_domain!r} must be >= 1")
         _check_choice("data.corruption", self.corruption, ("none", "per_client"))
-        _check(self.corruption_families is None or len(self.corruption_families) > 0, "data.corruption_families is empty; give at least one family or leave it unset")
+        _check(self.corruption_families is None or len(self.corruption_families) > 0,
+               "data.corruption_families is empty; give at least one family or leave it unset")
         bad = [s for s in self.corruption_severities or [] if s not in (1, 2, 3, 4, 5)]
-        _check(not bad and self.corruption_severities != [], f"data.corruption_severities={self.corruption_severities!r} must be a non-empty list of values in 1..5")
-        _check(self.label_permutation == 0 or self.label_permutation >= 2, f"data.label_permutation={self.label_permutation!r} must be 0 (off) or >= 2 classes")
+        _check(not bad and self.corruption_severities != [],
+               f"data.corruption_severities={self.corruption_severities!r} must be a non-empty list of values in 1..5")
+        _check(self.label_permutation == 0 or self.label_permutation >= 2,
+               f"data.label_permutation={self.label_permutation!r} must be 0 (off) or >= 2 classes")
         _check(self.num_clients >= 1, f"data.num_clients={self.num_clients!r} must be >= 1")
         _check_positive("data.alpha", self.alpha)
         _check(self.min_partition_size >= 0, f"data.min_partition_size={self.min_partition_size!r} must be >= 0")
         _check(0.0 < self.test_fraction < 1.0, f"data.test_fraction={self.test_fraction!r} must be in (0, 1)")
         _check(self.image_size >= 8, f"data.image_size={self.image_size!r} must be >= 8")
         _check(self.n_per_domain >= 1, f"data.n_per_domain={self.n_per_domain!r} must be >= 1")
-        _check(self.max_seq_len >= 2, f"data.max_seq_len={self.max_seq_len!r} must be >= 2 (room for the special tokens)")
+        _check(self.max_seq_len >= 2,
+               f"data.max_seq_len={self.max_seq_len!r} must be >= 2 (room for the special tokens)")
         if self.max_examples_per_client is not None:
-            _check(self.max_examples_per_client >= 2, f"data.max_examples_per_client={self.max_examples_per_client!r} must be >= 2")
+            _check(self.max_examples_per_client >= 2,
+                   f"data.max_examples_per_client={self.max_examples_per_client!r} must be >= 2")
         if self.num_classes is not None:
             _check(self.num_classes >= 2, f"data.num_classes={self.num_classes!r} must be >= 2")
         if self.manifest is not None:
@@ -174,22 +213,39 @@ class DataConfig:
         _check(0 <= self.seed < 2**31, f"data.seed={self.seed!r} must be in [0, 2**31)")
         if self.data_dir is not None:
             _check(Path(self.data_dir).is_dir(), f"data.data_dir={self.data_dir!r} is not a folder")
-        _check(self.data_files is None or len(self.data_files) > 0, "data.data_files is empty; name at least one file or leave it unset")
+        _check(self.data_files is None or len(self.data_files) > 0,
+               "data.data_files is empty; name at least one file or leave it unset")
         if self.domain_level is not None:
-            _check(self.domain_level >= 0, f"data.domain_level={self.domain_level!r} must be >= 0 (0 = the first folder level)")
-            _check(self.data_dir is not None, f"data.domain_level={self.domain_level!r} counts folders below data.data_dir; set data.data_dir")
+            _check(self.domain_level >= 0,
+                   f"data.domain_level={self.domain_level!r} must be >= 0 (0 = the first folder level)")
+            _check(self.data_dir is not None,
+                   f"data.domain_level={self.domain_level!r} counts folders below data.data_dir; set data.data_dir")
 
 
 @dataclass
 class ModelConfig:
     """The backbone and its head."""
 
-    backbone: str = field(default="timm:test_resnet", metadata={"help": "timm:<name> (any timm model; tiny test models included), hf:<model id, local folder or installed alias such as all-MiniLM-L6-v2> (transformers AutoModel), or hf-config:<vit-tiny, vit-test or a config.json path> (architecture only, random weights)."})
-    pretrained: bool = field(default=False, metadata={"help": "Load pretrained backbone weights (timm: the Hub or a local checkpoint; hf: the model id / folder)."})
-    checkpoint: str | None = field(default=None, metadata={"help": "Local backbone weights file (safetensors or a timm checkpoint) for pretrained=True offline."})
-    pooling: str = field(default="mean", metadata={"help": "Text backbones (hf:): features are the mean of the last hidden states over the attention mask (mean) or the first token (cls). Vision backbones use their standard pooled output."})
-    dropout: float | None = field(default=None, metadata={"help": "Transformers backbones: replace the hidden/attention dropout probability (0 makes probing cacheable); None keeps the model's."})
-    global_model: str | None = field(default=None, metadata={"help": "Personalize this global model instead of training one with FedAvg (hf-lpft personalize): a folder or Hub model id holding an hf_lpft global model (a run's global/), a timm model (save_for_hf / push_to_hub folder) or a transformers model, or a timm checkpoint file (with model.backbone timm:<architecture>). fedavg settings are then unused; plain timm/transformers models get a new head unless the timm classifier already has the federation's class count."})
+    backbone: str = field(default="timm:test_resnet", metadata={"help": (
+        "timm:<name> (any timm model; tiny test models included), hf:<model id, local folder or installed alias such "
+        "as all-MiniLM-L6-v2> (transformers AutoModel), or hf-config:<vit-tiny, vit-test or a config.json path> "
+        "(architecture only, random weights).")})
+    pretrained: bool = field(default=False, metadata={"help": (
+        "Load pretrained backbone weights (timm: the Hub or a local checkpoint; hf: the model id / folder).")})
+    checkpoint: str | None = field(default=None, metadata={"help": (
+        "Local backbone weights file (safetensors or a timm checkpoint) for pretrained=True offline.")})
+    pooling: str = field(default="mean", metadata={"help": (
+        "Text backbones (hf:): features are the mean of the last hidden states over the attention mask (mean) or the "
+        "first token (cls). Vision backbones use their standard pooled output.")})
+    dropout: float | None = field(default=None, metadata={"help": (
+        "Transformers backbones: replace the hidden/attention dropout probability (0 makes probing cacheable); None "
+        "keeps the model's.")})
+    global_model: str | None = field(default=None, metadata={"help": (
+        "Personalize this global model instead of training one with FedAvg (hf-lpft personalize): a folder or Hub "
+        "model id holding an hf_lpft global model (a run's global/), a timm model (save_for_hf / push_to_hub folder) "
+        "or a transformers model, or a timm checkpoint file (with model.backbone timm:<architecture>). fedavg "
+        "settings are then unused; plain timm/transformers models get a new head unless the timm classifier already "
+        "has the federation's class count.")})
 
     def __post_init__(self) -> None:
         check_field_types(self, "model")
@@ -205,7 +261,8 @@ class ModelConfig:
         _check(not (self.pretrained and prefix == "hf-config"), f"model.pretrained=true but {self.backbone!r} "
                "has no weights (hf-config: builds an architecture only); use hf:<model id or path>")
         if self.dropout is not None:
-            _check(prefix != "timm", f"model.dropout={self.dropout!r} applies to hf: backbones only, not {self.backbone!r}")
+            _check(prefix != "timm",
+                   f"model.dropout={self.dropout!r} applies to hf: backbones only, not {self.backbone!r}")
             _check(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout!r} must be in [0, 1)")
         if self.global_model is not None:
             _check(Path(self.global_model).exists() or bool(REPO_ID.match(self.global_model)),
@@ -232,18 +289,35 @@ class FedAvgConfig:
     rounds: int = field(default=30, metadata={"help": "Communication rounds."})
     local_epochs: int = field(default=1, metadata={"help": "Local epochs per client per round."})
     client_fraction: float = field(default=1.0, metadata={"help": "Share of clients sampled each round."})
-    optimizer: str = field(default="sgd", metadata={"help": "sgd, adam or adamw (local optimizer, re-created for every client every round: no state carries over)."})
+    optimizer: str = field(default="sgd", metadata={"help": (
+        "sgd, adam or adamw (local optimizer, re-created for every client every round: no state carries over).")})
     lr: float = field(default=0.05, metadata={"help": "Local learning rate."})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
     weight_decay: float = field(default=0.0, metadata={"help": "Weight decay."})
     batch_size: int = field(default=64, metadata={"help": "Local batch size."})
-    bn: str = field(default="averaged", metadata={"help": "BatchNorm layers in FedAvg: averaged (plain FedAvg: weights and running statistics averaged like every other float tensor) or local (FedBN, Li et al. 2021: every BatchNorm tensor - affine weight/bias and running statistics - stays with its client across rounds; client i personalizes and is evaluated as the global model with its own BatchNorm)."})
+    bn: str = field(default="averaged", metadata={"help": (
+        "BatchNorm layers in FedAvg: averaged (plain FedAvg: weights and running statistics averaged like every other "
+        "float tensor) or local (FedBN, Li et al. 2021: every BatchNorm tensor - affine weight/bias and running "
+        "statistics - stays with its client across rounds; client i personalizes and is evaluated as the global model "
+        "with its own BatchNorm).")})
 
-    schedule: str = field(default="constant", metadata={"help": "Local lr over the rounds: constant, or cosine (round r uses lr x 0.5 (1 + cos(pi r / rounds)))."})
-    engine: str = field(default="builtin", metadata={"help": "Who runs FedAvg: builtin (hf_lpft's loop; clients sharded over accelerate/torchrun processes) or flower (a Flower ServerApp/ClientApp in Flower's local simulation; pip install 'hf-lpft[flower]'; one process; the same global model as builtin)."})
-    fl_strategy: str = field(default="fedavg", metadata={"help": "General-FL method of the Flower engine and the Flower App: fedavg (hf_lpft's FedAvg, equal to builtin) or a Flower strategy: fedprox, fedadam, fedadagrad, fedyogi, fedavgm, fedmedian, fedtrimmedavg, krum, multikrum, bulyan, qfedavg (clients sampled as fedavg.client_fraction says). builtin runs fedavg only."})
-    fl_strategy_args: dict[str, Any] = field(default_factory=dict, metadata={"help": "Options of the Flower strategy, checked against its constructor, e.g. {proximal_mu: 0.1} for fedprox or {eta: 0.01, tau: 0.001} for fedadam; sampling and message keys are hf_lpft's."})
-    eval_every: int = field(default=5, metadata={"help": "Evaluate the global model on every client's test split after every k-th round and after the last one (the FedAvg curve in the run record); 0 = never during FedAvg (the pipeline still evaluates the final global model)."})
+    schedule: str = field(default="constant", metadata={"help": (
+        "Local lr over the rounds: constant, or cosine (round r uses lr x 0.5 (1 + cos(pi r / rounds))).")})
+    engine: str = field(default="builtin", metadata={"help": (
+        "Who runs FedAvg: builtin (hf_lpft's loop; clients sharded over accelerate/torchrun processes) or flower (a "
+        "Flower ServerApp/ClientApp in Flower's local simulation; pip install 'hf-lpft[flower]'; one process; the "
+        "same global model as builtin).")})
+    fl_strategy: str = field(default="fedavg", metadata={"help": (
+        "General-FL method of the Flower engine and the Flower App: fedavg (hf_lpft's FedAvg, equal to builtin) or a "
+        "Flower strategy: fedprox, fedadam, fedadagrad, fedyogi, fedavgm, fedmedian, fedtrimmedavg, krum, multikrum, "
+        "bulyan, qfedavg (clients sampled as fedavg.client_fraction says). builtin runs fedavg only.")})
+    fl_strategy_args: dict[str, Any] = field(default_factory=dict, metadata={"help": (
+        "Options of the Flower strategy, checked against its constructor, e.g. {proximal_mu: 0.1} for fedprox or "
+        "{eta: 0.01, tau: 0.001} for fedadam; sampling and message keys are hf_lpft's.")})
+    eval_every: int = field(default=5, metadata={"help": (
+        "Evaluate the global model on every client's test split after every k-th round and after the last one (the "
+        "FedAvg curve in the run record); 0 = never during FedAvg (the pipeline still evaluates the final global "
+        "model).")})
 
     def __post_init__(self) -> None:
         check_field_types(self, "fedavg")
@@ -265,26 +339,38 @@ class FedAvgConfig:
                "is a Flower strategy; it needs fedavg.engine='flower' (builtin runs fedavg only)")
         _check(isinstance(self.fl_strategy_args, dict), f"fedavg.fl_strategy_args={self.fl_strategy_args!r} must be "
                "a mapping of options")
-        _check(self.eval_every >= 0, f"fedavg.eval_every={self.eval_every!r} must be >= 0 (0 = no evaluation during FedAvg)")
+        _check(self.eval_every >= 0,
+               f"fedavg.eval_every={self.eval_every!r} must be >= 0 (0 = no evaluation during FedAvg)")
 
 
 @dataclass
 class PFTConfig:
     """Post-hoc personalized fine-tuning: the strategies and their shared budget."""
 
-    strategies: list[str] = field(default_factory=lambda: ["ft", "lp", "lp_ft"], metadata={"help": "Strategies to run (see `hf-lpft strategies`)."})
-    epochs: int = field(default=15, metadata={"help": "Local epochs of personalization (the paper: 15 for every method)."})
-    optimizer: str = field(default="sgd", metadata={"help": "sgd, adam or adamw; a new optimizer for every client and every phase (no state carries over between stages)."})
+    strategies: list[str] = field(default_factory=lambda: ["ft", "lp", "lp_ft"], metadata={"help": (
+        "Strategies to run (see `hf-lpft strategies`).")})
+    epochs: int = field(default=15, metadata={"help": (
+        "Local epochs of personalization (the paper: 15 for every method).")})
+    optimizer: str = field(default="sgd", metadata={"help": (
+        "sgd, adam or adamw; a new optimizer for every client and every phase (no state carries over between "
+        "stages).")})
     lr: float = field(default=0.01, metadata={"help": "Learning rate of the fine-tuning phases."})
     head_lr: float | None = field(default=None, metadata={"help": "Learning rate of probing phases; default = lr."})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
     weight_decay: float = field(default=0.0, metadata={"help": "Weight decay."})
     batch_size: int = field(default=64, metadata={"help": "Batch size."})
-    eval_every: int = field(default=0, metadata={"help": "Evaluate Local and Global every k personalization epochs (epoch curves); 0 = off."})
-    cache_features: bool = field(default=True, metadata={"help": "Probe on cached backbone features when that is exact (head-only phase, BatchNorm frozen, no dropout)."})
-    batched_probe: bool = field(default=False, metadata={"help": "Train the probing heads of all clients together as one batched tensor operation (equal to client-by-client probing within float tolerance; SGD, cached features, no eval_every curves); falls back, logged, when not equal."})
-    schedule: str = field(default="constant", metadata={"help": "Learning rate within each phase: constant, or cosine (annealed to 0 over the phase's steps)."})
-    strategy_args: dict[str, dict] = field(default_factory=dict, metadata={"help": "Per-strategy options, e.g. {lp_ft: {lp_epochs: 5}}; options of strategies not run are still validated."})
+    eval_every: int = field(default=0, metadata={"help": (
+        "Evaluate Local and Global every k personalization epochs (epoch curves); 0 = off.")})
+    cache_features: bool = field(default=True, metadata={"help": (
+        "Probe on cached backbone features when that is exact (head-only phase, BatchNorm frozen, no dropout).")})
+    batched_probe: bool = field(default=False, metadata={"help": (
+        "Train the probing heads of all clients together as one batched tensor operation (equal to client-by-client "
+        "probing within float tolerance; SGD, cached features, no eval_every curves); falls back, logged, when not "
+        "equal.")})
+    schedule: str = field(default="constant", metadata={"help": (
+        "Learning rate within each phase: constant, or cosine (annealed to 0 over the phase's steps).")})
+    strategy_args: dict[str, dict] = field(default_factory=dict, metadata={"help": (
+        "Per-strategy options, e.g. {lp_ft: {lp_epochs: 5}}; options of strategies not run are still validated.")})
 
     def __post_init__(self) -> None:
         check_field_types(self, "pft")
@@ -309,22 +395,41 @@ class RunConfig:
     """Where outputs go and which seeds run."""
 
     output_dir: str = field(default="outputs/run", metadata={"help": "Output folder (one per run)."})
-    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds; the whole pipeline (FedAvg + PFT) runs once per seed."})
-    overwrite: bool = field(default=False, metadata={"help": "Allow writing into a non-empty output_dir (starts from scratch)."})
-    resume: bool = field(default=False, metadata={"help": "Continue an interrupted run in output_dir from its last complete unit (same config required); takes precedence over overwrite."})
-    on_error: str = field(default="continue", metadata={"help": "A client whose loss becomes NaN/inf: continue (record the error, go on) or raise."})
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": (
+        "Seeds; the whole pipeline (FedAvg + PFT) runs once per seed.")})
+    overwrite: bool = field(default=False, metadata={"help": (
+        "Allow writing into a non-empty output_dir (starts from scratch).")})
+    resume: bool = field(default=False, metadata={"help": (
+        "Continue an interrupted run in output_dir from its last complete unit (same config required); takes "
+        "precedence over overwrite.")})
+    on_error: str = field(default="continue", metadata={"help": (
+        "A client whose loss becomes NaN/inf: continue (record the error, go on) or raise.")})
     eval_batch_size: int = field(default=256, metadata={"help": "Batch size of evaluation."})
-    num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads; None = 1, measured fastest on a shared 2-core CPU (hf_lpft.speed, benchmarks/README.md)."})
-    distortion: bool = field(default=True, metadata={"help": "Measure feature distortion (Δ, linear CKA) of every personalized model against the global model at the head's input, on its own and the other clients' test splits."})
-    report_to: str = field(default="none", metadata={"help": "Experiment tracker for progress scalars, through accelerate: none, tensorboard, trackio or wandb (the tracker's package must be installed)."})
-    fedavg_cache: str | None = field(default=None, metadata={"help": "Folder of finished FedAvg results shared between runs: a run whose client data, model section, fedavg section, seed and hf_lpft version match a stored result loads it instead of training (key = sha256 of those settings); a miss trains and stores it. None = off."})
-    mixed_precision: str | None = field(default=None, metadata={"help": "accelerate mixed precision: no, bf16 (CPU and GPU) or fp16 (GPU only; gradient scaling); None = accelerate's own setting (accelerate launch --mixed_precision, ACCELERATE_MIXED_PRECISION), default no."})
-    memory_format: str = field(default="auto", metadata={"help": "Memory format of the model's 4-d tensors while training: auto (channels_last for convolutional networks, measured ~1.3x faster on CPU; contiguous otherwise), channels_last or contiguous. Saved weights are contiguous either way."})
+    num_threads: int | None = field(default=None, metadata={"help": (
+        "torch CPU threads; None = 1, measured fastest on a shared 2-core CPU (hf_lpft.speed, benchmarks/README.md).")})
+    distortion: bool = field(default=True, metadata={"help": (
+        "Measure feature distortion (Δ, linear CKA) of every personalized model against the global model at the "
+        "head's input, on its own and the other clients' test splits.")})
+    report_to: str = field(default="none", metadata={"help": (
+        "Experiment tracker for progress scalars, through accelerate: none, tensorboard, trackio or wandb (the "
+        "tracker's package must be installed).")})
+    fedavg_cache: str | None = field(default=None, metadata={"help": (
+        "Folder of finished FedAvg results shared between runs: a run whose client data, model section, fedavg "
+        "section, seed and hf_lpft version match a stored result loads it instead of training (key = sha256 of those "
+        "settings); a miss trains and stores it. None = off.")})
+    mixed_precision: str | None = field(default=None, metadata={"help": (
+        "accelerate mixed precision: no, bf16 (CPU and GPU) or fp16 (GPU only; gradient scaling); None = accelerate's "
+        "own setting (accelerate launch --mixed_precision, ACCELERATE_MIXED_PRECISION), default no.")})
+    memory_format: str = field(default="auto", metadata={"help": (
+        "Memory format of the model's 4-d tensors while training: auto (channels_last for convolutional networks, "
+        "measured ~1.3x faster on CPU; contiguous otherwise), channels_last or contiguous. Saved weights are "
+        "contiguous either way.")})
 
     def __post_init__(self) -> None:
         check_field_types(self, "run")
         _check(len(self.seeds) > 0, "run.seeds is empty")
-        _check(all(isinstance(s, int) and s >= 0 for s in self.seeds), f"run.seeds={self.seeds!r} must be non-negative integers")
+        _check(all(isinstance(s, int) and s >= 0 for s in self.seeds),
+               f"run.seeds={self.seeds!r} must be non-negative integers")
         _check(len(set(self.seeds)) == len(self.seeds), f"run.seeds={self.seeds!r} has duplicates")
         _check_choice("run.on_error", self.on_error, ("continue", "raise"))
         _check(self.eval_batch_size >= 1, f"run.eval_batch_size={self.eval_batch_size!r} must be >= 1")
@@ -333,7 +438,8 @@ class RunConfig:
         _check_choice("run.report_to", self.report_to, REPORT_TO)
         if self.fedavg_cache is not None:
             _check(not Path(self.fedavg_cache).exists() or Path(self.fedavg_cache).is_dir(),
-                   f"run.fedavg_cache={self.fedavg_cache!r} exists and is not a folder; give a folder (created if missing)")
+                   f"run.fedavg_cache={self.fedavg_cache!r} exists and is not a folder; give a folder (created if "
+                   "missing)")
         if self.mixed_precision is not None:
             _check_choice("run.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
         _check_choice("run.memory_format", self.memory_format, MEMORY_FORMATS)
@@ -346,12 +452,19 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 class HubConfig:
     """Publishing to the Hugging Face Hub (endpoint from HF_ENDPOINT; token from HF_TOKEN or the login cache)."""
 
-    push_to_hub: bool = field(default=False, metadata={"help": "Publish the run at the end: the model repo (global model, personalized clients, cards) in one commit and the results dataset. Without it the same Hub-ready folder is written to <output_dir>/hub."})
-    hub_repo_id: str | None = field(default=None, metadata={"help": "Model repo 'namespace/name' (created if missing); required with push_to_hub."})
+    push_to_hub: bool = field(default=False, metadata={"help": (
+        "Publish the run at the end: the model repo (global model, personalized clients, cards) in one commit and the "
+        "results dataset. Without it the same Hub-ready folder is written to <output_dir>/hub.")})
+    hub_repo_id: str | None = field(default=None, metadata={"help": (
+        "Model repo 'namespace/name' (created if missing); required with push_to_hub.")})
     hub_private: bool = field(default=False, metadata={"help": "Create the repos private."})
-    hub_results_repo_id: str | None = field(default=None, metadata={"help": "Results dataset repo; default '<hub_repo_id>-results'."})
-    hub_experiment: str | None = field(default=None, metadata={"help": "Dataset config name of this run's results; default the output folder's name."})
-    hub_license: str = field(default="apache-2.0", metadata={"help": "License in the model cards' metadata (a Hub license id such as apache-2.0, mit, cc-by-4.0, other); mind the licenses of your data and of a pretrained backbone."})
+    hub_results_repo_id: str | None = field(default=None, metadata={"help": (
+        "Results dataset repo; default '<hub_repo_id>-results'.")})
+    hub_experiment: str | None = field(default=None, metadata={"help": (
+        "Dataset config name of this run's results; default the output folder's name.")})
+    hub_license: str = field(default="apache-2.0", metadata={"help": (
+        "License in the model cards' metadata (a Hub license id such as apache-2.0, mit, cc-by-4.0, other); mind the "
+        "licenses of your data and of a pretrained backbone.")})
 
     def __post_init__(self) -> None:
         check_field_types(self, "hub")

@@ -163,7 +163,8 @@ def _handler(hub: FakeHub):
             try:
                 body = self._body() if method in ("POST", "PUT") else b""
                 if hub.fail_all is not None:
-                    raise _HTTPError(hub.fail_all, "Internal Error - We're working hard to fix this as soon as possible!")
+                    raise _HTTPError(hub.fail_all,
+                                     "Internal Error - We're working hard to fix this as soon as possible!")
                 if hub.tokens is not None and (auth or "").removeprefix("Bearer ") not in hub.tokens:
                     raise _HTTPError(401, "Invalid credentials in Authorization header")
                 self._route(method, path, query, body)

@@ -59,7 +59,8 @@ def test_phase_freezes_or_updates_bn_statistics(bn, tiny_clients, accelerator):
         assert all(not torch.equal(before[k], after[k]) for k in stats)
 
 
-@pytest.mark.parametrize("name,args", [("ft", {"bn": "frozen"}), ("lp", {}), ("lp_ft", {"lp_epochs": 1, "ft_bn": "frozen"})])
+@pytest.mark.parametrize("name,args",
+                         [("ft", {"bn": "frozen"}), ("lp", {}), ("lp_ft", {"lp_epochs": 1, "ft_bn": "frozen"})])
 def test_strategies_with_frozen_bn_keep_global_statistics(name, args, tiny_clients, accelerator):
     strategy = build_strategy(name, args, budget=Budget(epochs=2, lr=0.05))
     model = _model()

@@ -258,7 +258,8 @@ def test_card_snippet_classifies_a_pil_image_in_a_fresh_process(pushed, hub, tmp
     card = Path(hf_hub_download(REPO, f"clients/{strategy}/a/README.md")).read_text()
     snippet = _snippet(card)
     assert f'"{REPO}"' in snippet and "<output_dir>" not in card and "example.png" in snippet
-    script = snippet.replace("example.png", str(image_path)) + "\nimport json\nprint('LOGITS', json.dumps(logits.tolist()))\n"
+    script = snippet.replace("example.png",
+                             str(image_path)) + "\nimport json\nprint('LOGITS', json.dumps(logits.tolist()))\n"
     env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "fresh_cache"), HF_HUB_OFFLINE="0", HF_HUB_DISABLE_XET="1")
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -40,7 +40,8 @@ def test_preprocess_accepts_any_pil_mode_and_size_and_matches_transformers(tmp_p
     ours = loaded.preprocess([image, image.convert("RGBA")])
     assert ours.shape == (2, 3, 32, 32) and ours.dtype == torch.float32 and torch.equal(ours[0], ours[1])
     processor = AutoImageProcessor.from_pretrained(tmp_path)
-    assert (tuple(processor.image_mean), tuple(processor.image_std)) == (loaded.preprocessing.mean, loaded.preprocessing.std)
+    assert (tuple(processor.image_mean), tuple(processor.image_std)) == (loaded.preprocessing.mean,
+            loaded.preprocessing.std)
     assert processor.size == {"height": 32, "width": 32} and processor.resample == 3
     theirs = processor(image, return_tensors="pt")["pixel_values"]
     assert (ours[:1] - theirs).abs().mean() < 0.01  # transformers resizes in its own way: rounding differs

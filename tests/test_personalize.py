@@ -59,7 +59,8 @@ def test_personalize_a_runs_global_model_reproduces_its_results(runs, tiny_ds_pa
     assert _source(out)["source"] == "given" and _source(out)["kind"] == "hf_lpft"
     assert SplitModel.from_pretrained(out / "global").state_dict().keys() == \
         SplitModel.from_pretrained(plain / "global").state_dict().keys()
-    for rel in ["clients/ft/a/model.safetensors", "clients/lp_ft/c/model.safetensors", "summary.md", "global/config.json"]:
+    for rel in ["clients/ft/a/model.safetensors", "clients/lp_ft/c/model.safetensors", "summary.md",
+                "global/config.json"]:
         assert (out / rel).is_file(), rel
 
 

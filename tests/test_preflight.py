@@ -151,11 +151,13 @@ CLI_CASES = [
     # the config file
     ("config_file", "invalid_yaml", lambda c: ["--config", c.config["bad_yaml"]],
      ["bad_yaml.yaml", "is not valid YAML", "line 3, column 2"]),
-    ("config_file", "tab_in_yaml", lambda c: ["--config", c.config["tab"]], ["tab.yaml", "is not valid YAML", "line 2"]),
+    ("config_file", "tab_in_yaml", lambda c: ["--config", c.config["tab"]],
+     ["tab.yaml", "is not valid YAML", "line 2"]),
     ("config_file", "not_utf8", lambda c: ["--config", c.config["latin1"]],
      ["latin1.yaml", "is not UTF-8 text", "byte 0xe9"]),
     ("config_file", "utf16", lambda c: ["--config", c.config["utf16"]], ["utf16.yaml", "is not UTF-8 text"]),
-    ("config_file", "a_list", lambda c: ["--config", c.config["list"]], ["list.yaml", "must hold a mapping", "not a list"]),
+    ("config_file", "a_list", lambda c: ["--config", c.config["list"]],
+     ["list.yaml", "must hold a mapping", "not a list"]),
     ("config_file", "a_scalar", lambda c: ["--config", c.config["scalar"]], ["scalar.yaml", "not a str"]),
     ("config_file", "a_folder", lambda c: ["--config", c.config["a_folder"]], ["configs", "is not a file"]),
     ("config_file", "section_not_mapping", lambda c: ["--config", c.config["section_list"]],
@@ -346,7 +348,8 @@ PY_CASES = [
     ("push_string", lambda: HubConfig(push_to_hub="yes"), "hub.push_to_hub='yes' must be true or false"),
     ("pretrained_int", lambda: ModelConfig(pretrained=1), "model.pretrained=1 must be true or false"),
     ("backbone_none", lambda: ModelConfig(backbone=None), "model.backbone=None must be a string"),
-    ("families_string", lambda: DataConfig(corruption_families="blur"), "data.corruption_families='blur' must be a list"),
+    ("families_string", lambda: DataConfig(corruption_families="blur"),
+     "data.corruption_families='blur' must be a list"),
     ("strategy_args_list", lambda: PFTConfig(strategy_args=[]), "pft.strategy_args=[] must be a mapping"),
     ("num_classes_bool", lambda: DataConfig(num_classes=True), "data.num_classes=True must be an integer or None"),
     ("seed_negative", lambda: DataConfig(seed=-1), "data.seed=-1 must be in [0, 2**31)"),
@@ -434,7 +437,8 @@ def _closed(mp, hub):
 
 
 HUB_CASES = [
-    ("no_token", _no_token, "me/study", ["needs a Hub token with write access, and none is set", "HF_TOKEN", "hf-lpft push"]),
+    ("no_token", _no_token, "me/study",
+     ["needs a Hub token with write access, and none is set", "HF_TOKEN", "hf-lpft push"]),
     ("token_401", _rejected, "me/study", ["rejected the token (HTTP 401 on whoami)", "HF_TOKEN"]),
     ("server_500", _server_error, "me/study", ["answered HTTP 500 on whoami", "try again later", "hf-lpft push"]),
     ("offline", _offline, "me/study", ["hub.push_to_hub=true needs the Hub", "HF_HUB_OFFLINE=1"]),

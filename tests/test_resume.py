@@ -172,7 +172,8 @@ def test_diverging_client_is_recorded_and_the_others_go_on(tmp_path, tiny_ds_pat
     args = ["run", *study_args(tiny_ds_path), "--run.output_dir", str(out), "--fedavg.rounds", "1"]
     assert cli.main(args) == 0
     df = pd.read_parquet(out / "results.parquet").set_index(["strategy", "client_id"])
-    assert df.loc[("ft", "b"), "error"].startswith("client b: loss is nan") and pd.isna(df.loc[("ft", "b"), "local_acc"])
+    assert df.loc[("ft", "b"),
+                  "error"].startswith("client b: loss is nan") and pd.isna(df.loc[("ft", "b"), "local_acc"])
     assert df.drop(index=[("ft", "b"), ("lp_ft", "b")]).error.isna().all()
     assert df.drop(index=[("ft", "b"), ("lp_ft", "b")]).local_acc.notna().all()
     assert "Failed (excluded from the table): ft/b/seed 0, lp_ft/b/seed 0" in (out / "summary.md").read_text()
@@ -180,7 +181,8 @@ def test_diverging_client_is_recorded_and_the_others_go_on(tmp_path, tiny_ds_pat
     assert not temp_leftovers(out)
 
 
-def test_on_error_raise_stops_with_a_clear_message_and_keeps_finished_units(tmp_path, tiny_ds_path, monkeypatch, capsys, one_thread):
+def test_on_error_raise_stops_with_a_clear_message_and_keeps_finished_units(tmp_path, tiny_ds_path, monkeypatch, capsys,
+                                                                            one_thread):
     from hf_lpft import cli
 
     diverging_client(monkeypatch, "b")
@@ -233,7 +235,8 @@ def test_unit_results_do_not_depend_on_client_order(strategy, tiny_clients, acce
     assert forward == backward
 
 
-@pytest.mark.parametrize("kill_at, source", [("fedavg_cache_store:1", "fedavg"), ("personalize_epoch:3", "fedavg_cache")])
+@pytest.mark.parametrize("kill_at, source",
+                         [("fedavg_cache_store:1", "fedavg"), ("personalize_epoch:3", "fedavg_cache")])
 def test_kill_then_resume_with_a_fedavg_cache(runner, reference, tiny_ds_path, kill_at, source):
     """Killed while storing the FedAvg result (resume trains-from-checkpoint and stores it; the dead writer's
     temporary folder is removed) or after storing it (resume loads it): the same results either way."""

@@ -86,7 +86,8 @@ def test_natural_one_client_per_value(labels_ds):
 
 
 def test_natural_dirichlet_splits_inside_each_domain(labels_ds):
-    fed = federate(labels_ds, scheme="natural+dirichlet", clients_per_domain=3, alpha=0.3, min_partition_size=10, seed=0)
+    fed = federate(labels_ds, scheme="natural+dirichlet", clients_per_domain=3, alpha=0.3, min_partition_size=10,
+                   seed=0)
     assert fed.client_ids == [f"{d}_{j}" for d in "abc" for j in range(3)]
     dom = labels_ds["domain"]
     assert all({dom[i] for i in c.train_indices + c.test_indices} == {c.client_id[0]} for c in fed.clients)
@@ -219,7 +220,8 @@ def _local_like(name: str, rng) -> datasets.Dataset:
                                         "label": datasets.ClassLabel(num_classes=k)}))
     cols = {"image": _images(400, 16, rng), "celeb_id": rng.integers(1, 50, 400).tolist()}
     cols |= {a: (rng.random(400) < 0.4).tolist() for a in CELEBA_ATTRS}
-    feats = {"image": datasets.Image(), "celeb_id": datasets.Value("int64")} | {a: datasets.Value("bool") for a in CELEBA_ATTRS}
+    feats = {"image": datasets.Image(),
+             "celeb_id": datasets.Value("int64")} | {a: datasets.Value("bool") for a in CELEBA_ATTRS}
     return datasets.Dataset.from_dict(cols, features=datasets.Features(feats))
 
 

@@ -45,7 +45,8 @@ def test_eval_every_must_not_be_negative():
 
 
 def test_auto_memory_format_is_channels_last_for_cnns_only():
-    assert resolve_memory_format(build_model("timm:test_resnet", num_classes=4, image_size=32), "auto") == "channels_last"
+    assert resolve_memory_format(build_model("timm:test_resnet", num_classes=4, image_size=32),
+                                 "auto") == "channels_last"
     assert resolve_memory_format(build_model("timm:test_vit", num_classes=4, image_size=32), "auto") == "contiguous"
     cnn = use_memory_format(build_model("timm:test_resnet", num_classes=4, image_size=32), "auto")
     assert memory_format_of(cnn) == "channels_last"

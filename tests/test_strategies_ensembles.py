@@ -130,7 +130,8 @@ def _train_export_reload(name, global_model, client, accelerator, path, args=Non
 @pytest.mark.parametrize("name", ["lora", "lp_lora"])
 @pytest.mark.parametrize("backbone", ["timm:test_vit", "timm:test_resnet"])
 def test_lora_exports_adapters_and_head_and_reloads(name, backbone, tiny_clients, accelerator, tmp_path):
-    global_model = _trained_resnet() if backbone.endswith("resnet") else build_model(backbone, num_classes=4, image_size=32)
+    global_model = _trained_resnet() if backbone.endswith("resnet") else build_model(backbone, num_classes=4,
+                                   image_size=32)
     keys = _train_export_reload(name, global_model, tiny_clients[0], accelerator, tmp_path)
     assert keys and all("lora_" in k or k.startswith("base_model.model.head.") for k in keys), keys
     assert {"base_model.model.head.weight", "base_model.model.head.bias"} <= keys
@@ -175,4 +176,5 @@ def test_unknown_lora_target_fails_naming_it():
     with pytest.raises(ConfigError, match="nonexistent_layer"):
         strategy.prepare(build_model("timm:test_vit", num_classes=4, image_size=32))
     with pytest.raises(ConfigError, match="head"):  # the head is ours, never an adapter target
-        build_strategy("lora", {"target_modules": ["head"]}).prepare(build_model("timm:test_vit", num_classes=4, image_size=32))
+        build_strategy("lora",
+                       {"target_modules": ["head"]}).prepare(build_model("timm:test_vit", num_classes=4, image_size=32))

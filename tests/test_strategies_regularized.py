@@ -111,7 +111,8 @@ def test_snip_scores_are_abs_gradient_times_weight_and_leave_the_model_alone():
 
 
 @pytest.mark.parametrize("scope", ["global", "per_tensor"])
-def test_sparse_ft_mask_has_the_configured_sparsity_and_masked_weights_stay_bit_identical(scope, tiny_clients, accelerator):
+def test_sparse_ft_mask_has_the_configured_sparsity_and_masked_weights_stay_bit_identical(scope, tiny_clients,
+                                                                                          accelerator):
     strategy = build_strategy("sparse_ft", {"sparsity": 0.7, "scope": scope}, budget=Budget(epochs=2, lr=0.05))
     model = _global_like("timm:test_resnet")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -168,9 +168,11 @@ def _check_params(scheme: str, *, num_clients: int, alpha: float, min_partition_
         (alpha > 0, f"alpha={alpha!r} must be > 0"),
         (min_partition_size >= 0, f"min_partition_size={min_partition_size!r} must be >= 0"),
         (classes_per_client >= 1, f"classes_per_client={classes_per_client!r} must be >= 1"),
-        (quantity_mode in QUANTITY_MODES, f"quantity_mode={quantity_mode!r} is not allowed; choose one of {list(QUANTITY_MODES)}"),
+        (quantity_mode in QUANTITY_MODES,
+         f"quantity_mode={quantity_mode!r} is not allowed; choose one of {list(QUANTITY_MODES)}"),
         (clients_per_domain >= 1, f"clients_per_domain={clients_per_domain!r} must be >= 1"),
-        (corruption in CORRUPTION_MODES, f"corruption={corruption!r} is not allowed; choose one of {list(CORRUPTION_MODES)}"),
+        (corruption in CORRUPTION_MODES,
+         f"corruption={corruption!r} is not allowed; choose one of {list(CORRUPTION_MODES)}"),
         (label_permutation >= 0, f"label_permutation={label_permutation!r} must be >= 0 (0 = off)"),
         (0.0 < test_fraction < 1.0, f"test_fraction={test_fraction!r} must be in (0, 1)"),
     ]
@@ -210,7 +212,8 @@ def _run(partitioner, view: datasets.Dataset, what: str) -> list[np.ndarray]:
         raise FederationError(f"{what}: {err}") from err
 
 
-def _quantity_sizes(n_rows: int, num_clients: int, *, alpha: float, min_size: int, rng: np.random.Generator) -> list[int]:
+def _quantity_sizes(n_rows: int, num_clients: int, *, alpha: float, min_size: int,
+                    rng: np.random.Generator) -> list[int]:
     """Client sizes ~ Dirichlet(alpha) x n_rows, each >= min_size, resampled at most _MAX_ATTEMPTS times."""
     if num_clients * min_size > n_rows:
         raise FederationError(f"quantity: num_clients={num_clients} x min_partition_size={min_size} exceeds the "
@@ -251,7 +254,8 @@ def _partition(ds: datasets.Dataset, scheme: str, *, by: str | None, label_colum
     if scheme == "pathological":
         n_unique = len(set(view[names[by]]))
         if classes_per_client > n_unique:
-            raise FederationError(f"classes_per_client={classes_per_client} exceeds the {n_unique} distinct values of {by!r}")
+            raise FederationError(f"classes_per_client={classes_per_client} exceeds the {n_unique} distinct values of "
+                                  f"{by!r}")
         part = P.PathologicalPartitioner(num_partitions=num_clients, partition_by=names[by],
                                          num_classes_per_partition=classes_per_client,
                                          class_assignment_mode="first-deterministic", seed=seed)
@@ -313,7 +317,8 @@ def _client_shifts(n: int, *, num_classes: int, corruption: str, corruption_fami
         if label_permutation > num_classes:
             raise FederationError(f"label_permutation={label_permutation} exceeds the {num_classes} classes")
         for i, s in enumerate(out):
-            s["label_map"] = S.label_permutation(num_classes, label_permutation, seed=int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
+            s["label_map"] = S.label_permutation(num_classes, label_permutation,
+              seed=int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
     return out
 
 
@@ -430,7 +435,8 @@ def federate_from_config(ds: datasets.Dataset, data) -> tuple[datasets.Dataset, 
     return apply_client_shifts(ds, fed, image_column=data.image_column, label_column=data.label_column), fed
 
 
-def apply_client_shifts(ds: datasets.Dataset, fed: Federation, *, image_column: str, label_column: str) -> datasets.Dataset:
+def apply_client_shifts(ds: datasets.Dataset, fed: Federation, *, image_column: str,
+                        label_column: str) -> datasets.Dataset:
     """``ds`` with every client's rows corrupted / relabelled as its manifest entry says (unchanged if none)."""
     rows = {i: c.shift for c in fed.clients if c.shift for i in c.train_indices + c.test_indices}
     if not rows:

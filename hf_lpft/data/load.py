@@ -127,8 +127,10 @@ def tokenize(ds: datasets.Dataset, *, text_column: str, tokenizer, max_length: i
     A batched ``datasets.map``: for a dataset backed by files (embedded, ``save_to_disk``, Hub) the result
     is cached next to them and reused while the tokenizer and ``max_length`` stay the same.
     """
-    if not isinstance(ds.features[text_column], datasets.Value) or ds.features[text_column].dtype not in ("string", "large_string"):
-        raise FederationError(f"text_column={text_column!r} is a {ds.features[text_column]!r} column, not a string column")
+    if not isinstance(ds.features[text_column], datasets.Value) or ds.features[text_column].dtype not in ("string",
+                      "large_string"):
+        raise FederationError(f"text_column={text_column!r} is a {ds.features[text_column]!r} column, not a string "
+                              "column")
 
     def encode(batch: dict) -> dict:
         return {"input_ids": tokenizer(batch[text_column], truncation=True, max_length=max_length)["input_ids"]}

@@ -54,7 +54,8 @@ class Preprocessing:
         if self.kind not in ("image", "text"):
             raise ValueError(f"preprocessing kind={self.kind!r} is not allowed; choose 'image' or 'text'")
         if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"interpolation={self.interpolation!r} is not allowed; choose one of {list(INTERPOLATIONS)}")
+            raise ValueError(f"interpolation={self.interpolation!r} is not allowed; choose one of "
+                             f"{list(INTERPOLATIONS)}")
         if self.source not in SOURCES:
             raise ValueError(f"preprocessing source={self.source!r} is not allowed; choose one of {list(SOURCES)}")
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))

@@ -150,7 +150,8 @@ def corruption_schedule(num_clients: int, *, families: Sequence[str] = CORRUPTIO
     if num_clients < 1:
         raise ValueError(f"num_clients={num_clients!r} must be >= 1")
     if not families or not severities:
-        raise ValueError(f"corruption families={list(families)!r} and severities={list(severities)!r} must be non-empty")
+        raise ValueError(f"corruption families={list(families)!r} and severities={list(severities)!r} must be "
+                         "non-empty")
     for f in families:
         check_corruption(f, 1)
     for s in severities:

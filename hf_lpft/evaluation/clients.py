@@ -66,7 +66,8 @@ def reference_features(cfg: ExperimentConfig, global_model: SplitModel, clients:
     return [feats(client_global_model(global_model, client_bn, c.client_id)) for c in clients]
 
 
-def result_row(seed: int, strategy: str, i: int, client: ClientData, accs: list[float], final_loss: float | None) -> dict:
+def result_row(seed: int, strategy: str, i: int, client: ClientData, accs: list[float],
+               final_loss: float | None) -> dict:
     """One ``results.parquet`` row: a (seed, strategy, client) unit's Local and Global accuracy."""
     local, global_ = local_global(accs, i)
     return {"seed": seed, "strategy": strategy, "client_id": client.client_id, "client_index": i,

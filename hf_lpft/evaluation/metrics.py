@@ -108,7 +108,8 @@ def format_markdown(summary: pd.DataFrame) -> str:
     headers = ["strategy", *METRIC_HEADERS] + [EXTRA_COLUMNS[c] for c in extras]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for _, r in summary.iterrows():
-        cells = [strategy_label(r.strategy)] + [f"{100 * r[c]:.2f} ({100 * r[c + '_std']:.2f})" for c in METRIC_COLUMNS[:-1]]
+        cells = [strategy_label(r.strategy)] + [f"{100 * r[c]:.2f} "
+                                                f"({100 * r[c + '_std']:.2f})" for c in METRIC_COLUMNS[:-1]]
         share = r["below_global_share"]
         cells.append("-" if np.isnan(share) else f"{100 * share:.0f}%")
         cells += [f"{r[c]:.3g} ({r[c + '_std']:.2g})" for c in extras]  # feature units, not %

@@ -133,7 +133,8 @@ def preprocessing_text(prep: dict) -> str:
     size, fmt = prep["image_size"], lambda v: "[" + ", ".join(f"{x:.4g}" for x in v) + "]"
     return (f"images are converted to {prep.get('channel_order', 'RGB')}, resized to {size}x{size} "
             f"({prep['interpolation']}), scaled to [0, 1], then normalized as (x - mean) / std with mean "
-            f"{fmt(prep['mean'])} and std {fmt(prep['std'])}: {SOURCE_TEXT.get(prep.get('source'), prep.get('source'))}. "
+            f"{fmt(prep['mean'])} and std {fmt(prep['std'])}: "
+            f"{SOURCE_TEXT.get(prep.get('source'), prep.get('source'))}. "
             "The same values are in `preprocessor_config.json` (transformers `AutoImageProcessor`) and in "
             "`config.json` (`preprocessing`).")
 
@@ -209,7 +210,8 @@ def global_card(info: RunInfo, *, repo_id: str | None, results_repo_id: str | No
 
 FORMATS = {"full": "full model weights (`model.safetensors` + `config.json`, a `SplitModel`)",
            "head": "the classifier head only (`head.safetensors`); the backbone is the global model's, unchanged",
-           "peft_adapter": "a peft LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`) holding the adapters "
+           "peft_adapter": "a peft LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`) holding the "
+                           "adapters "
                            "and the head; load it onto the global model"}
 
 
@@ -227,7 +229,8 @@ def client_card(info: RunInfo, row, *, strategy_desc: dict, fmt: str, folder: st
         strategy=row.strategy, seed=row.seed, multi_seed=len(info.seeds) > 1, local=_pct(row.local_acc),
         global_=_pct(row.global_acc), n_train=row.n_train, n_test=row.n_test, format=fmt,
         format_description=FORMATS[fmt], folder=folder, base=base, repo_id=repo_id, repo_url=f"{endpoint}/{repo_id}",
-        repo_ref=repo_ref, strategy_yaml=yaml.safe_dump(strategy_desc, sort_keys=False), base_is_repo=repo_id is not None,
+        repo_ref=repo_ref, strategy_yaml=yaml.safe_dump(strategy_desc,
+                                                        sort_keys=False), base_is_repo=repo_id is not None,
         base_args=model_args(repo_ref, base, is_repo=repo_id is not None),
         adapter_args=model_args(repo_ref, folder, is_repo=repo_id is not None),
         preprocessing_text=preprocessing_text(info.preprocessing), task=info.task)

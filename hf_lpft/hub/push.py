@@ -57,7 +57,8 @@ def with_retry(fn: Callable[[], T], *, what: str, attempts: int | None = None, b
             if not is_transient(err) or attempt == attempts:
                 raise
             status = getattr(getattr(err, "response", None), "status_code", type(err).__name__)
-            logger.warning("%s: transient error (%s), retry %d/%d in %.1f s", what, status, attempt, attempts - 1, delay)
+            logger.warning("%s: transient error (%s), retry %d/%d in %.1f s", what, status, attempt, attempts - 1,
+                           delay)
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")
@@ -68,7 +69,8 @@ def _check_endpoints(endpoint: str) -> None:
     import datasets
 
     if datasets.config.HF_ENDPOINT.rstrip("/") != endpoint:
-        raise HubPushError(f"HF_ENDPOINT is {endpoint!r} but `datasets` was imported with {datasets.config.HF_ENDPOINT!r}; "
+        raise HubPushError(f"HF_ENDPOINT is {endpoint!r} but `datasets` was imported with "
+                           f"{datasets.config.HF_ENDPOINT!r}; "
                            "set HF_ENDPOINT before starting Python")
 
 
@@ -145,8 +147,10 @@ def push_run(output_dir: str | Path, repo_id: str, private: bool = False, token:
         url = push_model(api, folders.model, repo_id, private=private,
                          message=f"hf_lpft: publish experiment {folders.experiment}")
     except Exception as err:
-        raise HubPushError(f"publishing the model repo {repo_id!r} to {endpoint} failed ({_describe(err)}); nothing was "
-                           f"published (a commit is atomic: the repo is at its previous commit). Retry with: {retry}") from err
+        raise HubPushError(f"publishing the model repo {repo_id!r} to {endpoint} failed ({_describe(err)}); nothing "
+                           "was "
+                           "published (a commit is atomic: the repo is at its previous commit). Retry with: "
+                           f"{retry}") from err
     logger.info("model repo published: %s", url)
     try:
         urls = push_results(api, info, results_repo_id, model_repo_id=repo_id, private=private, token=token,

@@ -260,7 +260,8 @@ def _build_model(backbone: str, *, num_classes: int, image_size: int, pretrained
     if checkpoint is not None:
         raise ValueError(f"checkpoint={checkpoint!r} is for timm backbones; for {backbone!r} point 'hf:' at a folder")
     config = hf_backbone_config(backbone, image_size=image_size, dropout=dropout)
-    model = SplitModel(backbone, num_classes=num_classes, image_size=image_size, pooling=pooling, backbone_config=config)
+    model = SplitModel(backbone, num_classes=num_classes, image_size=image_size, pooling=pooling,
+                       backbone_config=config)
     if pretrained:
         load_hf_weights(model.backbone, backbone, config)
         logger.info("loaded pretrained backbone weights for %s", backbone)

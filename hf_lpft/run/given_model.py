@@ -102,7 +102,8 @@ def load_global_model(cfg: ExperimentConfig, num_classes: int, *, seed: int) -> 
         _must_match(value, "image size", config["image_size"], cfg.data.image_size, "data.image_size")
         if config["num_classes"] != num_classes:
             raise ConfigError(f"model.global_model={value!r} has a head for {config['num_classes']} classes but the "
-                              f"federation has {num_classes}; personalize it on data with {config['num_classes']} classes")
+                              f"federation has {num_classes}; personalize it on data with {config['num_classes']} "
+                              "classes")
         return SplitModel.from_pretrained(path), info | {"head": "the global model's own"}
     if kind == "transformers":
         if not cfg.model.backbone.startswith("hf:"):

@@ -268,7 +268,8 @@ def check_hub(cfg: ExperimentConfig) -> None:
 
     endpoint = hub_endpoint()
     if hub_offline():
-        raise ConfigError(f"hub.push_to_hub=true needs the Hub at {endpoint}, but HF_HUB_OFFLINE=1; unset it {PUSH_LATER}")
+        raise ConfigError(f"hub.push_to_hub=true needs the Hub at {endpoint}, but HF_HUB_OFFLINE=1; unset it "
+                          f"{PUSH_LATER}")
     token = get_token()
     if not token:
         raise ConfigError(f"hub.push_to_hub=true needs a Hub token with write access, and none is set: set HF_TOKEN "
@@ -417,7 +418,8 @@ def check_text_inputs(cfg: ExperimentConfig, ds: datasets.Dataset, *, for_traini
     feature = ds.features[cfg.data.text_column]
     if getattr(feature, "dtype", None) not in ("string", "large_string"):
         strings = [c for c, f in ds.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
-        raise ConfigError(f"data.text_column={cfg.data.text_column!r} is not a string column; string columns: {strings}")
+        raise ConfigError(f"data.text_column={cfg.data.text_column!r} is not a string column; string columns: "
+                          f"{strings}")
     if for_training and not cfg.model.backbone.startswith("hf:"):
         raise ConfigError(f"data.text_column={cfg.data.text_column!r} needs a text backbone with a tokenizer, "
                           f"'hf:<model id or path>'; got model.backbone={cfg.model.backbone!r}")

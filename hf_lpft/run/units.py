@@ -88,7 +88,8 @@ def batched_probes(cfg: ExperimentConfig, strategy: Strategy, global_model: Spli
         return None
     if p.eval_every or client_bn:
         logger.info("%s: probing client by client, not batched (%s)", strategy.name,
-                    "epoch curves need every epoch's head" if p.eval_every else "FedBN: each client has its own backbone")
+                    "epoch curves need every epoch's head" if p.eval_every else "FedBN: each client has its own "
+                                                                                "backbone")
         return None
     settings = settings_from(p)
     return probe_all_clients(strategy, global_model, clients, settings=settings, accelerator=accelerator,

@@ -45,7 +45,8 @@ class Budget:
 class StrategyConfig:
     """Options every strategy takes."""
 
-    flood: float | None = field(default=None, metadata={"help": "Loss flooding level b (Ishida et al. 2020): loss -> |loss - b| + b. None = off."})
+    flood: float | None = field(default=None, metadata={"help": (
+        "Loss flooding level b (Ishida et al. 2020): loss -> |loss - b| + b. None = off.")})
 
     def __post_init__(self) -> None:
         check_field_types(self, type(self).__name__)  # every option of every subclass: type, finite numbers

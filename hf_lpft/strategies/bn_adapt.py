@@ -25,8 +25,12 @@ BN_ADAPT_MODES = ("reestimate", "train")
 
 @dataclass
 class BNAdaptConfig(StrategyConfig):
-    passes: int = field(default=1, metadata={"help": "Passes over the client's training data. With the cumulative average more passes only re-average the same data in other batches; the pass costs forward compute only, not the training budget."})
-    bn: str = field(default="reestimate", metadata={"help": "reestimate (reset, then cumulative average: the client's own statistics) or train (exponential average with the layer's momentum, starting from the global statistics)."})
+    passes: int = field(default=1, metadata={"help": (
+        "Passes over the client's training data. With the cumulative average more passes only re-average the same "
+        "data in other batches; the pass costs forward compute only, not the training budget.")})
+    bn: str = field(default="reestimate", metadata={"help": (
+        "reestimate (reset, then cumulative average: the client's own statistics) or train (exponential average with "
+        "the layer's momentum, starting from the global statistics).")})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -14,7 +14,9 @@ from hf_lpft.train.phase import Phase
 
 @dataclass
 class FTConfig(StrategyConfig):
-    bn: str = field(default="train", metadata={"help": "BatchNorm statistics during fine-tuning: train (updated, exponential average), frozen (kept from the global model) or reestimate (reset, then a cumulative average over the phase)."})
+    bn: str = field(default="train", metadata={"help": (
+        "BatchNorm statistics during fine-tuning: train (updated, exponential average), frozen (kept from the global "
+        "model) or reestimate (reset, then a cumulative average over the phase).")})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -44,9 +44,14 @@ SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)  # layer 
 class LoRAStrategyConfig(StrategyConfig):
     r: int = field(default=8, metadata={"help": "LoRA rank (>= 1)."})
     alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator: updates are scaled by alpha / r."})
-    dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input, in [0, 1). 0 keeps probing cacheable."})
-    target_modules: list[str] | None = field(default=None, metadata={"help": "Backbone module names (or name suffixes) to adapt; None = qkv for timm ViTs, attention query/value for transformers models, Conv2d layers for CNNs."})
-    bn: str = field(default="frozen", metadata={"help": "BatchNorm statistics during the LoRA phase: frozen (the backbone stays θ_G apart from the adapters) or train (BatchNorm layers are then exported too)."})
+    dropout: float = field(default=0.0, metadata={"help": (
+        "Dropout on the adapter input, in [0, 1). 0 keeps probing cacheable.")})
+    target_modules: list[str] | None = field(default=None, metadata={"help": (
+        "Backbone module names (or name suffixes) to adapt; None = qkv for timm ViTs, attention query/value for "
+        "transformers models, Conv2d layers for CNNs.")})
+    bn: str = field(default="frozen", metadata={"help": (
+        "BatchNorm statistics during the LoRA phase: frozen (the backbone stays θ_G apart from the adapters) or train "
+        "(BatchNorm layers are then exported too).")})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -58,7 +63,8 @@ class LoRAStrategyConfig(StrategyConfig):
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"{where}.dropout={self.dropout!r} must be in [0, 1)")
         if self.target_modules is not None and (not self.target_modules or not all(self.target_modules)):
-            raise ConfigError(f"{where}.target_modules={self.target_modules!r} must be None or a list of non-empty names")
+            raise ConfigError(f"{where}.target_modules={self.target_modules!r} must be None or a list of non-empty "
+                              "names")
         check_bn(f"{where}.bn", self.bn)
 
     def strategy_name(self) -> str:
@@ -68,7 +74,8 @@ class LoRAStrategyConfig(StrategyConfig):
 
 @dataclass
 class LPLoRAStrategyConfig(LoRAStrategyConfig):
-    lp_epochs: int = field(default=5, metadata={"help": "Probing epochs taken from the shared budget (as lp_ft); the rest trains LoRA."})
+    lp_epochs: int = field(default=5, metadata={"help": (
+        "Probing epochs taken from the shared budget (as lp_ft); the rest trains LoRA.")})
     lp_bn: str = field(default="frozen", metadata={"help": "BatchNorm statistics while probing: frozen or train."})
 
     def __post_init__(self) -> None:
@@ -99,7 +106,8 @@ def attention_query_value(backbone: nn.Module) -> list[str]:
     if model_type is None:
         return []
     suffixes = PEFT_DEFAULTS.get(model_type, QUERY_VALUE)
-    return [n for n, m in backbone.named_modules() if isinstance(m, nn.Linear) and any(_matches(n, s) for s in suffixes)]
+    return [n for n,
+            m in backbone.named_modules() if isinstance(m, nn.Linear) and any(_matches(n, s) for s in suffixes)]
 
 
 def default_targets(backbone: nn.Module) -> list[str]:

@@ -54,11 +54,17 @@ from hf_lpft.train.phase import Phase
 
 @dataclass
 class LSSConfig(StrategyConfig):
-    n_vertices: int = field(default=3, metadata={"help": "Vertices of the soup, vertex 0 included (the LSS code's n_verts=2 adds 2 to vertex 0)."})
-    aff: float = field(default=1e-3, metadata={"help": "Affinity weight: squared distance of the trained vertex to the global model θ_G."})
-    div: float = field(default=1e-3, metadata={"help": "Diversity weight: squared simplex volume of the vertices, maximised."})
-    vertex_epochs: int | None = field(default=None, metadata={"help": "Epochs of each added vertex; None = max(1, epochs // 8) as in the LSS code. Vertex 0 gets the rest of the budget."})
-    bn: str = field(default="train", metadata={"help": "BatchNorm statistics while training: train (one shared set) or frozen."})
+    n_vertices: int = field(default=3, metadata={"help": (
+        "Vertices of the soup, vertex 0 included (the LSS code's n_verts=2 adds 2 to vertex 0).")})
+    aff: float = field(default=1e-3, metadata={"help": (
+        "Affinity weight: squared distance of the trained vertex to the global model θ_G.")})
+    div: float = field(default=1e-3, metadata={"help": (
+        "Diversity weight: squared simplex volume of the vertices, maximised.")})
+    vertex_epochs: int | None = field(default=None, metadata={"help": (
+        "Epochs of each added vertex; None = max(1, epochs // 8) as in the LSS code. Vertex 0 gets the rest of the "
+        "budget.")})
+    bn: str = field(default="train", metadata={"help": (
+        "BatchNorm statistics while training: train (one shared set) or frozen.")})
 
     def __post_init__(self) -> None:
         super().__post_init__()

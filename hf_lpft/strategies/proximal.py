@@ -29,8 +29,10 @@ from hf_lpft.train.phase import Phase
 
 @dataclass
 class ProximalConfig(StrategyConfig):
-    mu: float = field(default=0.01, metadata={"help": "Proximal strength: adds (mu/2)·||θ − θ_G||² to the loss (>= 0; 0 = plain FT)."})
-    bn: str = field(default="train", metadata={"help": "BatchNorm statistics during fine-tuning: train (updated) or frozen."})
+    mu: float = field(default=0.01, metadata={"help": (
+        "Proximal strength: adds (mu/2)·||θ − θ_G||² to the loss (>= 0; 0 = plain FT).")})
+    bn: str = field(default="train", metadata={"help": (
+        "BatchNorm statistics during fine-tuning: train (updated) or frozen.")})
 
     def __post_init__(self) -> None:
         super().__post_init__()

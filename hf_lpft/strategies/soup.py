@@ -35,10 +35,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class SoupConfig(StrategyConfig):
-    ingredients: int = field(default=3, metadata={"help": "Number of FT runs (ingredients) averaged; each costs one full FT budget."})
-    greedy: bool = field(default=False, metadata={"help": "Greedy soup (Wortsman et al. Recipe 1): add ingredients best-first while held-out accuracy does not fall. False = uniform soup."})
-    holdout_fraction: float = field(default=0.2, metadata={"help": "Greedy soup only: share of the client's train split used to rank and select ingredients."})
-    bn: str = field(default="train", metadata={"help": "BatchNorm statistics while fine-tuning each ingredient: train or frozen."})
+    ingredients: int = field(default=3, metadata={"help": (
+        "Number of FT runs (ingredients) averaged; each costs one full FT budget.")})
+    greedy: bool = field(default=False, metadata={"help": (
+        "Greedy soup (Wortsman et al. Recipe 1): add ingredients best-first while held-out accuracy does not fall. "
+        "False = uniform soup.")})
+    holdout_fraction: float = field(default=0.2, metadata={"help": (
+        "Greedy soup only: share of the client's train split used to rank and select ingredients.")})
+    bn: str = field(default="train", metadata={"help": (
+        "BatchNorm statistics while fine-tuning each ingredient: train or frozen.")})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -47,11 +47,15 @@ SCOPES = ("global", "per_tensor")
 
 @dataclass
 class SparseConfig(StrategyConfig):
-    sparsity: float = field(default=0.9, metadata={"help": "Share of weight entries whose updates are masked, in [0, 1) (0 = FT)."})
-    scope: str = field(default="global", metadata={"help": "Top-k over all entries together (global, as SNIP) or within each tensor (per_tensor)."})
-    snip_examples: int = field(default=256, metadata={"help": "Client training examples used for the SNIP scores (a few batches)."})
+    sparsity: float = field(default=0.9, metadata={"help": (
+        "Share of weight entries whose updates are masked, in [0, 1) (0 = FT).")})
+    scope: str = field(default="global", metadata={"help": (
+        "Top-k over all entries together (global, as SNIP) or within each tensor (per_tensor).")})
+    snip_examples: int = field(default=256, metadata={"help": (
+        "Client training examples used for the SNIP scores (a few batches).")})
     snip_batch_size: int = field(default=64, metadata={"help": "Batch size for the SNIP gradient."})
-    bn: str = field(default="train", metadata={"help": "BatchNorm statistics during fine-tuning: train (updated) or frozen."})
+    bn: str = field(default="train", metadata={"help": (
+        "BatchNorm statistics during fine-tuning: train (updated) or frozen.")})
 
     def __post_init__(self) -> None:
         super().__post_init__()

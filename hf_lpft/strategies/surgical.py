@@ -45,9 +45,12 @@ NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.mo
 
 @dataclass
 class SurgicalConfig(StrategyConfig):
-    presets: list[str] = field(default_factory=lambda: ["first_block"], metadata={"help": f"Named parts to train, any of {list(PRESETS)}; the head always trains."})
-    patterns: list[str] = field(default_factory=list, metadata={"help": "Extra regular expressions over parameter names (re.search), e.g. 'blocks\\.3\\.'."})
-    bn: str = field(default="train", metadata={"help": "BatchNorm statistics during fine-tuning: train (updated, like FT) or frozen."})
+    presets: list[str] = field(default_factory=lambda: ["first_block"],
+                  metadata={"help": f"Named parts to train, any of {list(PRESETS)}; the head always trains."})
+    patterns: list[str] = field(default_factory=list, metadata={"help": (
+        "Extra regular expressions over parameter names (re.search), e.g. 'blocks\\.3\\.'.")})
+    bn: str = field(default="train", metadata={"help": (
+        "BatchNorm statistics during fine-tuning: train (updated, like FT) or frozen.")})
 
     def __post_init__(self) -> None:
         super().__post_init__()

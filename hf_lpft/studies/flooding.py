@@ -31,7 +31,8 @@ def flooded_config(base: ExperimentConfig, flood: float, strategies: list[str]) 
     return load_config(None, d)
 
 
-def flooding_configs(base: ExperimentConfig, floods: list[float], strategies: list[str]) -> dict[float, ExperimentConfig]:
+def flooding_configs(base: ExperimentConfig, floods: list[float], strategies: list[str]) -> dict[float,
+                     ExperimentConfig]:
     """One checked config per flood level: every level's options (flood >= 0, strategy names) fail here,
     before any training."""
     from hf_lpft.run.preflight import build_strategies

@@ -70,7 +70,8 @@ def average_state_dicts(states: Sequence[dict], weights: Sequence[float] | None 
 
 
 @torch.no_grad()
-def load_average(model: torch.nn.Module, states: Sequence[dict], weights: Sequence[float] | None = None) -> torch.nn.Module:
+def load_average(model: torch.nn.Module, states: Sequence[dict],
+                 weights: Sequence[float] | None = None) -> torch.nn.Module:
     """Load the average of ``states`` into ``model`` (in place) and return it."""
     model.load_state_dict(average_state_dicts(states, weights))
     return model
