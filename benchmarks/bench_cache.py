@@ -20,9 +20,9 @@ import time
 
 import torch
 from accelerate import Accelerator
+from common import interleaved, median, model_parser, report, set_threads, synthetic_client
 from torch import nn
 
-from common import interleaved, median, model_parser, report, set_threads, synthetic_client
 from hf_lpft.data.tensors import ClientData
 from hf_lpft.models.backbone import build_model
 from hf_lpft.train.batched_probe import probe_clients
@@ -62,7 +62,8 @@ def main() -> None:
 
     def run(cache: bool):
         settings = OptimSettings(batch_size=args.batch_size, cache_features=cache)
-        runs["cached" if cache else "uncached"].append(epoch_times(copy.deepcopy(base), phase, data, settings, accelerator))
+        runs["cached" if cache else "uncached"].append(epoch_times(copy.deepcopy(base), phase, data, settings,
+                                                                   accelerator))
 
     interleaved({"cached": lambda: run(True), "uncached": lambda: run(False)}, repeats=args.repeats, warmup=0)
     later = {k: median([t for r in v for t in r[1:]]) for k, v in runs.items()}  # epochs after the first

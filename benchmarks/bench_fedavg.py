@@ -17,18 +17,17 @@ from __future__ import annotations
 import copy
 import tempfile
 
-import torch
 from accelerate import Accelerator
-
 from bench_loop import bare_epoch
 from common import interleaved, median, model_parser, report, set_threads, synthetic_client
+
 from hf_lpft.checkpoint import Checkpoints
 from hf_lpft.data.tensors import to_float
 from hf_lpft.federated.fedavg import run_fedavg
 from hf_lpft.models.backbone import build_model
+from hf_lpft.run.personalize import personalize
 from hf_lpft.speed import apply_memory_format
 from hf_lpft.strategies import Budget, build_strategy
-from hf_lpft.run.personalize import personalize
 from hf_lpft.train.loop import OptimSettings
 
 FORMATS = ("channels_last", "contiguous")

@@ -17,8 +17,8 @@ import copy
 import logging
 
 from accelerate import Accelerator
-
 from common import interleaved, median, model_parser, report, set_threads, synthetic_client
+
 from hf_lpft.config import load_config
 from hf_lpft.federated.fedavg import run_fedavg
 from hf_lpft.federated.flower import run_flower_fedavg
@@ -61,7 +61,8 @@ def main() -> None:
              v in times.items()]
     lines.append(f"max |builtin - flower| over the global weights: {diff:.2e}")
     report(f"bench_flower: {args.backbone}, {args.clients} clients x {args.n_train} examples, {args.rounds} rounds, "
-           f"memory format {cfg.run.memory_format}", lines, "Flower time / built-in time", med["flower"] / med["builtin"])
+           f"memory format {cfg.run.memory_format}", lines, "Flower time / built-in time",
+           med["flower"] / med["builtin"])
 
 
 if __name__ == "__main__":

@@ -14,14 +14,14 @@ import copy
 
 import torch
 from accelerate import Accelerator
+from common import interleaved, median, model_parser, report, set_threads, synthetic_client
 from torch import nn
 
-from common import interleaved, median, model_parser, report, set_threads, synthetic_client
 from hf_lpft.data.tensors import to_float
 from hf_lpft.models.backbone import build_model
+from hf_lpft.run.personalize import run_phase
 from hf_lpft.strategies import build_strategy
 from hf_lpft.strategies.base import Budget
-from hf_lpft.run.personalize import run_phase
 from hf_lpft.train.loop import OptimSettings, train_phase
 
 

@@ -10,14 +10,13 @@ LP-FT spends ``lp_epochs`` of the budget probing the head on cached features, so
 
 from __future__ import annotations
 
-
 from accelerate import Accelerator
-
 from common import interleaved, median, model_parser, report, set_threads, synthetic_client
+
 from hf_lpft.models.backbone import build_model
+from hf_lpft.run.personalize import personalize
 from hf_lpft.strategies import build_strategy
 from hf_lpft.strategies.base import Budget
-from hf_lpft.run.personalize import personalize
 from hf_lpft.train.loop import OptimSettings
 
 

@@ -21,14 +21,14 @@ from pathlib import Path
 
 import psutil
 from accelerate import Accelerator
-
 from common import model_parser, report, set_threads, synthetic_client
+
+import hf_lpft.run.units as units
 from hf_lpft.config import load_config
 from hf_lpft.models.backbone import build_model
-from hf_lpft.speed import use_memory_format
-import hf_lpft.run.units as units
 from hf_lpft.run.preflight import build_strategies
 from hf_lpft.run.units import personalize_all
+from hf_lpft.speed import use_memory_format
 
 
 class RssSampler:

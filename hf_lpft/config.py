@@ -565,7 +565,8 @@ def _is_flag(key: str, index: dict[str, list[str]]) -> bool:
     """Whether ``--key`` names exactly one boolean field (which may then be given without a value)."""
     section, _, name = key.rpartition(".")
     sections = [section] if section else index.get(name, [])
-    return len(sections) == 1 and sections[0] in SECTIONS and typing.get_type_hints(SECTIONS[sections[0]]).get(name) is bool
+    return (len(sections) == 1 and sections[0] in SECTIONS
+            and typing.get_type_hints(SECTIONS[sections[0]]).get(name) is bool)
 
 
 def parse_overrides(args: list[str]) -> dict[str, dict]:

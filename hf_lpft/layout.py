@@ -187,7 +187,8 @@ class RunLayout:
         return out
 
     def check_writable(self) -> None:
-        """Create the root and write (then delete) a probe file in it: ``os.access`` misses read-only mounts and root."""
+        """Create the root and write (then delete) a probe file in it: ``os.access`` misses read-only mounts and
+        root."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=self.root):

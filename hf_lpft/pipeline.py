@@ -38,8 +38,16 @@ from hf_lpft.config import ExperimentConfig
 from hf_lpft.data.federate import Federation
 from hf_lpft.data.preprocess import preprocessing_for
 from hf_lpft.data.tensors import ClientData
-from hf_lpft.evaluation.clients import (NO_DISTORTION, SELF_DISTORTION, global_model_accuracies, reference_features,
-                                        result_row, write_cross_client, write_curves, write_results)
+from hf_lpft.evaluation.clients import (
+    NO_DISTORTION,
+    SELF_DISTORTION,
+    global_model_accuracies,
+    reference_features,
+    result_row,
+    write_cross_client,
+    write_curves,
+    write_results,
+)
 from hf_lpft.evaluation.metrics import format_markdown, summary_table
 from hf_lpft.evaluation.report import write_report
 from hf_lpft.hub.push import publish_run
@@ -120,7 +128,8 @@ def run_record(cfg: ExperimentConfig, strategies: dict[str, Strategy], fed: Fede
                      "mixed_precision": accelerator.mixed_precision,
 
                      "speed": {"torch_threads": torch.get_num_threads(), "fedavg_eval_every": cfg.fedavg.eval_every,
-                               "memory_format": next((r["memory_format"] for r in records if "memory_format" in r), None)}},
+                               "memory_format": next((r["memory_format"] for r in records if "memory_format" in r),
+                                                     None)}},
         "train_info": train_info(records), "meta_info": meta_info()}
 
 

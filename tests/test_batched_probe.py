@@ -7,9 +7,9 @@ import torch
 
 from hf_lpft.data.tensors import ClientData
 from hf_lpft.models.backbone import build_model
+from hf_lpft.run.personalize import batched_probe_blocker, personalize, probe_all_clients
 from hf_lpft.strategies import build_strategy
 from hf_lpft.strategies.base import Budget
-from hf_lpft.run.personalize import batched_probe_blocker, personalize, probe_all_clients
 from hf_lpft.train.batched_probe import probe_clients, train_heads
 from hf_lpft.train.loop import NonFiniteLossError, OptimSettings, train_phase
 from hf_lpft.train.phase import Phase

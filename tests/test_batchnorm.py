@@ -10,14 +10,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from hf_lpft.checkpoint import Checkpoints
 from hf_lpft.config import ConfigError, load_config
-from hf_lpft.federated.fedavg import bn_keys, run_fedavg, with_client_bn
-from hf_lpft.models.backbone import SplitModel, build_model
 from hf_lpft.evaluation.clients import cross_accuracy
+from hf_lpft.federated.fedavg import bn_keys, run_fedavg, with_client_bn
 from hf_lpft.federated.fedbn import client_global_model
+from hf_lpft.models.backbone import SplitModel, build_model
 from hf_lpft.pipeline import run
 from hf_lpft.run.federation import build_federation
-from hf_lpft.strategies import Budget, build_strategy
 from hf_lpft.run.personalize import personalize
+from hf_lpft.strategies import Budget, build_strategy
 from hf_lpft.train.loop import OptimSettings, derive_seed, train_phase
 from hf_lpft.train.phase import Phase
 

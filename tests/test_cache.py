@@ -1,15 +1,13 @@
 """Probing on cached features gives the same head as probing through the frozen backbone."""
 
-import dataclasses
 
 import pytest
 import torch
+from conftest import BACKBONES
 
 from hf_lpft.models.backbone import build_model
 from hf_lpft.train.loop import OptimSettings, cache_blocker, train_phase
 from hf_lpft.train.phase import Phase
-
-from conftest import BACKBONES
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)

@@ -1,9 +1,8 @@
 import pytest
 import torch
+from conftest import BACKBONES
 
 from hf_lpft.models.backbone import SplitModel, build_model
-
-from conftest import BACKBONES
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)

@@ -13,10 +13,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from hub_server import FakeHub
 
 from hf_lpft.config import ConfigError, load_config, parse_overrides
 from hf_lpft.hub.cards import TEMPLATES, template_path
-from hub_server import FakeHub
 
 pytestmark = pytest.mark.hub
 

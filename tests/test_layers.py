@@ -16,7 +16,6 @@ pipeline once per point), and the Flower App is a driver (it runs the study over
 import ast
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1] / "hf_lpft"
 LAYERS = [
     ("hf_lpft.io", "hf_lpft._faults"),

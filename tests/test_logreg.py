@@ -8,8 +8,8 @@ from sklearn.linear_model import LogisticRegression
 from hf_lpft.config import ConfigError
 from hf_lpft.data.tensors import to_float
 from hf_lpft.models.backbone import build_model
-from hf_lpft.strategies import Budget, build_strategy
 from hf_lpft.run.personalize import personalize
+from hf_lpft.strategies import Budget, build_strategy
 from hf_lpft.train.logreg import choose_l2, fit_logreg, holdout_split
 from hf_lpft.train.optim import OptimSettings
 from hf_lpft.train.phase import Phase

@@ -10,10 +10,17 @@ from hf_lpft.config import OPTIMIZERS as CONFIG_OPTIMIZERS
 from hf_lpft.config import SCHEDULES as CONFIG_SCHEDULES
 from hf_lpft.config import ConfigError, FedAvgConfig, PFTConfig
 from hf_lpft.models.backbone import build_model
-from hf_lpft.strategies import Budget, build_strategy
 from hf_lpft.run.personalize import personalize
-from hf_lpft.train.optim import (OPTIMIZERS, SCHEDULES, OptimSettings, cosine_factor, make_optimizer, round_lr,
-                                 settings_from)
+from hf_lpft.strategies import Budget, build_strategy
+from hf_lpft.train.optim import (
+    OPTIMIZERS,
+    SCHEDULES,
+    OptimSettings,
+    cosine_factor,
+    make_optimizer,
+    round_lr,
+    settings_from,
+)
 
 
 @pytest.fixture()

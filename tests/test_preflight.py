@@ -19,13 +19,23 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+from hub_server import FakeHub
 
 import hf_lpft.pipeline  # noqa: F401 - import cost paid once, not inside the first timed case
 from hf_lpft import cli
-from hf_lpft.config import SECTIONS, ConfigError, DataConfig, ExperimentConfig, FedAvgConfig, HubConfig, \
-    ModelConfig, PFTConfig, RunConfig, load_config
+from hf_lpft.config import (
+    SECTIONS,
+    ConfigError,
+    DataConfig,
+    ExperimentConfig,
+    FedAvgConfig,
+    HubConfig,
+    ModelConfig,
+    PFTConfig,
+    RunConfig,
+    load_config,
+)
 from hf_lpft.data.federate import ClientSplit, Federation, federate_from_config, save_manifest
-from hub_server import FakeHub
 
 PREFLIGHT_SECONDS = 5.0
 BASE = ["--data.num_classes", "4", "--model.backbone", "timm:test_resnet", "--fedavg.rounds", "1",

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from hf_lpft.config import ConfigError, load_config
-from hf_lpft.evaluation.report import cross_client_frame, cross_client_matrix, write_report
 from hf_lpft.evaluation.clients import NO_DISTORTION, evaluate_on_clients, reference_features
+from hf_lpft.evaluation.report import cross_client_frame, cross_client_matrix, write_report
 from hf_lpft.pipeline import run
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -8,17 +8,17 @@ import json
 
 import pytest
 import torch
+from test_strategies import load_exported
 
 from hf_lpft.config import ConfigError, load_config
 from hf_lpft.federated.fedavg import run_fedavg
-from hf_lpft.models.backbone import SplitModel, build_model
 from hf_lpft.layout import save_model
+from hf_lpft.models.backbone import SplitModel, build_model
 from hf_lpft.pipeline import run
+from hf_lpft.run.personalize import personalize
 from hf_lpft.speed import apply_memory_format, memory_format_of, resolve_memory_format, use_memory_format
 from hf_lpft.strategies import Budget, build_strategy
-from hf_lpft.run.personalize import personalize
 from hf_lpft.train.loop import OptimSettings, predict
-from test_strategies import load_exported
 
 SETTINGS = OptimSettings(batch_size=16)
 

@@ -6,18 +6,17 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import BACKBONES
 from peft import PeftModel
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from hf_lpft.data.tensors import to_float
-from hf_lpft.models.backbone import SplitModel, build_model
 from hf_lpft.layout import save_model
-from hf_lpft.strategies import STRATEGIES, Budget, build_strategy
+from hf_lpft.models.backbone import SplitModel, build_model
 from hf_lpft.run.personalize import personalize, run_phase
+from hf_lpft.strategies import STRATEGIES, Budget, build_strategy
 from hf_lpft.train.freeze import trainable_names
 from hf_lpft.train.loop import OptimSettings, predict, train_phase
-
-from conftest import BACKBONES
 
 # Every registered strategy runs with its default options on a budget of 6 epochs.
 MATRIX_BUDGET = Budget(epochs=6, lr=0.05)

@@ -11,9 +11,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from hf_lpft.config import ConfigError
 from hf_lpft.models.backbone import SplitModel, build_model
+from hf_lpft.run.personalize import run_phase
 from hf_lpft.strategies import Budget, build_strategy
 from hf_lpft.strategies.lss import VertexSoup, simplex_volume_sq
-from hf_lpft.run.personalize import run_phase
 from hf_lpft.strategies.soup import greedy_soup
 from hf_lpft.train.averaging import average_state_dicts
 from hf_lpft.train.freeze import trainable_names

@@ -10,8 +10,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from hf_lpft.config import ConfigError, load_config
 from hf_lpft.models.backbone import build_model
-from hf_lpft.strategies import STRATEGIES, Budget, build_strategy
 from hf_lpft.run.personalize import run_phase
+from hf_lpft.strategies import STRATEGIES, Budget, build_strategy
 from hf_lpft.strategies.proximal import proximal_term
 from hf_lpft.strategies.sparse import snip_mask, snip_scores
 from hf_lpft.train.freeze import trainable_names

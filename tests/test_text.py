@@ -13,17 +13,16 @@ import torch
 from peft import PeftModel
 
 import hf_lpft
-
 from hf_lpft.config import ConfigError, load_config
 from hf_lpft.data.federate import federate
 from hf_lpft.data.load import client_text_tensors, tokenize
 from hf_lpft.data.tensors import TextInputs, collate_text, iterate_batches
-from hf_lpft.models.backbone import SplitModel, build_model, load_tokenizer, resolve_hf_source
 from hf_lpft.layout import save_model
+from hf_lpft.models.backbone import SplitModel, build_model, load_tokenizer, resolve_hf_source
 from hf_lpft.pipeline import run
+from hf_lpft.run.personalize import personalize, run_phase
 from hf_lpft.strategies import STRATEGIES, Budget, build_strategy
 from hf_lpft.strategies.lora import resolve_targets
-from hf_lpft.run.personalize import personalize, run_phase
 from hf_lpft.train.freeze import trainable_names
 from hf_lpft.train.loop import OptimSettings, predict
 

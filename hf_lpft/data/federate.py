@@ -450,7 +450,8 @@ def apply_client_shifts(ds: datasets.Dataset, fed: Federation, *, image_column: 
 
 
 def save_manifest(federation: Federation, path: str | Path, *, stats: bool = True) -> Path:
-    """Write the manifest as JSON atomically; with ``stats``, also ``stats.json`` and ``label_heatmap.png`` beside it."""
+    """Write the manifest as JSON atomically; with ``stats``, also ``stats.json`` and ``label_heatmap.png``
+    beside it."""
     path = Path(path)
     write_text(path, json.dumps(federation.to_manifest(), indent=1))
     if stats:

@@ -98,7 +98,8 @@ def build_digits_c(*, n_per_domain: int = 300, image_size: int = 32, seed: int =
             cols["domain"].append(f"{k:02d}_{family}_s{severity}")
             cols["corruption"].append(family)
             cols["severity"].append(severity)
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(10)]),
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=[str(i) for i in range(10)]),
                                   "domain": datasets.Value("string"), "corruption": datasets.Value("string"),
                                   "severity": datasets.Value("int32")})
     return datasets.DatasetDict({"train": datasets.Dataset.from_dict(cols, features=features)})
@@ -117,6 +118,7 @@ def build_colored_digits(*, n_per_domain: int = 800, image_size: int = 32, seed:
             cols["label"].append(int(y[i]))
             cols["domain"].append(f"{k}_rho{strength:.2f}")
             cols["colour"].append(int(c))
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(10)]),
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=[str(i) for i in range(10)]),
                                   "domain": datasets.Value("string"), "colour": datasets.Value("int32")})
     return datasets.DatasetDict({"train": datasets.Dataset.from_dict(cols, features=features)})

@@ -161,7 +161,8 @@ def corruption_schedule(num_clients: int, *, families: Sequence[str] = CORRUPTIO
 
 
 def label_permutation(num_classes: int, k: int, *, seed: int) -> list[int]:
-    """A seeded mapping old label -> new label that cycles ``k`` randomly chosen classes (no fixed points among them)."""
+    """A seeded mapping old label -> new label that cycles ``k`` randomly chosen classes (no fixed points among
+    them)."""
     if not 2 <= k <= num_classes:
         raise ValueError(f"label_permutation={k!r} classes must be between 2 and num_classes={num_classes}")
     rng = np.random.default_rng(seed)

@@ -58,4 +58,5 @@ def build_topics(*, min_examples: int = 1) -> datasets.DatasetDict:
     texts = [x for t in names for x in kept[t]]
     labels = [k for k, t in enumerate(names) for _ in kept[t]]
     features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
-    return datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features)})
+    train = datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features)
+    return datasets.DatasetDict({"train": train})

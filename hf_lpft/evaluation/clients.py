@@ -37,7 +37,8 @@ def cross_accuracy(model, clients: list[ClientData], *, cfg: ExperimentConfig, d
 
 
 def evaluate_on_clients(model, clients: list[ClientData], i: int, *, cfg: ExperimentConfig, device,
-                        reference: list | None = None, shared: SharedBackbone | None = None) -> tuple[list[float], dict]:
+                        reference: list | None = None,
+                        shared: SharedBackbone | None = None) -> tuple[list[float], dict]:
     """Accuracy on every client's test split and, given the start model's features there (``reference``),
     the distortion columns (hf_lpft.evaluation.distortion), from one forward pass per split."""
     if reference is None:

@@ -22,7 +22,8 @@ from hf_lpft.evaluation.metrics import local_global, summarize_clients
 
 _CITATION = """@article{chen2025closer,
   title={A Closer Look at Personalized Fine-Tuning in Heterogeneous Federated Learning},
-  author={Chen, Minghui and Ghoukasian, Hrad and Jin, Ruinan and Wang, Zehua and Karimireddy, Sai Praneeth and Li, Xiaoxiao},
+  author={Chen, Minghui and Ghoukasian, Hrad and Jin, Ruinan and Wang, Zehua and Karimireddy, Sai Praneeth
+          and Li, Xiaoxiao},
   journal={arXiv preprint arXiv:2511.12695}, year={2025}}"""
 
 

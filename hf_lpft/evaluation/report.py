@@ -23,11 +23,15 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from hf_lpft.evaluation.metrics import (drop_split_table, format_drop_split, format_markdown, strategy_label,
-                                        summary_table)
+from hf_lpft.evaluation.metrics import (
+    drop_split_table,
+    format_drop_split,
+    format_markdown,
+    strategy_label,
+    summary_table,
+)
 from hf_lpft.io import atomic_path, write_text
 from hf_lpft.layout import RunLayout
-
 
 
 def _name(strategy: str) -> str:

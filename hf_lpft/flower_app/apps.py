@@ -18,8 +18,8 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from hf_lpft.federated.flower import evaluate_reply, train_reply
-from hf_lpft.run.flower_engine import local_training
 from hf_lpft.flower_app.node import Node, describe_reply, load_node, skeleton, study_of
+from hf_lpft.run.flower_engine import local_training
 
 server_app = ServerApp()
 client_app = ClientApp()

@@ -31,9 +31,9 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from hf_lpft import __version__
 from hf_lpft.config import ConfigError, ExperimentConfig, load_config
+from hf_lpft.data.preprocess import preprocessing_for
 from hf_lpft.data.tensors import ClientData, TextInputs
 from hf_lpft.io import atomic_path
-from hf_lpft.data.preprocess import preprocessing_for
 from hf_lpft.models.backbone import SplitModel, build_model
 from hf_lpft.speed import use_memory_format
 

@@ -16,15 +16,15 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from hf_lpft.config import ExperimentConfig
 from hf_lpft.data.tensors import ClientData
+from hf_lpft.evaluation.clients import cross_accuracy
 from hf_lpft.evaluation.distortion import extract_features, features_and_predictions, linear_cka, mean_feature_distance
 from hf_lpft.evaluation.shared_features import SharedBackbone
 from hf_lpft.flower_app.node import Node, skeleton
 from hf_lpft.hub.load import _build
-from hf_lpft.speed import use_memory_format
-from hf_lpft.evaluation.clients import cross_accuracy
 from hf_lpft.layout import RunLayout, save_model
 from hf_lpft.run.preflight import build_strategies
 from hf_lpft.run.units import personalize_unit
+from hf_lpft.speed import use_memory_format
 from hf_lpft.train.loop import accuracy
 
 

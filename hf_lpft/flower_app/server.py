@@ -27,19 +27,19 @@ from flwr.serverapp import Grid
 
 from hf_lpft.checkpoint import Checkpoints
 from hf_lpft.config import ConfigError, ExperimentConfig, load_config
+from hf_lpft.data.preprocess import preprocessing_for
+from hf_lpft.evaluation.clients import NO_DISTORTION, SELF_DISTORTION, result_row, write_cross_client, write_results
 from hf_lpft.evaluation.metrics import local_global
 from hf_lpft.evaluation.report import write_report
 from hf_lpft.federated.flower import SeededNodes, _valid, build_fl_strategy, run_rounds, to_arrays
-from hf_lpft.run.flower_engine import check_fl_strategy, describe_fl_strategy
 from hf_lpft.hub.push import publish_run
 from hf_lpft.io import atomic_path, meta_info, write_json, write_text
-from hf_lpft.data.preprocess import preprocessing_for
-from hf_lpft.models.backbone import build_model
-from hf_lpft.speed import use_memory_format
-from hf_lpft.evaluation.clients import NO_DISTORTION, SELF_DISTORTION, result_row, write_cross_client, write_results
 from hf_lpft.layout import RunLayout, save_model
+from hf_lpft.models.backbone import build_model
 from hf_lpft.pipeline import batchnorm_record, train_info
+from hf_lpft.run.flower_engine import check_fl_strategy, describe_fl_strategy
 from hf_lpft.run.preflight import build_strategies, check_backbone, check_strategies
+from hf_lpft.speed import use_memory_format
 from hf_lpft.train.loop import derive_seed
 
 PFT = f"{MessageType.TRAIN}.pft"

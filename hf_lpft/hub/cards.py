@@ -91,7 +91,8 @@ class RunInfo:
         """Template variables shared by every card."""
         data, meta = self.config["data"], self.record.get("meta_info", {})
         packages = meta.get("packages", {})
-        return {"experiment": self.experiment, "dataset": self.dataset_name, "dataset_config": data.get("dataset_config"),
+        return {"experiment": self.experiment, "dataset": self.dataset_name,
+                "dataset_config": data.get("dataset_config"),
                 "split": data.get("split"), "scheme": data["scheme"], "partition_by": data.get("partition_by"),
                 "alpha": data.get("alpha"), "client_ids": [c["client_id"] for c in self.manifest["clients"]],
                 "num_clients": len(self.manifest["clients"]), "num_classes": self.manifest.get("num_classes"),
@@ -219,8 +220,9 @@ def client_card(info: RunInfo, row, *, strategy_desc: dict, fmt: str, folder: st
                 endpoint: str, repo_ref: str) -> ModelCard:
     """The card of one (strategy, client, seed) folder; ``repo_ref`` is the repo id or local folder it is in."""
     rows = pd.DataFrame([row._asdict()])
-    data = ModelCardData(model_name=f"{repo_id or info.experiment}/{folder}", library_name="peft" if fmt == "peft_adapter"
-                         else "hf_lpft", base_model=repo_id, tags=TAGS + [info.task, row.strategy],
+    data = ModelCardData(model_name=f"{repo_id or info.experiment}/{folder}",
+                         library_name="peft" if fmt == "peft_adapter" else "hf_lpft", base_model=repo_id,
+                         tags=TAGS + [info.task, row.strategy],
                          eval_results=eval_results(info, rows, label=f", client {row.client_id}"),
                          **info.card_metadata())
     return ModelCard.from_template(

@@ -127,8 +127,9 @@ def write_model_folder(info: RunInfo, out: Path, dst: Path, *, repo_id: str | No
         base = layout.global_rel(row.seed).as_posix() if layout.seed_part(row.seed) else "."
         base_ref = repo_id if repo_id and base == "." else model_ref(ref, base, is_repo=repo_id is not None)
         fmt = export_client(out / rel, dst / rel, bases[row.seed], base_ref=base_ref)
-        write_json(dst / rel / "personalization.json", {"format": fmt, "strategy": row.strategy, "client_id": row.client_id,
-                                                        "seed": int(row.seed), "base": base})
+        write_json(dst / rel / "personalization.json", {"format": fmt, "strategy": row.strategy,
+                                                        "client_id": row.client_id, "seed": int(row.seed),
+                                                        "base": base})
         card = client_card(info, row, strategy_desc=strategies.get(row.strategy, {}), fmt=fmt, folder=rel.as_posix(),
                            base=base, repo_id=repo_id, endpoint=endpoint, repo_ref=ref)
         card.save(dst / rel / "README.md")
@@ -176,7 +177,8 @@ def results_datasets(info: RunInfo) -> dict[str, datasets.Dataset]:
 
 def dataset_configs(experiment: str) -> list[dict]:
     """The ``configs`` card metadata of one experiment, in the layout ``Dataset.push_to_hub`` writes."""
-    return [{"config_name": experiment, "data_files": [{"split": CLIENTS_SPLIT, "path": f"{experiment}/{CLIENTS_SPLIT}-*"}]},
+    return [{"config_name": experiment,
+             "data_files": [{"split": CLIENTS_SPLIT, "path": f"{experiment}/{CLIENTS_SPLIT}-*"}]},
             {"config_name": f"{experiment}-summary",
              "data_files": [{"split": SUMMARY_SPLIT, "path": f"{experiment}-summary/{SUMMARY_SPLIT}-*"}]}]
 

@@ -23,8 +23,14 @@ from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, Repositor
 
 from hf_lpft.hub import HubPushError
 from hf_lpft.hub.cards import RunInfo, results_card
-from hf_lpft.hub.export import CLIENTS_SPLIT, SUMMARY_SPLIT, default_results_repo, export_run, hub_endpoint, \
-    results_datasets
+from hf_lpft.hub.export import (
+    CLIENTS_SPLIT,
+    SUMMARY_SPLIT,
+    default_results_repo,
+    export_run,
+    hub_endpoint,
+    results_datasets,
+)
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -106,7 +112,8 @@ def push_results(api: HfApi, info: RunInfo, repo_id: str, *, model_repo_id: str,
                what=f"create {repo_id}")
     urls = []
     for (config, ds), split in zip(results_datasets(info).items(), (CLIENTS_SPLIT, SUMMARY_SPLIT)):
-        commit = with_retry(lambda: ds.push_to_hub(repo_id, config_name=config, split=split, private=private, token=token,
+        commit = with_retry(lambda: ds.push_to_hub(repo_id, config_name=config, split=split, private=private,
+                                                   token=token,
                                                    commit_message=f"Upload results config {config}"),
                             what=f"push {config} to {repo_id}")
         urls.append(commit.commit_url)

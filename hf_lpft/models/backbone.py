@@ -42,8 +42,14 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from hf_lpft.data.preprocess import Preprocessing, resolve_preprocessing
-from hf_lpft.data.sources import (BACKBONE_PREFIXES, HF_CONFIG_PRESETS, INSTALLED_ALIASES,  # noqa: F401
-                                   load_tokenizer, resolve_hf_source, split_spec)
+from hf_lpft.data.sources import (  # noqa: F401
+    BACKBONE_PREFIXES,
+    HF_CONFIG_PRESETS,
+    INSTALLED_ALIASES,
+    load_tokenizer,
+    resolve_hf_source,
+    split_spec,
+)
 from hf_lpft.io import write_json
 from hf_lpft.speed import contiguous_weights
 

@@ -27,10 +27,15 @@ import numpy as np
 import torch
 
 from hf_lpft.config import ConfigError, ExperimentConfig, given_keys
-from hf_lpft.layout import RunLayout
-from hf_lpft.data.federate import Federation, FederationError, default_partition_by, federate_from_config, \
-    num_classes_of
+from hf_lpft.data.federate import (
+    Federation,
+    FederationError,
+    default_partition_by,
+    federate_from_config,
+    num_classes_of,
+)
 from hf_lpft.data.load import load_from_config
+from hf_lpft.layout import RunLayout
 from hf_lpft.strategies import Budget, Strategy, build_strategy
 
 logger = logging.getLogger(__name__)

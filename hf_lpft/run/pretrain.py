@@ -32,6 +32,7 @@ from hf_lpft import __version__
 from hf_lpft._faults import fault_point
 from hf_lpft.checkpoint import Checkpoints
 from hf_lpft.config import ConfigError, ExperimentConfig
+from hf_lpft.data.preprocess import preprocessing_for
 from hf_lpft.data.tensors import ClientData, TextInputs
 from hf_lpft.federated.fedavg import run_fedavg
 from hf_lpft.io import write_json
@@ -39,9 +40,8 @@ from hf_lpft.layout import RunLayout, save_model
 from hf_lpft.models.backbone import SplitModel, build_model
 from hf_lpft.run.given_model import load_global_model
 from hf_lpft.run.tracking import log_scalars
-from hf_lpft.train.loop import derive_seed
-from hf_lpft.data.preprocess import preprocessing_for
 from hf_lpft.speed import use_memory_format
+from hf_lpft.train.loop import derive_seed
 from hf_lpft.train.optim import settings_from
 
 logger = logging.getLogger(__name__)

@@ -7,8 +7,17 @@ it takes to register it.
 import importlib
 import pkgutil
 
-from hf_lpft.strategies.base import (EXPORT_KINDS, STRATEGIES, Budget, Strategy, build_strategy, display_name, get_strategy,
-                                    register_strategy, unregister_strategy)
+from hf_lpft.strategies.base import (
+    EXPORT_KINDS,
+    STRATEGIES,
+    Budget,
+    Strategy,
+    build_strategy,
+    display_name,
+    get_strategy,
+    register_strategy,
+    unregister_strategy,
+)
 
 _SKIP = {"base"}
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):

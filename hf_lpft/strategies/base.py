@@ -8,8 +8,8 @@ checks them, so no table elsewhere lists strategies.
 from __future__ import annotations
 
 import copy
-import math
 import dataclasses
+import math
 import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field

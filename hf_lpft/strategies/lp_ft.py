@@ -13,7 +13,14 @@ import math
 from dataclasses import dataclass, field
 
 from hf_lpft.config import ConfigError
-from hf_lpft.strategies.base import Strategy, StrategyConfig, check_bn, check_probe, check_probe_budget, register_strategy
+from hf_lpft.strategies.base import (
+    Strategy,
+    StrategyConfig,
+    check_bn,
+    check_probe,
+    check_probe_budget,
+    register_strategy,
+)
 from hf_lpft.train.phase import Phase
 
 

@@ -37,7 +37,6 @@ models inside the simplex, whose centre is the final average. The final model ke
 from __future__ import annotations
 
 import copy
-
 import math
 from dataclasses import dataclass, field
 
@@ -189,7 +188,8 @@ class LSSFT(Strategy):
     name = "lss_ft"
     display_name = "LSS FT"
     export_kind = "full"
-    description = "LSS FT: vertices trained through random interpolations, with affinity to θ_G and diversity; averaged."
+    description = ("LSS FT: vertices trained through random interpolations, with affinity to θ_G and diversity; "
+                   "averaged.")
     config_cls = LSSConfig
 
     def vertex_epochs(self) -> int:

@@ -63,7 +63,8 @@ class SurgicalConfig(StrategyConfig):
             try:
                 re.compile(pattern)
             except re.error as err:
-                raise ConfigError(f"surgical_ft.patterns: {pattern!r} is not a valid regular expression ({err})") from err
+                raise ConfigError(f"surgical_ft.patterns: {pattern!r} is not a valid regular expression "
+                                  f"({err})") from err
         check_bn("surgical_ft.bn", self.bn)
 
 
@@ -131,7 +132,8 @@ class SurgicalFT(Strategy):
     name = "surgical_ft"
     display_name = "Surgical FT"
     export_kind = "full"
-    description = "Surgical FT (Lee et al. 2023): only chosen blocks (first/last block, stem, norms, patterns) + head train."
+    description = ("Surgical FT (Lee et al. 2023): only chosen blocks (first/last block, stem, norms, patterns) "
+                   "+ head train.")
     config_cls = SurgicalConfig
 
     def __init__(self, config: SurgicalConfig | None = None, *, budget=None):

@@ -26,8 +26,17 @@ import yaml
 
 from hf_lpft.config import ExperimentConfig, parse_overrides
 from hf_lpft.io import atomic_path, write_text
-from hf_lpft.studies.sweep import (diff_cell, label, lpft_minus_ft, pct, per_seed, run_point, strategy_means,
-                                   sweep_config, verdict)
+from hf_lpft.studies.sweep import (
+    diff_cell,
+    label,
+    lpft_minus_ft,
+    pct,
+    per_seed,
+    run_point,
+    strategy_means,
+    sweep_config,
+    verdict,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +135,8 @@ def format_condition_table(table: pd.DataFrame, skipped: dict[str, str] | None =
     for _, r in table.iterrows():
         diffs = [diff_cell(r, m) for m in ("local", "global")]
         refs = [_pair(r[f"{s}_local_acc"], r[f"{s}_global_acc"]) for s in REFERENCES]
-        dist = [_pair(r[f"{s}_distortion_local"], r[f"{s}_distortion_global"], fmt=lambda x: "-" if np.isnan(x) else f"{x:.3g}")
-                for s in ("ft", "lp_ft")]
+        dist = [_pair(r[f"{s}_distortion_local"], r[f"{s}_distortion_global"],
+                      fmt=lambda x: "-" if np.isnan(x) else f"{x:.3g}") for s in ("ft", "lp_ft")]
         lines.append("| " + " | ".join([r.condition, str(r.seeds), *diffs, r.verdict, *refs, *dist]) + " |")
     for name, reason in (skipped or {}).items():
         lines.append(f"\nSkipped: **{name}** ({reason})")

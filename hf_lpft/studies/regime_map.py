@@ -21,10 +21,20 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from hf_lpft.studies.sweep import (diff_cell, label, lpft_minus_ft, merge_layers, pct, per_seed, run_point,
-                                   strategy_means, sweep_config, verdict)
 from hf_lpft.config import ExperimentConfig, parse_overrides
 from hf_lpft.io import atomic_path, write_text
+from hf_lpft.studies.sweep import (
+    diff_cell,
+    label,
+    lpft_minus_ft,
+    merge_layers,
+    pct,
+    per_seed,
+    run_point,
+    strategy_means,
+    sweep_config,
+    verdict,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -189,8 +199,8 @@ def format_regime_table(table: pd.DataFrame, seconds: dict[str, float] | None = 
         drop = f"{pct(r.ft_global_drop)} ({pct(r.ft_global_drop_bn)})"
         cell = f"{r['norm']}/{r['shift']}/{r['dose']}"  # r.shift would be pandas' Series.shift method
         wall = f"{seconds[cell]:.0f}" if seconds and cell in seconds else "-"
-        lines.append("| " + " | ".join([r["norm"], r["shift"], r["dose"], str(r.seeds), *diffs, r.verdict, *refs, drop, wall])
-                     + " |")
+        cells = [r["norm"], r["shift"], r["dose"], str(r.seeds), *diffs, r.verdict, *refs, drop, wall]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

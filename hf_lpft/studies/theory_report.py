@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hf_lpft.io import atomic_path, write_json, write_text
 from hf_lpft.studies.theory import (
     Crossings,
     TheoryConfig,
@@ -22,7 +23,6 @@ from hf_lpft.studies.theory import (
     make_instance,
     sweep_lambda,
 )
-from hf_lpft.io import atomic_path, write_json, write_text
 
 
 def theorem_conditions(cfg: TheoryConfig) -> dict:

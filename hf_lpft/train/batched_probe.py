@@ -86,7 +86,8 @@ def _sgd_step(params: list[torch.Tensor], bufs: list[torch.Tensor], active: torc
 
 def train_heads(features: list[torch.Tensor], labels: list[torch.Tensor], weights: torch.Tensor, biases: torch.Tensor,
                 *, epochs: int, lr: float, settings: OptimSettings, seeds: list[int],
-                flood: float | None = None) -> tuple[torch.Tensor, torch.Tensor, list[list[float]], list[tuple[int, float] | None]]:
+                flood: float | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, list[list[float]], list[tuple[int, float] | None]]:
     """Train K linear heads together on fixed features.
 
     Args:

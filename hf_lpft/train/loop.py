@@ -21,8 +21,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hf_lpft.data.tensors import ClientData, iterate_batches
-from hf_lpft.train.freeze import (apply_phase, begin_bn_statistics, end_bn_statistics, head_module,
-                                  set_statistics_mode, set_train_mode)
+from hf_lpft.train.freeze import (
+    apply_phase,
+    begin_bn_statistics,
+    end_bn_statistics,
+    head_module,
+    set_statistics_mode,
+    set_train_mode,
+)
 from hf_lpft.train.logreg import DEFAULT_L2_GRID, choose_l2, fit_logreg
 from hf_lpft.train.optim import OptimSettings, make_optimizer, make_scheduler
 from hf_lpft.train.phase import Phase
