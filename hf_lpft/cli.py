@@ -107,7 +107,8 @@ def list_strategies() -> int:
 
     for name, cls in sorted(STRATEGIES.items()):
         defaults = dataclasses.asdict(cls.config_cls())  # also resolves default_factory fields
-        print(f"{name:12s} {cls.description}\n{'':12s} defaults: {defaults}")
+        print(f"{name:12s} {cls.display_name} ({cls.export_kind} export): {cls.description}\n"
+              f"{'':12s} defaults: {defaults}")
     return 0
 
 
