@@ -222,8 +222,9 @@ def plot_regime_map(table: pd.DataFrame, path: str | Path) -> Path:
             text[i, j] = f"{grid[i, j]:+.1f}\n± {100 * r[f'lpft_minus_ft_{metric}_std']:.1f}"
         lim = max(1.0, float(np.nanmax(np.abs(grid)))) if np.isfinite(grid).any() else 1.0
         im = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
-        for (i, j), s in text.items():
-            ax.text(j, i, s, ha="center", va="center", fontsize=8)
+        for (i, j), s in text.items():  # white on the dark ends of the colour map
+            ax.text(j, i, s, ha="center", va="center", fontsize=8,
+                    color="white" if abs(grid[i, j]) > 0.6 * lim else "black")
         ax.set_xticks(range(len(cols)), [c.replace("_", "\n", 2) for c in cols], fontsize=7)
         ax.set_yticks(range(len(rows)), [f"{n}\n{s}" for n, s in rows], fontsize=7)
         ax.set_title(f"LP-FT − FT, {metric.capitalize()} (points)")
