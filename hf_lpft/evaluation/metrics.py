@@ -1,6 +1,6 @@
 """Local / Global / C-Std / Worst / Average, as pure functions over accuracy matrices and records.
 
-Definitions (Chen et al., arXiv 2511.12695, see PAPER.md):
+Definitions (Chen et al., arXiv 2511.12695, the metrics of Table 2):
 - Local: client i's model on client i's own test split.
 - Global: the same model's mean accuracy over all *other* clients' test splits (own split excluded).
 - C-Std (Local): standard deviation of Local across clients (population std, ddof=0).

@@ -3,8 +3,8 @@
 A reference row, not a method of the paper: it separates how much of fine-tuning's Local gain (and its
 feature distortion) comes from BatchNorm statistics alone. The idea is AdaBN (Li et al., "Revisiting
 Batch Normalization For Practical Domain Adaptation", arXiv 1603.04779); in federated learning FedBN
-(Li et al., ICLR 2021, arXiv 2102.07623) keeps BatchNorm local for the same reason. See "What a pilot on
-our own embedded data found" in PAPER.md (Chen et al., arXiv 2511.12695, is the paper studied).
+(Li et al., ICLR 2021, arXiv 2102.07623) keeps BatchNorm local for the same reason. Its Global drop is the
+"BN statistics" part of each method's drop (``global_drop_bn``; the regime map in benchmarks/README.md).
 
 The single phase trains no parameter (``trainable="none"``: no optimizer, so no weight decay or momentum
 touches a weight) and runs forward passes without gradients; ``bn="reestimate"`` resets the running
