@@ -67,6 +67,18 @@ def check_probe_budget(strategy: str, lp_epochs: int, epochs: int) -> None:
                           f"{strategy}.lp_epochs: {fit}) or raise --pft.epochs to at least {lp_epochs}")
 
 
+@dataclass
+class ProbeConfig(StrategyConfig):
+    """Options of strategies with a probing phase (LP, LP-FT): how the probe is fitted."""
+
+    probe: str = field(default="sgd", metadata={"help": (
+        "Probe solver: sgd (the run's optimizer for the probing epochs) or logreg (to convergence: L2-regularised "
+        "multinomial logistic regression on frozen eval-mode features, L-BFGS, strength chosen on 20% held-out "
+        "training data, warm-started from the global head; Kumar et al. 2022).")})
+    probe_l2: list[float] | None = field(default=None, metadata={"help": (
+        "L2 strengths the logreg probe chooses from; None = 1e-5 ... 1.")})
+
+
 def check_bn(name: str, value: str) -> None:
     if value not in BN_MODES:
         raise ConfigError(f"{name}={value!r} is not allowed; choose one of {list(BN_MODES)}")

@@ -7,21 +7,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hf_lpft.strategies.base import Strategy, StrategyConfig, check_bn, check_probe, register_strategy
+from hf_lpft.strategies.base import ProbeConfig, Strategy, check_bn, check_probe, register_strategy
 from hf_lpft.train.phase import Phase
 
 
 @dataclass
-class LPConfig(StrategyConfig):
+class LPConfig(ProbeConfig):
     bn: str = field(default="frozen", metadata={"help": (
         "BatchNorm statistics while probing: frozen (a true linear probe), train or reestimate (reset, then a "
         "cumulative average: LP on the client's own statistics).")})
-    probe: str = field(default="sgd", metadata={"help": (
-        "Probe solver: sgd (the run's optimizer for the probing epochs) or logreg (to convergence: L2-regularised "
-        "multinomial logistic regression on frozen eval-mode features, L-BFGS, strength chosen on 20% held-out "
-        "training data, warm-started from the global head; Kumar et al. 2022).")})
-    probe_l2: list[float] | None = field(default=None, metadata={"help": (
-        "L2 strengths the logreg probe chooses from; None = 1e-5 ... 1.")})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -13,19 +13,12 @@ import math
 from dataclasses import dataclass, field
 
 from hf_lpft.config import ConfigError
-from hf_lpft.strategies.base import (
-    Strategy,
-    StrategyConfig,
-    check_bn,
-    check_probe,
-    check_probe_budget,
-    register_strategy,
-)
+from hf_lpft.strategies.base import ProbeConfig, Strategy, check_bn, check_probe, check_probe_budget, register_strategy
 from hf_lpft.train.phase import Phase
 
 
 @dataclass
-class LPFTConfig(StrategyConfig):
+class LPFTConfig(ProbeConfig):
     lp_epochs: int = field(default=5, metadata={"help": (
         "Probing epochs taken from the shared budget; the rest fine-tunes.")})
     lp_bn: str = field(default="frozen", metadata={"help": (
@@ -33,12 +26,6 @@ class LPFTConfig(StrategyConfig):
     ft_lr_factor: float = field(default=1.0, metadata={"help": (
         "Learning rate of the fine-tuning stage = pft.lr x this factor (Kumar et al. tune LP-FT's FT-stage lr "
         "separately, often 10x lower than FT's: 0.1).")})
-    probe: str = field(default="sgd", metadata={"help": (
-        "Probe solver: sgd (the run's optimizer for the probing epochs) or logreg (to convergence: L2-regularised "
-        "multinomial logistic regression on frozen eval-mode features, L-BFGS, strength chosen on 20% held-out "
-        "training data, warm-started from the global head; Kumar et al. 2022).")})
-    probe_l2: list[float] | None = field(default=None, metadata={"help": (
-        "L2 strengths the logreg probe chooses from; None = 1e-5 ... 1.")})
     ft_bn: str = field(default="train", metadata={"help": (
         "BatchNorm statistics while fine-tuning: train, frozen or reestimate (reset, then a cumulative average).")})
 
