@@ -48,6 +48,12 @@ def _start(cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
+def _superlink(bin_dir: Path, port: int, log: Path, env: dict, *, simulation: bool = False) -> subprocess.Popen:
+    """A SuperLink on 127.0.0.1:``port`` without TLS (test only); ``simulation`` runs the nodes in-process."""
+    return _start([str(bin_dir / "flower-superlink"), "--insecure", *(["--simulation"] if simulation else []),
+                   "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"], log, env)
+
+
 def _stop(procs: list[subprocess.Popen]) -> None:
     for p in procs:
         if p.poll() is None:
@@ -99,8 +105,7 @@ def test_flwr_run_on_superlink_and_supernodes_equals_the_builtin_engine(tmp_path
     procs: list[subprocess.Popen] = []
     try:
         link_log = tmp_path / "superlink.log"
-        procs.append(_start([str(bin_dir / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port",
-                             str(port), "--disable-runtime-dependency-installation"], link_log, env))
+        procs.append(_superlink(bin_dir, port, link_log, env))
         _wait_port(port, procs[0], link_log)
         for i in range(2):
             node_config = (f'partition-id={i} manifest="{manifest}" dataset="{tiny_ds_path}" '
@@ -154,8 +159,7 @@ def test_flwr_run_in_simulation_equals_the_builtin_engine(tmp_path):
     procs: list[subprocess.Popen] = []
     try:
         link_log = tmp_path / "superlink.log"
-        procs.append(_start([str(bin_dir / "flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1",
-                             "--port", str(port), "--disable-runtime-dependency-installation"], link_log, env))
+        procs.append(_superlink(bin_dir, port, link_log, env, simulation=True))
         _wait_port(port, procs[0], link_log)
         run_config = tmp_path / "run_config.toml"
         run_config.write_text(f'overrides = "{_overrides(STUDY | {"data": data})}"\n'
