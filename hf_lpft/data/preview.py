@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hf_lpft.data.federate import federate_from_config, save_manifest
-from hf_lpft.data.load import load_from_config
+from hf_lpft.data.load import builtin_options, load_from_config
 from hf_lpft.data.stats import plot_client_samples
 
 
@@ -24,8 +24,7 @@ def preview_federation(data, output_dir: str | Path, *, builtin_kwargs: dict | N
     if federated is not None:
         shifted, fed = federated
     else:
-        kwargs = builtin_kwargs if builtin_kwargs is not None else {"n_per_domain": data.n_per_domain,
-                                                                     "image_size": data.image_size}
+        kwargs = builtin_kwargs if builtin_kwargs is not None else builtin_options(data)
         ds = load_from_config(data, builtin_kwargs=kwargs)
         shifted, fed = federate_from_config(ds, data)
     folder = Path(output_dir) / "federation"

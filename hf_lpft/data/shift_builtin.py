@@ -16,6 +16,19 @@ chosen other class. Default strengths 0.9, 0.8, 0.6, 0.3, 0.1: from a strong sho
 (0.1 = chance with 10 classes), so P(y | colour) differs by client (concept shift). Domain values are
 ``"<k>_rho<strength>"``; column ``colour`` holds the colour index used.
 
+``spurious-digits`` (Colored MNIST, Arjovsky et al. 2019, arXiv 1907.02893, federated): a binary label (digit
+< 5 or >= 5) that the digit's shape predicts only ``1 - label_noise`` = 75 % of the time (each label flipped
+with probability 0.25), and a colour (red = 0, green = 1) that agrees with the label with a client-specific
+probability ``agreement[k]``: above 0.5 the colour-label correlation is aligned, below 0.5 reversed (the sign
+of the correlation ``2 * agreement - 1``). Default: 8 aligned clients (agreement 0.95 x 4, 0.9 x 4) and 2
+reversed ones (0.1, 0.2), 500 digits each: pooled over the federation the colour agrees with the label ~77 %
+of the time, more than the shape's 75 %, so a model trained on the pooled data leans on the colour and pays
+for it on the reversed clients, as CelebA's minority groups do (P(y | x) differs by client: concept shift).
+``config="shape_only"`` draws the same digits in grey with the same labels: a model trained on it can only
+use the shape (its accuracy is the ceiling without the shortcut; a perfect shape classifier gets 75 %).
+Columns ``digit`` (the clean MNIST digit), ``colour`` and ``agreement`` let tests measure the design.
+Domain values are ``"<k>_aligned_p<agreement>"`` or ``"<k>_reversed_p<agreement>"``.
+
 Clients get disjoint MNIST digits when ``num_clients * n_per_domain <= 5000``; beyond that every client
 draws its own subset and clients share underlying digits (as CIFAR-10-C's corruptions share their base
 images), which is logged.
@@ -36,6 +49,12 @@ from hf_lpft.data.digits import pad_digit
 logger = logging.getLogger(__name__)
 
 COLORED_STRENGTHS = (0.9, 0.8, 0.6, 0.3, 0.1)
+# spurious-digits: P(colour == label) per client (> 0.5 aligned, < 0.5 reversed) and the label-noise rate.
+SPURIOUS_AGREEMENT = (0.95, 0.95, 0.95, 0.95, 0.9, 0.9, 0.9, 0.9, 0.1, 0.2)
+SPURIOUS_LABEL_NOISE = 0.25
+SPURIOUS_CONFIGS = ("coloured", "shape_only")
+# Red and green, as Arjovsky et al.'s Colored MNIST (index = the binary label the colour stands for).
+SPURIOUS_COLOURS = ((255, 0, 0), (0, 255, 0))
 
 
 @lru_cache(maxsize=1)
@@ -121,4 +140,48 @@ def build_colored_digits(*, n_per_domain: int = 800, image_size: int = 32, seed:
     features = datasets.Features({"image": datasets.Image(),
                                   "label": datasets.ClassLabel(names=[str(i) for i in range(10)]),
                                   "domain": datasets.Value("string"), "colour": datasets.Value("int32")})
+    return datasets.DatasetDict({"train": datasets.Dataset.from_dict(cols, features=features)})
+
+
+def spurious_design(labels: np.ndarray, agreement: float, label_noise: float,
+                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy binary labels and colours of one client: ``labels`` are the clean shape classes (0/1); each is
+    flipped with probability ``label_noise``, then the colour equals the noisy label with probability
+    ``agreement`` (Arjovsky et al. 2019's construction, per client)."""
+    if not 0.0 <= agreement <= 1.0:
+        raise ValueError(f"agreement={agreement!r} must be in [0, 1]")
+    if not 0.0 <= label_noise < 0.5:
+        raise ValueError(f"label_noise={label_noise!r} must be in [0, 0.5)")
+    noisy = np.where(rng.random(len(labels)) < label_noise, 1 - labels, labels)
+    colours = np.where(rng.random(len(labels)) < agreement, noisy, 1 - noisy)
+    return noisy.astype(np.int64), colours.astype(np.int64)
+
+
+def build_spurious_digits(*, n_per_domain: int = 500, image_size: int = 32, seed: int = 0,
+                          config: str = "coloured",
+                          agreement: tuple[float, ...] = SPURIOUS_AGREEMENT,
+                          label_noise: float = SPURIOUS_LABEL_NOISE) -> datasets.DatasetDict:
+    """``spurious-digits``: federated binary Colored MNIST; the colour agrees with the (noisy) label with a
+    client-specific probability, aligned or reversed (see the module docstring)."""
+    _check_size(image_size)
+    if config not in SPURIOUS_CONFIGS:
+        raise ValueError(f"config={config!r} is not a configuration of spurious-digits; choose one of "
+                         f"{list(SPURIOUS_CONFIGS)}")
+    x, y, subsets = _digit_subsets(len(agreement), n_per_domain, seed)
+    cols: dict[str, list] = {"image": [], "label": [], "domain": [], "digit": [], "colour": [], "agreement": []}
+    for k, (p, rows) in enumerate(zip(agreement, subsets)):
+        labels, colours = spurious_design((y[rows] >= 5).astype(np.int64), p, label_noise,
+                                          np.random.default_rng([seed, 2000 + k]))
+        side = "aligned" if p >= 0.5 else "reversed"
+        for i, label, c in zip(rows, labels, colours):
+            ink = (255, 255, 255) if config == "shape_only" else SPURIOUS_COLOURS[c]
+            cols["image"].append(Image.fromarray(_to_image(S.colorize(pad_digit(x[i]), ink), image_size)))
+            cols["label"].append(int(label))
+            cols["domain"].append(f"{k}_{side}_p{p:.2f}")
+            cols["digit"].append(int(y[i]))
+            cols["colour"].append(int(c))
+            cols["agreement"].append(float(p))
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["0-4", "5-9"]),
+                                  "domain": datasets.Value("string"), "digit": datasets.Value("int32"),
+                                  "colour": datasets.Value("int32"), "agreement": datasets.Value("float32")})
     return datasets.DatasetDict({"train": datasets.Dataset.from_dict(cols, features=features)})

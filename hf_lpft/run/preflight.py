@@ -34,7 +34,7 @@ from hf_lpft.data.federate import (
     federate_from_config,
     num_classes_of,
 )
-from hf_lpft.data.load import load_from_config
+from hf_lpft.data.load import builtin_options, load_from_config
 from hf_lpft.layout import RunLayout
 from hf_lpft.strategies import Budget, Strategy, build_strategy
 
@@ -77,6 +77,8 @@ def check_scheme_options(cfg: ExperimentConfig) -> None:
         if option not in given:
             continue
         value = getattr(d, option)
+        if option == "num_clients" and d.scheme == "natural" and builder_takes(d.dataset, "num_clients"):
+            continue  # an embedded builder that makes one domain a client (digits-c) takes the client count
         if d.scheme not in schemes:
             hint = (" (natural makes one client per value of data.partition_by, default data.domain_column)"
                     if option == "num_clients" and d.scheme == "natural" else "")
@@ -87,13 +89,29 @@ def check_scheme_options(cfg: ExperimentConfig) -> None:
                               f"data.quantity_mode={d.quantity_mode!r}; it is used with quantity_mode 'dirichlet'")
 
 
+def builder_takes(dataset: str, option: str) -> bool:
+    """Whether ``dataset`` is an embedded dataset whose builder takes ``option``."""
+    from hf_lpft.data.builtin import BUILTIN_DATASETS
+
+    return dataset in BUILTIN_DATASETS and option in inspect.signature(BUILTIN_DATASETS[dataset]).parameters
+
+
 def check_sizes(cfg: ExperimentConfig) -> None:
-    """Sizes an embedded dataset cannot provide fail now, not after its builder has started."""
-    from hf_lpft.data.builtin import BUILTIN_DATASETS, N_PER_DOMAIN_MAX
+    """Sizes and configurations an embedded dataset cannot provide fail now, not after its builder has started."""
+    from hf_lpft.data.builtin import BUILTIN_CLIENTS_MAX, BUILTIN_CONFIGS, BUILTIN_DATASETS, N_PER_DOMAIN_MAX
 
     d = cfg.data
     if d.dataset not in BUILTIN_DATASETS:
         return
+    if d.dataset_config is not None and d.dataset_config not in BUILTIN_CONFIGS.get(d.dataset, ()):
+        allowed = list(BUILTIN_CONFIGS.get(d.dataset, ()))
+        raise ConfigError(f"data.dataset_config={d.dataset_config!r} is not a configuration of the embedded dataset "
+                          f"{d.dataset!r}; " + (f"choose one of {allowed}" if allowed else "it has none: remove it"))
+    if d.scheme == "natural" and builder_takes(d.dataset, "num_clients") and "num_clients" in given_keys(cfg, "data"):
+        limit, why = BUILTIN_CLIENTS_MAX[d.dataset]
+        if not 1 <= d.num_clients <= limit:
+            raise ConfigError(f"data.num_clients={d.num_clients!r} is out of range for the embedded dataset "
+                              f"{d.dataset!r}: choose 1..{limit} ({why})")
     if "n_per_domain" not in inspect.signature(BUILTIN_DATASETS[d.dataset]).parameters:
         if "n_per_domain" in given_keys(cfg, "data"):
             raise ConfigError(f"data.n_per_domain={d.n_per_domain!r} does not apply to the embedded dataset "
@@ -357,7 +375,7 @@ def load_dataset_checked(cfg: ExperimentConfig) -> datasets.Dataset:
                     offline_fixes=f"set HF_HUB_OFFLINE=1 with the dataset in the HF cache (loaded once online), "
                                   f"or give {local}")
     try:
-        return load_from_config(d, builtin_kwargs={"n_per_domain": d.n_per_domain, "image_size": d.image_size})
+        return load_from_config(d, builtin_kwargs=builtin_options(d, given=given_keys(cfg, "data")))
     except FederationError as err:  # e.g. a split the dataset does not have
         raise ConfigError(f"data.{err}") from err
     except (OSError, ValueError) as err:

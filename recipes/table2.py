@@ -1,0 +1,48 @@
+"""The paper's Table 2 on our data: every PFT method, one row block per shift kind, 3 seeds.
+
+    python recipes/table2.py                                   # every block (long; resumes where it stopped)
+    python recipes/table2.py --blocks feature_shift,label_shift # some blocks (e.g. one per process)
+    python recipes/table2.py --collect                         # tabulate the saved blocks, run nothing
+    python recipes/table2.py --quick                           # 1 seed, a third of the FedAvg rounds
+
+Writes <output_dir>/<block>/ (one pipeline run each), the shared FedAvg results in <output_dir>/fedavg_cache/,
+and table2.md, table2.parquet, table2_<block>.png. Blocks and the one PFT regime: recipes/configs/table2/.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from hf_lpft.cli import setup_logging
+from hf_lpft.studies.table2 import collect_blocks, load_blocks, run_blocks, select_blocks, write_table2
+
+FOLDER = Path(__file__).parent / "configs" / "table2"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--folder", default=str(FOLDER), help="Folder of base.yaml and blocks.yaml.")
+    parser.add_argument("--blocks", default=None, help="Comma-separated block names (default: all).")
+    parser.add_argument("--quick", action="store_true", help="1 seed and a third of the FedAvg rounds.")
+    parser.add_argument("--output_dir", default=None, help="Default outputs/table2 (outputs/table2_quick).")
+    parser.add_argument("--collect", action="store_true", help="Run nothing: tabulate the blocks already run "
+                        "(blocks without results are left out, with a warning).")
+    parser.add_argument("--log_level", default="INFO", help="Log level of hf_lpft.")
+    args, overrides = parser.parse_known_args(argv)
+    setup_logging(args.log_level.upper())
+    out = Path(args.output_dir or ("outputs/table2_quick" if args.quick else "outputs/table2"))
+    try:
+        blocks = select_blocks(load_blocks(args.folder, output_dir=out, quick=args.quick, overrides=overrides),
+                               args.blocks)
+        if not args.collect:
+            run_blocks(blocks)
+        finished = collect_blocks(blocks, allow_missing=args.collect)
+    except ValueError as err:  # a bad block file, name or config
+        print(f"table2: {err}", file=sys.stderr)
+        return 2
+    print(write_table2(out, finished))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
