@@ -228,6 +228,7 @@ def format_block(table: pd.DataFrame, found: BlockResults) -> str:
                                                              "avg_lgw_matrix", "avg_lg", "c_std", "worst")),
                  _matched_cell(r), runs]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += spurious_lines(found.results)
     for row in found.block.paper:
         p = PAPER_ROWS[row]
         lines.append(f"| *paper, {row}* | *FT {p['ft'][0]:.2f} / {p['ft'][1]:.2f}; LP-FT {p['lp_ft'][0]:.2f} / "
@@ -305,3 +306,37 @@ def write_table2(out: str | Path, found: list[BlockResults]) -> str:
     markdown = "\n".join(parts) if parts else "No block has results yet."
     write_text(out / "table2.md", markdown + "\n")
     return markdown
+
+
+def side_of(client_id: str) -> str | None:
+    """``aligned`` or ``reversed`` for a spurious-digits client id (``<k>_<side>_p<agreement>``), else None."""
+    parts = str(client_id).split("_")
+    return parts[1] if len(parts) == 3 and parts[1] in ("aligned", "reversed") else None
+
+
+def aligned_vs_reversed(results: pd.DataFrame, strategy: str = "global_model") -> pd.DataFrame:
+    """Accuracy of ``strategy`` on the aligned and on the reversed clients of a spurious-digits federation, per
+    seed: the mean over those clients of the model's accuracy on their test splits (for the global model,
+    Local = its accuracy on the client's own split). Columns seed, aligned, reversed."""
+    rows = results[results.strategy == strategy].assign(side=lambda d: d.client_id.map(side_of))
+    rows = rows[rows.side.notna()]
+    if rows.empty:
+        return pd.DataFrame(columns=["seed", "aligned", "reversed"])
+    return rows.pivot_table(index="seed", columns="side", values="local_acc", aggfunc="mean").reset_index()
+
+
+def spurious_lines(results: pd.DataFrame) -> list[str]:
+    """For a spurious-digits block: the global model's accuracy on the aligned vs the reversed clients (mean
+    (std) over seeds and every seed), the calibration the benchmark is read with; nothing for other data."""
+    from hf_lpft.studies.sweep import mean_std
+
+    table = aligned_vs_reversed(results)
+    if table.empty or not {"aligned", "reversed"} <= set(table.columns):
+        return []
+    cells = []
+    for side in ("aligned", "reversed"):
+        m, sd = mean_std(table[side].to_numpy(float))
+        runs = ", ".join(f"{100 * v:.1f}" for v in table[side])
+        cells.append(f"{side} clients {100 * m:.2f} ({100 * sd:.2f}) [{runs}]")
+    return ["", "Global model's accuracy (%) on its clients' test splits, mean (std) over seeds [every seed]: "
+            + "; ".join(cells) + "."]
