@@ -84,6 +84,9 @@ def given_global_model(cfg: ExperimentConfig, num_classes: int, *, seed: int, ou
     with torch.random.fork_rng(devices=[]):  # the head's seeded init leaves the global generator as it was
         model, info = load_global_model(cfg, num_classes, seed=seed)
     if class_names is not None:
+        if list(model.id2label.values()) not in (list(class_names), [str(i) for i in range(num_classes)]):
+            logger.info("model.global_model=%r names its classes %s; the federation's %s replace them",
+                        cfg.model.global_model, list(model.id2label.values()), list(class_names))
         model.set_class_names(class_names)
     model = model.to(accelerator.device).eval()
     if accelerator.is_main_process:
