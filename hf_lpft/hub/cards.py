@@ -110,9 +110,8 @@ class RunInfo:
     @property
     def class_names(self) -> list[str]:
         """The name of every class (the manifest's ``class_names``; older or unnamed: the indices as strings)."""
-        from hf_lpft.data.federate import class_names_or_indices
-
-        return class_names_or_indices(self.manifest.get("class_names"), int(self.manifest.get("num_classes") or 0))
+        names = self.manifest.get("class_names")
+        return list(names) if names is not None else [str(i) for i in range(int(self.manifest.get("num_classes") or 0))]
 
     @property
     def preprocessing(self) -> dict:
