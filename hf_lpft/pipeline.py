@@ -79,10 +79,13 @@ def batchnorm_record(cfg: ExperimentConfig, strategies: dict[str, Strategy]) -> 
 
 
 def run_seed(cfg: ExperimentConfig, strategies: dict[str, Strategy], clients: list[ClientData], num_classes: int,
-             *, seed: int, out: Path, accelerator: Accelerator, timings: dict) -> tuple[list[dict], list[dict]]:
-    """FedAvg then every personalization unit for one seed; returns (global-model records, unit records)."""
+             *, seed: int, out: Path, accelerator: Accelerator, timings: dict,
+             class_names: list[str] | None = None) -> tuple[list[dict], list[dict]]:
+    """FedAvg then every personalization unit for one seed (every model named ``class_names``); returns
+    (global-model records, unit records)."""
     t = time.perf_counter()
-    given = obtain_global_model(cfg, clients, num_classes, seed=seed, out=out, accelerator=accelerator)
+    given = obtain_global_model(cfg, clients, num_classes, seed=seed, out=out, accelerator=accelerator,
+                                class_names=class_names)
     global_model, history, client_bn = given.model, given.history, given.client_bn
     timings[f"fedavg_seed_{seed}"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -169,7 +172,7 @@ def run(cfg: ExperimentConfig, *, accelerator: Accelerator | None = None) -> Run
     records = []
     for seed in cfg.run.seeds:
         global_rows, units = run_seed(cfg, strategies, clients, fed.num_classes, seed=seed, out=out,
-                                      accelerator=accelerator, timings=timings)
+                                      accelerator=accelerator, timings=timings, class_names=fed.class_names)
         records += global_rows + units
     if not accelerator.is_main_process:  # every process holds all records; the main process writes them
         results = pd.DataFrame([r["row"] for r in records])

@@ -6,6 +6,7 @@ is loaded back with the ordinary library calls and compared with the local run f
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 from pathlib import Path
@@ -229,6 +230,11 @@ def test_cli_push_command(pushed, hub):
     assert main(["push", str(pushed.output_dir / "missing"), "--hub_repo_id", "tester/x"]) == 2
 
 
+def config_labels(out: Path) -> dict[int, str]:
+    """The global model's ``id2label`` as saved in ``config.json``."""
+    return {int(k): v for k, v in json.loads((out / "global" / "config.json").read_text())["id2label"].items()}
+
+
 def _snippet(card_text: str) -> str:
     """The first python block of a card."""
     import re
@@ -271,6 +277,9 @@ def test_card_snippet_classifies_a_pil_image_in_a_fresh_process(pushed, hub, tmp
                          preprocessing=preprocessing_for(cfg))  # the run's own decoding
     ours = predict(_local_model(pushed.output_dir, strategy, "a"), x)
     assert int(lines[-2]) == int(ours.argmax(-1)) == int(theirs.argmax(-1))
+    named = ast.literal_eval(lines[-3])  # the snippet's top_k line: class names (here the indices) and scores
+    assert named[0]["label"] == config_labels(pushed.output_dir)[int(ours.argmax(-1))]
+    assert named[0]["score"] == pytest.approx(float(ours.softmax(-1).max()), abs=1e-5)
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
 
 

@@ -23,7 +23,8 @@ corruption (family, severity) a client (``corruption="per_client"``, see ``hf_lp
 seeded permutation of ``label_permutation`` classes a client (concept shift).
 
 What is ours is the bookkeeping: row indices of every client's train and test split, label histograms,
-and a hashed manifest that rebuilds exactly the same federation.
+the class names (a ``ClassLabel``'s names: imagefolder's class folders, data files' string labels) and a hashed
+manifest that rebuilds exactly the same federation.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ CORRUPTION_MODES = ("none", "per_client")
 _ROW = "__hf_lpft_row__"
 _KEY = "__hf_lpft_key__"
 _MAX_ATTEMPTS = 10
+_TOLD_UNNAMED: set[str] = set()  # label columns already reported as unnamed (said once a process)
 
 
 class FederationError(ValueError):
@@ -80,10 +82,15 @@ class Federation:
     num_classes: int
     clients: list[ClientSplit]
     source: dict = field(default_factory=dict)  # the dataset's identity (dataset_identity); {} = not recorded
+    class_names: list[str] | None = None  # index -> name (the label column's ClassLabel); None = unnamed
 
     @property
     def client_ids(self) -> list[str]:
         return [c.client_id for c in self.clients]
+
+    def label_names(self) -> list[str]:
+        """The name of every class index: the recorded names, else the indices as strings."""
+        return class_names_or_indices(self.class_names, self.num_classes)
 
     def indices_hash(self) -> str:
         """SHA-256 over every client's id, indices and (when any) shift: federations match iff hashes do."""
@@ -98,7 +105,8 @@ class Federation:
                 "clients": [{"client_id": c.client_id, "n_train": len(c.train_indices), "n_test": len(c.test_indices),
                              "label_hist_train": c.label_hist_train, "label_hist_test": c.label_hist_test,
                              "shift": c.shift, "train_indices": c.train_indices, "test_indices": c.test_indices}
-                            for c in self.clients]} | ({"dataset": self.source} if self.source else {})
+                            for c in self.clients]} | ({"dataset": self.source} if self.source else {}) \
+            | ({"class_names": self.class_names} if self.class_names is not None else {})
 
 
 def num_classes_of(ds: datasets.Dataset, label_column: str) -> int:
@@ -107,6 +115,24 @@ def num_classes_of(ds: datasets.Dataset, label_column: str) -> int:
     if isinstance(feature, datasets.ClassLabel):
         return feature.num_classes
     return int(np.asarray(ds[label_column]).astype(np.int64).max()) + 1
+
+
+def class_names_of(ds: datasets.Dataset, label_column: str) -> list[str] | None:
+    """The class names of the label column: a ClassLabel's names (imagefolder's class folders, string labels
+    encoded from data files), else None (e.g. an integer column) and said once in the log."""
+    feature = ds.features.get(label_column)
+    if isinstance(feature, datasets.ClassLabel):
+        return [str(name) for name in feature.names]
+    if label_column not in _TOLD_UNNAMED:
+        _TOLD_UNNAMED.add(label_column)
+        logger.info("label column %r has no class names (it is not a ClassLabel): models, cards and figures name "
+                    "the classes by their indices as strings ('0', '1', ...)", label_column)
+    return None
+
+
+def class_names_or_indices(names: Sequence[str] | None, num_classes: int) -> list[str]:
+    """``names`` as a list, or the class indices as strings when the dataset names none."""
+    return [str(n) for n in names] if names is not None else [str(i) for i in range(num_classes)]
 
 
 def identity_columns(fed: Federation) -> list[str]:
@@ -403,7 +429,7 @@ def federate(ds: datasets.Dataset, *, scheme: str = "natural", partition_by: str
                               clients_per_domain=clients_per_domain, corruption=corruption,
                               corruption_families=corruption_families, corruption_severities=corruption_severities,
                               label_permutation=label_permutation)
-    return Federation(scheme, params, seed, len(ds), k, clients)
+    return Federation(scheme, params, seed, len(ds), k, clients, class_names=class_names_of(ds, label_column))
 
 
 def federate_from_config(ds: datasets.Dataset, data) -> tuple[datasets.Dataset, Federation]:
@@ -421,6 +447,8 @@ def federate_from_config(ds: datasets.Dataset, data) -> tuple[datasets.Dataset, 
     if data.manifest:
         fed = load_manifest(data.manifest, num_rows=len(ds))
         check_manifest_source(fed, ds, data.manifest, name=getattr(data, "dataset", None))
+        if fed.class_names is None:  # a manifest written before class names were recorded: the dataset's own
+            fed.class_names = class_names_of(ds, data.label_column)
     else:
         fed = federate(ds, scheme=data.scheme, partition_by=data.partition_by, label_column=data.label_column,
                        domain_column=data.domain_column, num_clients=data.num_clients, alpha=data.alpha,
@@ -475,13 +503,23 @@ def load_manifest(path: str | Path, *, num_rows: int | None = None) -> Federatio
     clients = [ClientSplit(c["client_id"], c["train_indices"], c["test_indices"], c["label_hist_train"],
                            c["label_hist_test"], c.get("shift") or {}) for c in data["clients"]]
     fed = Federation(data["scheme"], data["params"], data["seed"], data["num_rows"], data["num_classes"], clients,
-                     data.get("dataset") or {})
+                     data.get("dataset") or {}, _recorded_names(data, path))
     if fed.indices_hash() != data["indices_sha256"]:
         raise FederationError(f"manifest {str(path)!r} is corrupt: its indices do not match its hash")
     if num_rows is not None and num_rows != fed.num_rows:
         raise FederationError(f"manifest {str(path)!r} was made for {fed.num_rows} rows; this dataset has {num_rows}")
     _check_indices(fed, path)
     return fed
+
+
+def _recorded_names(manifest: dict, path: str | Path) -> list[str] | None:
+    """A manifest's ``class_names`` (older manifests have none: None), one string per class."""
+    names = manifest.get("class_names")
+    if names is not None and (not isinstance(names, list) or len(names) != manifest["num_classes"]
+                              or not all(isinstance(n, str) for n in names)):
+        raise FederationError(f"manifest {str(path)!r}: class_names must be a list of {manifest['num_classes']} "
+                              f"strings (one per class), not {names!r}")
+    return names
 
 
 def _check_indices(fed: Federation, path: str | Path) -> None:

@@ -91,12 +91,13 @@ class Preprocessing:
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         return (x.float() / 255.0 - mean) / std
 
-    def __call__(self, inputs) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Model inputs for PIL image(s) / uint8 arrays (a float NCHW tensor) or string(s) (token ids and mask)."""
+    def __call__(self, inputs, *, tokenizer=None) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Model inputs for PIL image(s) / uint8 arrays (a float NCHW tensor) or string(s) (token ids and mask);
+        ``tokenizer``: the one to use for text (default: :meth:`load_tokenizer`, the backbone's)."""
         if self.kind == "text":
             texts = [inputs] if isinstance(inputs, str) else list(inputs)
-            encoded = self.load_tokenizer()(texts, truncation=True, max_length=self.max_length, padding=True,
-                                            return_tensors="pt")
+            encoded = (tokenizer or self.load_tokenizer())(texts, truncation=True, max_length=self.max_length,
+                                                            padding=True, return_tensors="pt")
             return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
         return self.normalize(self.to_uint8(inputs))
 

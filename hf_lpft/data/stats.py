@@ -4,7 +4,8 @@ Skew is measured against the pooled label distribution of all clients: the total
 ``TV_i = 0.5 * sum_k |p_i(k) - p(k)|`` of each client's label distribution (train + test, after any
 label permutation) from the pooled one. Under iid partitions TV is only sampling noise (close to 0);
 it grows towards 1 - 1/K as clients hold fewer classes. The mean over clients is the statistic the
-tests use to show that a large Dirichlet alpha approaches iid.
+tests use to show that a large Dirichlet alpha approaches iid. Classes are shown by name (the dataset's
+class names, else their indices).
 """
 
 from __future__ import annotations
@@ -47,39 +48,49 @@ def federation_stats(fed) -> dict:
     summary = {"num_clients": len(fed.clients), "num_classes": fed.num_classes, "rows_used": int(sizes.sum()),
                "rows_in_source": fed.num_rows, "size_min": int(sizes.min()), "size_max": int(sizes.max()),
                "size_mean": float(sizes.mean()), "size_cv": float(sizes.std() / sizes.mean()),
-               "label_tv_mean": float(np.mean(tv)), "classes_per_client_mean": float((m > 0).sum(axis=1).mean())}
+               "label_tv_mean": float(np.mean(tv)), "classes_per_client_mean": float((m > 0).sum(axis=1).mean()),
+               "class_names": fed.label_names()}
     return {"scheme": fed.scheme, "params": fed.params, "seed": fed.seed, "summary": summary, "clients": clients}
 
 
 def plot_label_heatmap(fed, path: str | Path) -> Path | None:
-    """Clients x classes heatmap of example counts (matplotlib Agg), written atomically; None if too large."""
+    """Clients x classes heatmap of example counts (train + test), written atomically; None if too large."""
     m = label_matrix(fed)
     if max(m.shape) > HEATMAP_MAX:
         logger.info("no label heatmap: %d clients x %d classes exceeds %d", *m.shape, HEATMAP_MAX)
         return None
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    fig = label_heatmap_figure(fed)
+    FigureCanvasAgg(fig)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    return path
 
-    fig, ax = plt.subplots(figsize=(min(2 + 0.35 * m.shape[1], 24), min(1.5 + 0.3 * m.shape[0], 30)))
+
+def label_heatmap_figure(fed):
+    """The heatmap as a matplotlib ``Figure``: one row per client, one column per class (named), counts of
+    train + test examples in the cells when they fit."""
+    from matplotlib.figure import Figure
+
+    m, names = label_matrix(fed), fed.label_names()
+    fig = Figure(figsize=(min(2 + 0.35 * m.shape[1], 24), min(1.8 + 0.3 * m.shape[0], 30)), layout="constrained")
+    ax = fig.subplots()
     im = ax.imshow(m, aspect="auto", cmap="viridis")
     ax.set_xlabel("class")
     ax.set_ylabel("client")
     ax.set_yticks(range(m.shape[0]), [c.client_id for c in fed.clients], fontsize=7)
     if m.shape[1] <= 40:
-        ax.set_xticks(range(m.shape[1]))
+        long = max(len(n) for n in names) > 3
+        ax.set_xticks(range(m.shape[1]), [n[:14] for n in names], fontsize=7, rotation=45 if long else 0,
+                      ha="right" if long else "center")
     if m.size <= 400:
         for (i, j), v in np.ndenumerate(m):
             ax.text(j, i, str(v), ha="center", va="center", fontsize=6, color="white" if v < m.max() / 2 else "black")
-    ax.set_title(f"{fed.scheme}: examples per client and class")
-    fig.colorbar(im, ax=ax, label="examples")
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    ax.set_title(f"{fed.scheme}: examples per client and class (train + test)")
+    fig.colorbar(im, ax=ax, label="examples (train + test)")
+    return fig
 
 
 def format_table(fed) -> str:
@@ -112,13 +123,12 @@ def save_stats(fed, folder: str | Path) -> dict:
 def plot_client_samples(ds, fed, path: str | Path, *, image_column: str, image_size: int, per_client: int = 8,
                         max_clients: int = 20, label_column: str = "label") -> Path:
     """A grid of the first training images of each client (as the clients see them, shifts applied): one row
-    per client, labelled with its id, each image titled with its class (ClassLabel name, else the value)."""
+    per client, labelled with its id, each image titled with its class name (the federation's, else the index)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     clients = fed.clients[:max_clients]
-    feature = ds.features.get(label_column)
-    names = feature.names if hasattr(feature, "names") else None
+    names = fed.label_names()
     fig = Figure(figsize=(1.1 * per_client + 1.2, 1.25 * len(clients) + 0.3), layout="constrained")
     axes = np.atleast_2d(fig.subplots(len(clients), per_client, squeeze=False))
     for row, c in zip(axes, clients):
@@ -130,7 +140,8 @@ def plot_client_samples(ds, fed, path: str | Path, *, image_column: str, image_s
             if k < len(rows):
                 ax.imshow(np.asarray(rows[k][image_column].convert("RGB").resize((image_size, image_size))))
                 label = labels[k]
-                ax.set_title(str(names[label] if names and label is not None else label)[:12], fontsize=7, pad=2)
+                name = names[label] if isinstance(label, int) and 0 <= label < len(names) else label
+                ax.set_title(str(name)[:12], fontsize=7, pad=2)
             else:
                 ax.axis("off")
         row[0].set_ylabel(str(c.client_id)[:16], fontsize=8, rotation=0, ha="right", va="center")

@@ -42,13 +42,14 @@ NODE_KEYS = ("partition-id", "num-partitions", "manifest", "dataset", "dataset-d
 
 @dataclasses.dataclass
 class Node:
-    """What one node holds: its client index, its data, the class count and the study it serves."""
+    """What one node holds: its client index, its data, the class count (and names) and the study it serves."""
 
     index: int
     client: ClientData
     num_classes: int
     cfg: ExperimentConfig
     summary: dict  # the client's manifest entry without row indices (counts, label histograms, shift)
+    class_names: list[str] | None = None  # the dataset's class names (None: unnamed)
 
 
 def study_of(conf: ConfigRecord) -> tuple[ExperimentConfig, int]:
@@ -119,12 +120,13 @@ def load_node(cfg: ExperimentConfig, node_config: dict) -> Node:
     if cache.is_file():
         with torch.serialization.safe_globals([ClientData, TextInputs]):  # no arbitrary pickles, even our own
             saved = torch.load(cache, weights_only=True)
-        return Node(saved["index"], saved["client"], saved["num_classes"], cfg, saved["summary"])
+        return Node(saved["index"], saved["client"], saved["num_classes"], cfg, saved["summary"],
+                    saved.get("class_names"))
     node = _decode_node(cfg, node_config)
     cache.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(cache) as tmp:
         torch.save({"index": node.index, "client": node.client, "num_classes": node.num_classes,
-                    "summary": node.summary}, tmp)
+                    "summary": node.summary, "class_names": node.class_names}, tmp)
     return node
 
 
@@ -144,14 +146,16 @@ def _decode_node(cfg: ExperimentConfig, node_config: dict) -> Node:
                                            "shift")}
     summary["indices_sha256"] = hashlib.sha256(json.dumps([entry["train_indices"], entry["test_indices"]])
                                                .encode()).hexdigest()
-    return Node(i, client, fed.num_classes, cfg, summary)
+    return Node(i, client, fed.num_classes, cfg, summary, fed.class_names)
 
 
-def skeleton(cfg: ExperimentConfig, num_classes: int, state: dict | None = None) -> SplitModel:
-    """The study's architecture (weights from ``state``, e.g. the global arrays of a message)."""
+def skeleton(cfg: ExperimentConfig, num_classes: int, state: dict | None = None, *,
+             class_names: list[str] | None = None) -> SplitModel:
+    """The study's architecture named ``class_names`` (weights from ``state``, e.g. the global arrays of a message)."""
     m = cfg.model
     model = build_model(m.backbone, num_classes=num_classes, image_size=cfg.data.image_size, pretrained=False,
-                        pooling=m.pooling, dropout=m.dropout, preprocessing=preprocessing_for(cfg))
+                        pooling=m.pooling, dropout=m.dropout, preprocessing=preprocessing_for(cfg),
+                        class_names=class_names)
     model = use_memory_format(model, cfg.run.memory_format)  # as the built-in engine trains (hf_lpft.speed)
     if state is not None:
         model.load_state_dict(state)
@@ -159,10 +163,12 @@ def skeleton(cfg: ExperimentConfig, num_classes: int, state: dict | None = None)
 
 
 def describe_reply(msg: Message, node: Node) -> Message:
-    """QUERY: who this node is (client index and id, counts, classes), for the server's client list."""
+    """QUERY: who this node is (client index and id, counts, classes and their names), for the server's client
+    list."""
     metrics = MetricRecord({"client-index": node.index, "n-train": node.client.n_train, "n-test": node.client.n_test,
                             "num-classes": node.num_classes})
-    info = ConfigRecord({"summary": json.dumps(node.summary), "hf-lpft": __version__})
+    info = ConfigRecord({"summary": json.dumps(node.summary), "hf-lpft": __version__,
+                         "class-names": json.dumps(node.class_names)})
     return Message(RecordDict({"metrics": metrics, "node": info}), reply_to=msg)
 
 

@@ -39,7 +39,8 @@ def personalize_reply(msg: Message, node: Node, seed: int, accelerator: Accelera
     the own test split and the exported model folders (models travel, data does not)."""
     cfg, client = node.cfg, node.client
     device = accelerator.device
-    global_model = skeleton(cfg, node.num_classes, msg.content["arrays"].to_torch_state_dict()).to(device)
+    global_model = skeleton(cfg, node.num_classes, msg.content["arrays"].to_torch_state_dict(),
+                            class_names=node.class_names).to(device)
     reference = ([extract_features(global_model, client.test_x, batch_size=cfg.run.eval_batch_size, device=device)]
                  if cfg.run.distortion else None)
     shared = SharedBackbone(global_model, [client], batch_size=cfg.run.eval_batch_size, device=device)
@@ -72,7 +73,8 @@ def cross_reply(msg: Message, node: Node, seed: int, accelerator: Accelerator) -
     """EVALUATE ``cross``: other clients' personalized models (their exported folders) scored on this
     node's test split: accuracy, and with ``run.distortion`` Δ and CKA against θ_G (the paper's Global)."""
     cfg, device = node.cfg, accelerator.device
-    global_model = skeleton(cfg, node.num_classes, msg.content["arrays"].to_torch_state_dict())
+    global_model = skeleton(cfg, node.num_classes, msg.content["arrays"].to_torch_state_dict(),
+                            class_names=node.class_names)
     ref = (extract_features(global_model.to(device), node.client.test_x, batch_size=cfg.run.eval_batch_size,
                             device=device) if cfg.run.distortion else None)
     wanted = json.loads(str(msg.content["config"]["models"]))  # [[strategy, client_id], ...]

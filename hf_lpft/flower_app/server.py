@@ -88,11 +88,15 @@ def map_clients(grid: Grid, cfg: ExperimentConfig, *, num_nodes: int, timeout: f
     clients = [SimpleNamespace(client_id=json.loads(str(c["node"]["summary"]))["client_id"],
                                n_train=int(c["metrics"]["n-train"]), n_test=int(c["metrics"]["n-test"]),
                                num_classes=int(c["metrics"]["num-classes"]),
+                               class_names=json.loads(str(c["node"].get("class-names", "null"))),
                                summary=json.loads(str(c["node"]["summary"])), version=str(c["node"]["hf-lpft"]))
                for c in contents]
     if len({c.num_classes for c in clients}) != 1 or len({c.client_id for c in clients}) != n:
         raise ConfigError(f"nodes disagree: classes {[c.num_classes for c in clients]}, client ids "
                           f"{[c.client_id for c in clients]} (need one class count and distinct ids)")
+    if len({json.dumps(c.class_names) for c in clients}) != 1:
+        raise ConfigError(f"nodes disagree on the class names: {[c.class_names for c in clients]} (class i must "
+                          "mean the same on every node)")
     return mapper, clients
 
 
@@ -102,7 +106,8 @@ def general_fl(grid: Grid, cfg: ExperimentConfig, node_of: dict, clients: list, 
     m, ckpt = cfg.model, Checkpoints(out)
     model = build_model(m.backbone, num_classes=clients[0].num_classes, image_size=cfg.data.image_size,
                         pretrained=m.pretrained, checkpoint=m.checkpoint, pooling=m.pooling, dropout=m.dropout,
-                        seed=derive_seed(seed, "init") % 2**31, preprocessing=preprocessing_for(cfg))
+                        seed=derive_seed(seed, "init") % 2**31, preprocessing=preprocessing_for(cfg),
+                        class_names=clients[0].class_names)
     model = use_memory_format(model, cfg.run.memory_format)  # as the built-in engine (hf_lpft.speed)
     saved = ckpt.load_round(seed) if cfg.run.resume else None
     if saved is not None:
@@ -211,7 +216,8 @@ def write_federation(out: Path, clients: list) -> str:
     digest = hashlib.sha256(json.dumps([c.summary["indices_sha256"] for c in clients]).encode()).hexdigest()
     write_json(RunLayout(out).manifest, {
         "source": "hf_lpft Flower App: each node's own data (row indices stay on the nodes)",
-        "num_classes": clients[0].num_classes, "indices_sha256": digest, "clients": [c.summary for c in clients]})
+        "num_classes": clients[0].num_classes, "indices_sha256": digest, "clients": [c.summary for c in clients]}
+        | ({"class_names": clients[0].class_names} if clients[0].class_names is not None else {}))
     return digest
 
 

@@ -96,6 +96,7 @@ class RunInfo:
                 "split": data.get("split"), "scheme": data["scheme"], "partition_by": data.get("partition_by"),
                 "alpha": data.get("alpha"), "client_ids": [c["client_id"] for c in self.manifest["clients"]],
                 "num_clients": len(self.manifest["clients"]), "num_classes": self.manifest.get("num_classes"),
+                "class_names": self.class_names, "classes_text": classes_text(self.class_names),
                 "manifest_sha256": self.manifest["indices_sha256"], "seeds": self.seeds,
                 "backbone": self.config["model"]["backbone"], "pretrained": self.config["model"]["pretrained"],
                 "image_size": data.get("image_size"), "task": self.task, "max_seq_len": data.get("max_seq_len"),
@@ -105,6 +106,12 @@ class RunInfo:
                 "num_test_total": sum(c["n_test"] for c in self.manifest["clients"]),
                 "summary_markdown": format_markdown(self.summary()),
                 "preprocessing_text": preprocessing_text(self.preprocessing)}
+
+    @property
+    def class_names(self) -> list[str]:
+        """The name of every class (the manifest's ``class_names``; older or unnamed: the indices as strings)."""
+        names = self.manifest.get("class_names")
+        return list(names) if names is not None else [str(i) for i in range(int(self.manifest.get("num_classes") or 0))]
 
     @property
     def preprocessing(self) -> dict:
@@ -124,6 +131,11 @@ DEFAULT_LICENSE = "apache-2.0"
 SOURCE_TEXT = {"scratch": "the backbone was trained from scratch, so pixels are scaled to [-1, 1]",
                "timm_pretrained_cfg": "the pretrained timm backbone's own normalization (its pretrained_cfg)",
                "image_processor": "the pretrained backbone's image processor"}
+
+
+def classes_text(names: list[str]) -> str:
+    """Every class index with its name in backticks (``0 `cat`, 1 `dog```), as ``id2label`` has them."""
+    return ", ".join(f"{i} `{name}`" for i, name in enumerate(names))
 
 
 def preprocessing_text(prep: dict) -> str:
@@ -235,7 +247,9 @@ def client_card(info: RunInfo, row, *, strategy_desc: dict, fmt: str, folder: st
                                                         sort_keys=False), base_is_repo=repo_id is not None,
         base_args=model_args(repo_ref, base, is_repo=repo_id is not None),
         adapter_args=model_args(repo_ref, folder, is_repo=repo_id is not None),
-        preprocessing_text=preprocessing_text(info.preprocessing), task=info.task)
+        preprocessing_text=preprocessing_text(info.preprocessing), task=info.task,
+        class_names=info.class_names, classes_text=classes_text(info.class_names),
+        example_label=info.class_names[0] if info.class_names else "0")
 
 
 def results_card(info: RunInfo, *, repo_id: str | None, model_repo_id: str | None, endpoint: str,

@@ -10,6 +10,10 @@ load it:
 - ``head`` (LP with frozen BatchNorm, or any client whose backbone equals the global one): ``head.safetensors``;
 - ``full`` (FT, LP-FT, soups, ...): ``model.safetensors`` + ``config.json``.
 
+Every model folder also holds the files that turn raw inputs into model inputs, as the run saved them:
+``preprocessor_config.json`` (images) or the tokenizer's files (text), so a client's folder classifies
+raw inputs on its own. ``config.json`` names the classes (``id2label`` / ``label2id``).
+
 Plus the provenance files (``config.yaml``, ``run_record.json``, ``federation/manifest.json``,
 ``summary.md``). ``hub/results`` is the results dataset repository: ``README.md`` (card whose ``configs``
 metadata makes the folder loadable with ``load_dataset``), ``<experiment>/clients-*.parquet`` and
@@ -72,6 +76,18 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def _link_side_files(src: Path, dst: Path) -> None:
+    """Link every file of the model folder ``src`` that no format rewrites: the input files
+    (``preprocessor_config.json``, a tokenizer's files) and ``config.json``; weights and cards are not."""
+    for path in sorted(src.iterdir()):
+        if path.is_file() and path.name not in _NOT_SIDE_FILES:
+            _link(path, dst / path.name)
+
+
+_NOT_SIDE_FILES = {"model.safetensors", "adapter_model.safetensors", "adapter_config.json", "README.md",
+                   "personalization.json"}
+
+
 def _same_backbone(state: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> bool:
     """True when every non-head tensor (weights and BatchNorm buffers) equals the global model's."""
     body = {k for k in state if not k.startswith("head.")}
@@ -93,10 +109,11 @@ def export_client(src: Path, dst: Path, base_state: dict[str, torch.Tensor], *, 
         shutil.copy2(src / "adapter_config.json", dst / "adapter_config.json")
         set_adapter_base(dst, base_ref)
         _link(src / "adapter_model.safetensors", dst / "adapter_model.safetensors")
+        _link_side_files(src, dst)
         return "peft_adapter"
     if not (src / "model.safetensors").is_file():
         raise FileNotFoundError(f"{str(src)!r} holds neither a peft adapter nor model.safetensors")
-    _link(src / "config.json", dst / "config.json")
+    _link_side_files(src, dst)
     state = load_file(str(src / "model.safetensors"))
     if _same_backbone(state, base_state):
         save_file({k: v.contiguous() for k, v in state.items() if k.startswith("head.")}, str(dst / "head.safetensors"))
@@ -111,15 +128,15 @@ def write_model_folder(info: RunInfo, out: Path, dst: Path, *, repo_id: str | No
     load from: ``repo_id``, or the folder ``dst`` becomes."""
     layout = info.layout
     first = out / layout.global_rel(info.seeds[0])
-    for name in ("config.json", "model.safetensors"):
-        _link(first / name, dst / name)
+    _link(first / "model.safetensors", dst / "model.safetensors")
+    _link_side_files(first, dst)
     bases = {}
     for seed in info.seeds:
         src = out / layout.global_rel(seed)
         bases[seed] = load_file(str(src / "model.safetensors"))
         if layout.seed_part(seed):  # several seeds: each global model in its own folder too
-            for name in ("config.json", "model.safetensors"):
-                _link(src / name, dst / layout.global_rel(seed) / name)
+            _link(src / "model.safetensors", dst / layout.global_rel(seed) / "model.safetensors")
+            _link_side_files(src, dst / layout.global_rel(seed))
     folders = {}
     strategies = info.record["run_info"].get("strategies", {})
     for row in info.ok[info.ok.strategy != "global_model"].itertuples(index=False):

@@ -99,6 +99,7 @@ def _build(layout: RunLayout, rel: str, *, seed: int) -> nn.Module:
     if fmt == "full":
         return SplitModel.from_pretrained(folder).eval()
     base = SplitModel.from_pretrained(base_dir)
+    base.use_tokenizer_from(folder)  # a text client tokenizes with the files in its own folder
     if fmt == "head":
         result = base.load_state_dict(load_file(str(folder / "head.safetensors")), strict=False)
         if result.unexpected_keys or any(k.startswith("head.") for k in result.missing_keys):
@@ -112,16 +113,30 @@ def _build(layout: RunLayout, rel: str, *, seed: int) -> nn.Module:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, inputs) -> torch.Tensor:
-    """Logits (float32, on the CPU) of a loaded model for raw inputs, preprocessed exactly as in training.
+def predict(model: nn.Module, inputs, *, top_k: int | None = None) -> torch.Tensor | list:
+    """Logits of a loaded model for raw inputs, preprocessed exactly as in training; with ``top_k``, the
+    ``top_k`` most probable classes by name, as a transformers classification pipeline returns them.
 
     Args:
         model: A ``SplitModel`` or the ``PeftModel`` :func:`load_personalized` returns.
         inputs: A PIL image of any mode and size (or a list of them, or HWC uint8 arrays) for an image
             model; a string (or a list of strings) for a text model.
+        top_k: None = logits; k = ``[{"label": name, "score": probability}, ...]`` (softmax, most probable
+            first, at most the class count) for one input, a list of such lists for a list of inputs.
+            Names are the model's ``id2label`` (the dataset's class names).
 
     Returns:
-        (N, num_classes) logits; ``logits.argmax(-1)`` is the predicted class index.
+        (N, num_classes) float32 logits on the CPU (``logits.argmax(-1)`` is the class index), or the
+        label/score lists.
     """
     model.eval()
-    return model(model.preprocess(inputs)).float().cpu()
+    logits = model(model.preprocess(inputs)).float().cpu()
+    if top_k is None:
+        return logits
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k={top_k!r} must be a positive integer (or None for logits)")
+    id2label = model.id2label  # a PeftModel hands the attribute on to its SplitModel
+    scores, indices = logits.softmax(-1).topk(min(top_k, logits.shape[-1]), dim=-1)
+    out = [[{"label": id2label[int(i)], "score": float(p)} for p, i in zip(row, idx)]
+           for row, idx in zip(scores.tolist(), indices.tolist())]
+    return out if isinstance(inputs, (list, tuple)) else out[0]

@@ -27,13 +27,20 @@ built, so every backbone parameter reaches the features.
 The resolved transformers config is part of the SplitModel's own config (``backbone_config``), so
 ``SplitModel.from_pretrained(folder)`` rebuilds the architecture with ``AutoModel.from_config`` and then
 loads our safetensors: no download and no access to the original model folder.
+
+Labels follow the transformers convention: ``config.json`` holds ``id2label`` (``{"0": "cat", ...}``) and
+``label2id``, the dataset's class names (the indices as strings when it names none). A text model saves its
+tokenizer's files beside the weights (``tokenizer.save_pretrained``) and, loaded from a folder or repo that
+holds them, tokenizes with those: a published text model needs neither the backbone's folder nor the network.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import timm
@@ -56,6 +63,7 @@ from hf_lpft.speed import contiguous_weights
 logger = logging.getLogger(__name__)
 
 POOLINGS = ("mean", "cls")
+TOKENIZER_CONFIG = "tokenizer_config.json"  # what ``tokenizer.save_pretrained`` always writes
 _DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout")
 
 
@@ -157,6 +165,8 @@ class SplitModel(nn.Module, PyTorchModelHubMixin, library_name="hf_lpft", tags=[
             the model so that reloading needs no download.
         preprocessing: :class:`~hf_lpft.data.preprocess.Preprocessing` as a dict (saved in ``config.json``);
             None = the from-scratch default (images in [-1, 1]; text: the backbone's tokenizer).
+        id2label: Class index -> name (keys may be strings, as in ``config.json``); None = the indices as
+            strings. Saved with ``label2id`` in ``config.json`` (the transformers convention).
 
     uint8 image tensors (N, 3, H, W) given to :meth:`features` / ``forward`` are normalized with the model's
     own preprocessing; float tensors are taken as already normalized. :meth:`preprocess` turns PIL images
@@ -164,7 +174,8 @@ class SplitModel(nn.Module, PyTorchModelHubMixin, library_name="hf_lpft", tags=[
     """
 
     def __init__(self, backbone: str = "timm:test_resnet", num_classes: int = 10, image_size: int = 32,
-                 pooling: str = "mean", backbone_config: dict | None = None, preprocessing: dict | None = None):
+                 pooling: str = "mean", backbone_config: dict | None = None, preprocessing: dict | None = None,
+                 id2label: dict | None = None):
         super().__init__()
         prefix, name = split_spec(backbone)
         if pooling not in POOLINGS:
@@ -183,17 +194,42 @@ class SplitModel(nn.Module, PyTorchModelHubMixin, library_name="hf_lpft", tags=[
         self._init_config = {"backbone": backbone, "num_classes": num_classes, "image_size": image_size,
                              "pooling": pooling, "backbone_config": self.backbone_config}
         self.head = nn.Linear(width, num_classes)
+        self.tokenizer_source: str | None = None  # a folder / repo holding this model's tokenizer files
         default = {"kind": "text", "source": "tokenizer", "tokenizer": backbone} if self.is_text else {}
         self.set_preprocessing(Preprocessing.from_dict(preprocessing, image_size=image_size, **default))
+        names = None if id2label is None else [id2label.get(i, id2label.get(str(i))) for i in range(num_classes)]
+        if id2label is not None and (len(id2label) != num_classes or None in names):
+            raise ValueError(f"id2label={id2label!r} must name each of the {num_classes} classes 0..{num_classes - 1}")
+        self.set_class_names(names)
+
+    def set_class_names(self, names: Sequence[str] | None) -> None:
+        """Name the classes (``names[i]`` is class i; None = the indices as strings), saved as ``id2label`` /
+        ``label2id``."""
+        k = self.head.out_features
+        names = [str(n) for n in names] if names is not None else [str(i) for i in range(k)]
+        if len(names) != k or len(set(names)) != k:
+            raise ValueError(f"class names {names!r} must be {k} distinct names, one per class of the head")
+        self.id2label = dict(enumerate(names))
+        self.label2id = {name: i for i, name in enumerate(names)}
+        self._init_config["id2label"] = {str(i): name for i, name in self.id2label.items()}
+        self._init_config["label2id"] = dict(self.label2id)
 
     def set_preprocessing(self, preprocessing: Preprocessing) -> None:
         """Use (and save with the model) ``preprocessing``."""
         self.preprocessing = preprocessing
         self._init_config["preprocessing"] = preprocessing.to_dict()
 
+    @property
+    def tokenizer(self):
+        """A text model's tokenizer: the files saved with the model when it was loaded from them, else the
+        backbone's (``preprocessing.tokenizer``); None for image models."""
+        if not self.is_text:
+            return None
+        return _tokenizer_at(self.tokenizer_source or self.preprocessing.tokenizer)
+
     def preprocess(self, inputs) -> torch.Tensor | dict[str, torch.Tensor]:
         """Model inputs, on the model's device, for PIL image(s) of any mode and size or string(s)."""
-        out = self.preprocessing(inputs)
+        out = self.preprocessing(inputs, tokenizer=self.tokenizer)
         device = self.head.weight.device
         return {k: v.to(device) for k, v in out.items()} if isinstance(out, dict) else out.to(device)
 
@@ -226,15 +262,66 @@ class SplitModel(nn.Module, PyTorchModelHubMixin, library_name="hf_lpft", tags=[
             return super().save_pretrained(save_directory, config=config or self._init_config, **kwargs)
 
     def _save_pretrained(self, save_directory) -> None:
-        """The weights, plus an image model's ``preprocessor_config.json`` (readable by ``AutoImageProcessor``)."""
+        """The weights, plus the files that turn raw inputs into model inputs (:meth:`save_preprocessing`)."""
         super()._save_pretrained(save_directory)
-        if self.preprocessing.kind == "image":
-            write_json(Path(save_directory) / "preprocessor_config.json", self.preprocessing.image_processor_dict())
+        self.save_preprocessing(save_directory)
+
+    def save_preprocessing(self, directory) -> None:
+        """Write an image model's ``preprocessor_config.json`` (readable by ``AutoImageProcessor``) or a text
+        model's tokenizer files (``tokenizer.save_pretrained``) into ``directory``."""
+        if self.is_text:
+            self.tokenizer.save_pretrained(str(directory))
+        elif self.preprocessing.kind == "image":
+            write_json(Path(directory) / "preprocessor_config.json", self.preprocessing.image_processor_dict())
+
+    def use_tokenizer_from(self, folder) -> bool:
+        """Tokenize with the tokenizer files in ``folder`` when it holds them (True), else leave it as it is."""
+        if self.is_text and (Path(folder) / TOKENIZER_CONFIG).is_file():
+            self.tokenizer_source = str(folder)
+            return True
+        return False
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: str | None = None, **kwargs) -> SplitModel:
+        """The mixin's loader; a text model then tokenizes with the tokenizer files saved beside it (a local
+        folder's, or the repo's: ``AutoTokenizer`` fetches them, or finds them in the cache offline)."""
+        model = super()._from_pretrained(model_id=model_id, revision=revision, **kwargs)
+        if model.is_text and not model.use_tokenizer_from(model_id) and not os.path.isdir(model_id):
+            if _repo_has_tokenizer(model_id, revision=revision, token=kwargs.get("token"),
+                                   local_files_only=kwargs.get("local_files_only", False)):
+                model.tokenizer_source = model_id if revision is None else f"{model_id}@{revision}"
+        return model
+
+
+def _repo_has_tokenizer(repo_id: str, *, revision: str | None, token, local_files_only: bool) -> bool:
+    """Whether a Hub repo holds tokenizer files at its root (repos published before they were saved do not)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        hf_hub_download(repo_id, TOKENIZER_CONFIG, revision=revision, token=token, local_files_only=local_files_only)
+    except (OSError, ValueError, HfHubHTTPError):
+        logger.info("%s holds no %s: its text is tokenized with the backbone's tokenizer", repo_id, TOKENIZER_CONFIG)
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_at(source: str):
+    """A tokenizer, loaded once a process: a backbone's (``hf:<name>``), one saved in a folder, or one in a Hub
+    repo (``<repo id>[@<revision>]``)."""
+    from transformers import AutoTokenizer
+
+    if source.startswith("hf:") and not os.path.isdir(source):
+        return load_tokenizer(source)
+    name, _, revision = source.partition("@") if not os.path.isdir(source) else (source, "", "")
+    return AutoTokenizer.from_pretrained(name, revision=revision or None, trust_remote_code=False)
 
 
 def build_model(backbone: str, *, num_classes: int, image_size: int, pretrained: bool = False,
                 checkpoint: str | None = None, seed: int = 0, pooling: str = "mean",
-                dropout: float | None = None, preprocessing: Preprocessing | None = None) -> SplitModel:
+                dropout: float | None = None, preprocessing: Preprocessing | None = None,
+                class_names: Sequence[str] | None = None) -> SplitModel:
     """Create a SplitModel with deterministic initialisation, optionally with pretrained backbone weights.
 
     Args:
@@ -242,9 +329,11 @@ def build_model(backbone: str, *, num_classes: int, image_size: int, pretrained:
         dropout: Replace a transformers backbone's hidden/attention dropout; None keeps the model's.
         preprocessing: The model's input preprocessing; None = :func:`resolve_preprocessing` (from scratch:
             [-1, 1]; pretrained timm: its own pretrained_cfg).
+        class_names: The name of each class (``id2label``); None = the indices as strings.
     """
     model = _build_model(backbone, num_classes=num_classes, image_size=image_size, pretrained=pretrained,
                          checkpoint=checkpoint, seed=seed, pooling=pooling, dropout=dropout)
+    model.set_class_names(class_names)
     model.set_preprocessing(preprocessing or resolve_preprocessing(
         backbone, image_size=image_size, pretrained=pretrained, checkpoint=checkpoint, is_text=model.is_text))
     return model

@@ -58,14 +58,16 @@ class GlobalModel:
 
 
 def obtain_global_model(cfg: ExperimentConfig, clients: list[ClientData], num_classes: int, *, seed: int, out: Path,
-                        accelerator: Accelerator) -> GlobalModel:
-    """θ_G for ``seed``: the given ``model.global_model``, else FedAvg through ``run.fedavg_cache`` when set."""
+                        accelerator: Accelerator, class_names: list[str] | None = None) -> GlobalModel:
+    """θ_G for ``seed``: the given ``model.global_model``, else FedAvg through ``run.fedavg_cache`` when set.
+    ``class_names``: the federation's (None: unnamed), saved with the model as ``id2label``."""
+    names = {"class_names": class_names}
     if cfg.model.global_model is not None:
-        given = given_global_model(cfg, num_classes, seed=seed, out=out, accelerator=accelerator)
+        given = given_global_model(cfg, num_classes, seed=seed, out=out, accelerator=accelerator, **names)
     elif cfg.run.fedavg_cache is not None:
-        given = cached_pretrain(cfg, clients, num_classes, seed=seed, out=out, accelerator=accelerator)
+        given = cached_pretrain(cfg, clients, num_classes, seed=seed, out=out, accelerator=accelerator, **names)
     else:
-        model, history = pretrain(cfg, clients, num_classes, seed=seed, out=out, accelerator=accelerator)
+        model, history = pretrain(cfg, clients, num_classes, seed=seed, out=out, accelerator=accelerator, **names)
         client_bn = Checkpoints(out).load_client_bn(seed) if cfg.fedavg.bn == "local" else None
         given = GlobalModel(model, history, client_bn, {"source": "fedavg"})
     use_memory_format(given.model, cfg.run.memory_format)  # personalization trains in the same format (speed.py)
@@ -73,13 +75,19 @@ def obtain_global_model(cfg: ExperimentConfig, clients: list[ClientData], num_cl
 
 
 def given_global_model(cfg: ExperimentConfig, num_classes: int, *, seed: int, out: Path,
-                       accelerator: Accelerator) -> GlobalModel:
-    """The given global model, also saved as the run's ``global/`` (the output folder's usual layout)."""
+                       accelerator: Accelerator, class_names: list[str] | None = None) -> GlobalModel:
+    """The given global model, also saved as the run's ``global/`` (the output folder's usual layout); it takes
+    the federation's ``class_names`` when the dataset names its classes, else keeps its own."""
     if cfg.fedavg.bn == "local":
         raise ConfigError(f"model.global_model={cfg.model.global_model!r} has no per-client BatchNorm; "
                           "fedavg.bn='local' (FedBN) needs FedAvg to run: set fedavg.bn averaged")
     with torch.random.fork_rng(devices=[]):  # the head's seeded init leaves the global generator as it was
         model, info = load_global_model(cfg, num_classes, seed=seed)
+    if class_names is not None:
+        if list(model.id2label.values()) not in (list(class_names), [str(i) for i in range(num_classes)]):
+            logger.info("model.global_model=%r names its classes %s; the federation's %s replace them",
+                        cfg.model.global_model, list(model.id2label.values()), list(class_names))
+        model.set_class_names(class_names)
     model = model.to(accelerator.device).eval()
     if accelerator.is_main_process:
         save_model(model, RunLayout(out, cfg.run.seeds).global_dir(seed))
@@ -186,13 +194,14 @@ def store_entry(entry: Path, model: SplitModel, history: list[dict], client_bn: 
 
 
 def cached_pretrain(cfg: ExperimentConfig, clients: list[ClientData], num_classes: int, *, seed: int, out: Path,
-                    accelerator: Accelerator) -> GlobalModel:
+                    accelerator: Accelerator, class_names: list[str] | None = None) -> GlobalModel:
     """θ_G from ``run.fedavg_cache`` when stored there, else FedAvg (resumable as usual), then stored."""
     key, payload = fedavg_cache_key(cfg, clients, num_classes, seed=seed)
     entry = Path(cfg.run.fedavg_cache) / key
     hit = _main_decides((entry / "model.safetensors").is_file(), accelerator)
     if hit:
         model, history, client_bn = load_entry(entry, accelerator.device)
+        model.set_class_names(class_names)  # names are not in the key: they change no weight
         if accelerator.is_main_process:  # the usual output layout: global/ and the (FedBN) round checkpoint
             save_model(model, RunLayout(out, cfg.run.seeds).global_dir(seed))
             Checkpoints(out).save_round(seed, model.state_dict(), history, client_bn=client_bn)
@@ -200,7 +209,8 @@ def cached_pretrain(cfg: ExperimentConfig, clients: list[ClientData], num_classe
         logger.info("seed %d: FedAvg result %s loaded from %s (no FedAvg)", seed, key, cfg.run.fedavg_cache)
         return GlobalModel(model, history, client_bn, {"source": "fedavg_cache", "key": key,
                                                        "fedavg_cache": cfg.run.fedavg_cache})
-    model, history = pretrain(cfg, clients, num_classes, seed=seed, out=out, accelerator=accelerator)
+    model, history = pretrain(cfg, clients, num_classes, seed=seed, out=out, accelerator=accelerator,
+                              class_names=class_names)
     client_bn = Checkpoints(out).load_client_bn(seed) if cfg.fedavg.bn == "local" else None
     stored = store_entry(entry, model, history, client_bn, payload) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
@@ -209,8 +219,9 @@ def cached_pretrain(cfg: ExperimentConfig, clients: list[ClientData], num_classe
 
 
 def pretrain(cfg: ExperimentConfig, clients: list[ClientData], num_classes: int, *, seed: int, out: Path,
-             accelerator: Accelerator) -> tuple[SplitModel, list[dict]]:
-    """The global model θ_G: FedAvg from scratch, from a round checkpoint, or reloaded when complete."""
+             accelerator: Accelerator, class_names: list[str] | None = None) -> tuple[SplitModel, list[dict]]:
+    """The global model θ_G (named ``class_names``): FedAvg from scratch, from a round checkpoint, or reloaded
+    when complete."""
     f, ckpt = cfg.fedavg, Checkpoints(out)
     done = RunLayout(out, cfg.run.seeds).global_dir(seed)
     saved = ckpt.load_round(seed) if cfg.run.resume else None
@@ -220,7 +231,7 @@ def pretrain(cfg: ExperimentConfig, clients: list[ClientData], num_classes: int,
     model = build_model(cfg.model.backbone, num_classes=num_classes, image_size=cfg.data.image_size,
                         pretrained=cfg.model.pretrained, checkpoint=cfg.model.checkpoint, pooling=cfg.model.pooling,
                         dropout=cfg.model.dropout, seed=derive_seed(seed, "init") % 2**31,
-                        preprocessing=preprocessing_for(cfg)).to(accelerator.device)
+                        preprocessing=preprocessing_for(cfg), class_names=class_names).to(accelerator.device)
     model = use_memory_format(model, cfg.run.memory_format)  # channels_last for CNNs: hf_lpft.speed
     if saved is not None:
         model.load_state_dict(saved[0])

@@ -188,8 +188,10 @@ class LoRA(Strategy):
 
     def export(self, model: nn.Module, path) -> None:
         """The adapter folder: adapters + head (+ BatchNorm layers if their statistics trained), no backbone
-        weights; it loads onto the global model with ``PeftModel.from_pretrained``."""
+        weights; it loads onto the global model with ``PeftModel.from_pretrained``. The input files
+        (``preprocessor_config.json`` or a text model's tokenizer) go beside them, so the folder tokenizes alone."""
         model.save_pretrained(path)
+        model.get_base_model().save_preprocessing(path)
 
 
 def with_saved_modules(trained: PeftModel, modules: list[str]) -> PeftModel:
