@@ -151,6 +151,8 @@ def write_outputs(cfg: ExperimentConfig, strategies: dict[str, Strategy], fed: F
 def run(cfg: ExperimentConfig, *, accelerator: Accelerator | None = None) -> RunResult:
     """Run the whole study described by ``cfg`` and write the output folder."""
     strategies = preflight(cfg)  # every check that needs no data: nothing is written before they pass
+    if accelerator is not None:
+        check_precision(accelerator)  # the caller's Accelerator, before anything is written
     main = PartialState(cpu=cpu_only_launch()).is_main_process  # only the main process prepares the folder
     t0 = time.perf_counter()
     federated = federation_checked(cfg)  # dataset, labels, manifest, partition: in memory, before the folder

@@ -306,6 +306,14 @@ CLI_CASES = [
      ["probe_l2=[]", "non-empty"]),
     ("new_flags", "global_model_missing", lambda c: ["--model.global_model", "/nonexistent/global"],
      ["model.global_model=", "/nonexistent/global"]),
+    # refusals that used to come after the output folder (and the partition) was made (issue 25)
+    ("launch", "fp16_on_cpu", lambda c: ["--run.mixed_precision", "fp16"],
+     ["mixed precision fp16 needs a GPU", "use bf16"]),
+    ("launch", "given_model_with_fedbn", lambda c: ["--model.global_model", "me/global", "--fedavg.bn", "local"],
+     ["model.global_model='me/global' has no per-client BatchNorm", "set fedavg.bn averaged"]),
+    ("launch", "flower_unknown_option", lambda c: ["--fedavg.engine", "flower", "--fedavg.fl_strategy", "fedprox",
+                                                   "--fedavg.fl_strategy_args", "{mu: 0.1}"],
+     ["fedavg.fl_strategy_args: unknown option(s) ['mu'] for 'fedprox'", "proximal_mu"]),
     ("non_finite", "pft_lr_word_inf", lambda c: ["--pft.lr", "inf"], ["pft.lr=inf", "finite"]),
     ("non_finite", "fedavg_lr_minus_infinity", lambda c: ["--fedavg.lr", "-Infinity"], ["fedavg.lr=-inf", "finite"]),
 ] + [  # every float field rejects inf and nan (fields added later are covered automatically)
@@ -332,6 +340,19 @@ def test_cli_bad_input(ctx, tripwire, capsys, tmp_path, extra, expected):
     assert elapsed < PREFLIGHT_SECONDS, f"took {elapsed:.1f} s"
     assert not out.exists(), "a rejected run created its output folder"
     assert {p: snapshot(p) for p in before} == before, "a rejected run changed an existing folder"
+
+
+@pytest.mark.parametrize(("extra", "expected"), [c[2:] for c in CLI_CASES if c[0] == "launch"],
+                         ids=[c[1] for c in CLI_CASES if c[0] == "launch"])
+def test_launch_refusals_come_before_the_partition(ctx, tripwire, monkeypatch, capsys, tmp_path, extra, expected):
+    """fp16 on CPU, FedBN with a given model, unknown Flower options: refused before the dataset is partitioned
+    (they used to be refused after it, and after the output folder was created)."""
+    def boom(*args, **kwargs):
+        raise AssertionError("the dataset was partitioned before the refusal")
+    monkeypatch.setattr("hf_lpft.pipeline.federation_checked", boom)
+    out = tmp_path / "out"
+    assert cli.main(["run", "--data.dataset", ctx.data, "--run.output_dir", str(out), *BASE, *extra(ctx)]) == 2
+    assert expected[0] in capsys.readouterr().err and not out.exists()
 
 
 def test_numbers_in_exponent_notation_are_numbers():
