@@ -370,7 +370,8 @@ class PFTConfig:
     schedule: str = field(default="constant", metadata={"help": (
         "Learning rate within each phase: constant, or cosine (annealed to 0 over the phase's steps).")})
     strategy_args: dict[str, dict] = field(default_factory=dict, metadata={"help": (
-        "Per-strategy options, e.g. {lp_ft: {lp_epochs: 5}}; options of strategies not run are still validated.")})
+        "Per-strategy options, e.g. {lp_ft: {lp_epochs: 5}}; options of strategies not run are still validated "
+        "(names, values), but only strategies that run are held to the budget (e.g. lp_epochs <= pft.epochs).")})
 
     def __post_init__(self) -> None:
         check_field_types(self, "pft")

@@ -105,7 +105,7 @@ CASES = [
     ("no_strategy", lambda c: ["--pft.strategies", ""], ["pft.strategies is empty"]),
     ("unknown_strategy_option", lambda c: ["--pft.strategy_args", "{lp_ft: {bogus: 1}}"],
      ["pft.strategy_args.lp_ft: unknown option(s) ['bogus'] for strategy 'lp_ft'", "'lp_epochs'"]),
-    ("option_over_budget", lambda c: ["--pft.strategy_args", "{lp_ft: {lp_epochs: 5}}"],
+    ("option_over_budget", lambda c: ["--pft.strategies", "ft,lp_ft", "--pft.strategy_args", "{lp_ft: {lp_epochs: 5}}"],
      ["lp_ft.lp_epochs=5 exceeds the budget pft.epochs=1"]),
     ("option_negative", lambda c: ["--pft.strategy_args", "{ft: {flood: -1}}"],
      ["pft.strategy_args.ft: flood=-1.0 must be >= 0"]),

@@ -355,6 +355,28 @@ def test_launch_refusals_come_before_the_partition(ctx, tripwire, monkeypatch, c
     assert expected[0] in capsys.readouterr().err and not out.exists()
 
 
+DIGITS5 = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "digits5.yaml"
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    ("{lp_ft: {lp_epochz: 1}}", "pft.strategy_args.lp_ft: unknown option(s) ['lp_epochz'] for strategy 'lp_ft'"),
+    ("{lp_ft: {lp_epochs: many}}", "pft.strategy_args.lp_ft.lp_epochs='many' must be an integer"),
+    ("{lp_ft: {lp_epochs: -1}}", "lp_epochs=-1"),
+])
+def test_options_of_strategies_not_run_are_checked_but_do_not_bind_the_budget(tmp_path, options, expected):
+    """digits5.yaml sets lp_ft.lp_epochs 5: running only FT on a budget of 1 epoch is fine (LP-FT does not run);
+    a typo or a bad value in LP-FT's options is still an error, and so is the budget when LP-FT runs."""
+    from hf_lpft.run.preflight import preflight
+
+    run = ["--pft.epochs", "1", "--run.output_dir", str(tmp_path / "out")]
+    assert list(preflight(load_config(DIGITS5, ["--pft.strategies", "ft", *run]))) == ["ft"]
+    with pytest.raises(ConfigError, match="lp_ft.lp_epochs=5 exceeds the budget pft.epochs=1"):
+        preflight(load_config(DIGITS5, ["--pft.strategies", "ft,lp_ft", *run]))
+    with pytest.raises(ConfigError) as err:
+        preflight(load_config(DIGITS5, ["--pft.strategies", "ft", "--pft.strategy_args", options, *run]))
+    assert expected in str(err.value)
+
+
 def test_numbers_in_exponent_notation_are_numbers():
     """YAML 1.1 reads ``1e-3`` as a string; the CLI takes it as the number it is (the control of the cases above)."""
     cfg = load_config(None, ["--pft.lr", "1e-3", "--fedavg.rounds", "1e1"])

@@ -131,13 +131,13 @@ def build_strategies(cfg: ExperimentConfig) -> dict[str, Strategy]:
     """Validate and build every requested strategy before any heavy work."""
     budget = Budget(epochs=cfg.pft.epochs, lr=cfg.pft.lr, head_lr=cfg.pft.head_lr)
 
-    def build(name: str, where: str) -> Strategy:
+    def build(name: str, where: str, runs: bool = True) -> Strategy:
         try:
-            return build_strategy(name, cfg.pft.strategy_args.get(name), budget=budget)
+            return build_strategy(name, cfg.pft.strategy_args.get(name), budget=budget, check_phases=runs)
         except ConfigError as err:  # say which config entry holds the bad name or option
             raise ConfigError(str(err) if str(err).startswith(where) else f"{where}: {err}") from err
-    for name in cfg.pft.strategy_args:  # validate options even of strategies not run now
-        build(name, f"pft.strategy_args.{name}")
+    for name in cfg.pft.strategy_args:  # options of strategies not run now: names and values (typos), not budget
+        build(name, f"pft.strategy_args.{name}", runs=name in cfg.pft.strategies)
     return {name: build(name, "pft.strategies") for name in cfg.pft.strategies}
 
 
