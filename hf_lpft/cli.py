@@ -53,6 +53,8 @@ def run_from_args(argv: list[str], *, defaults: dict | None = None, description:
                                      usage=usage,
                                      epilog="Any config value can be overridden as --section.key value "
                                             "(or --key value when the name is unique), e.g. --fedavg.rounds 10; "
+                                            "seeds: --data.seed is the partition, --run.seeds the training seeds "
+                                            "(a bare --seed is refused); "
                                             "lists are comma-separated (--run.seeds 0,1,2), mappings YAML "
                                             "({lp_ft: {lp_epochs: 5}}), a boolean alone means true (--run.resume).")
     parser.add_argument("-h", "--help", action=ConfigHelp, defaults=defaults,
