@@ -284,15 +284,19 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: hf-lpft {" + ",".join(commands) + "} [options] | hf-lpft --version\n"
               + "\n".join(f"  {k:12s} {v}" for k, v in commands.items()))
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    if argv[0] == "strategies":
-        return list_strategies()
-    if argv[0] == "partition":
-        return partition_from_args(argv[1:])
-    if argv[0] == "push":
-        return push_from_args(argv[1:])
-    if argv[0] == "personalize":
-        return personalize_from_args(argv[1:])
-    return run_from_args(argv[1:], prog="hf-lpft run")
+    try:  # run and personalize end an interruption with their resume command (run_config); the rest here
+        if argv[0] == "strategies":
+            return list_strategies()
+        if argv[0] == "partition":
+            return partition_from_args(argv[1:])
+        if argv[0] == "push":
+            return push_from_args(argv[1:])
+        if argv[0] == "personalize":
+            return personalize_from_args(argv[1:])
+        return run_from_args(argv[1:], prog="hf-lpft run")
+    except KeyboardInterrupt:
+        print(f"hf-lpft {argv[0]}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

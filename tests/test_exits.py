@@ -83,3 +83,30 @@ def write_basic_config_for(tmp_path: Path) -> None:
     from accelerate.utils import write_basic_config
 
     write_basic_config(save_location=str(tmp_path / "hf_home" / "accelerate" / "default_config.yaml"))
+
+
+def test_interrupts_outside_training_are_one_line(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the config loads, or in another command: one line, exit 130. The resume command is offered
+    only when the output folder holds this run's own config.yaml (a run writes it before any work)."""
+    from hf_lpft import cli
+    from hf_lpft.config import load_config
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "load_config", stop)
+    assert cli.main(["run", "--fedavg.rounds", "1"]) == 130
+    assert capsys.readouterr().err == "hf-lpft: interrupted before the run started; nothing was written\n"
+    monkeypatch.setattr(cli, "list_strategies", stop)
+    assert cli.main(["strategies"]) == 130
+    assert capsys.readouterr().err == "hf-lpft strategies: interrupted\n"
+
+    out = tmp_path / "my run"
+    cfg = load_config(None, ["--run.output_dir", str(out)])
+    assert cli.interrupted_message(cfg).endswith("held anything of this run; nothing to resume, run the same "
+                                                 "command again")
+    out.mkdir()
+    (out / "config.yaml").write_text(load_config(None, ["--run.output_dir", str(out), "--fedavg.rounds", "3"]).to_yaml())
+    assert "nothing to resume" in cli.interrupted_message(cfg)  # another run's config: resuming it would be wrong
+    (out / "config.yaml").write_text(cfg.to_yaml())
+    assert cli.interrupted_message(cfg) == \
+        f"hf-lpft: interrupted; resume with: hf-lpft run --config '{out}/config.yaml' --run.resume true"
