@@ -3,14 +3,17 @@
 ``tests/test_resume.py`` sets ``HF_LPFT_KILL_AT=<point>:<n>`` in a child process; the n-th time (1-based)
 the pipeline passes ``fault_point(<point>)`` the process kills itself with SIGKILL (no cleanup, no
 ``finally``), exactly like the OOM killer or a pulled plug. The test then resumes the run and checks the
-results are identical to an uninterrupted run. Without the variable (every real run) a call is one
-environment lookup.
+results are identical to an uninterrupted run. ``<point>:<n>:pause`` instead prints ``PAUSE_MARK`` to stderr
+and sleeps there, so that a test can interrupt the run from outside (a real SIGINT, as Ctrl-C sends) at a
+known moment. Without the variable (every real run) a call is one environment lookup.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
+import time
 
 ENV = "HF_LPFT_KILL_AT"
 POINTS = (
@@ -23,6 +26,9 @@ POINTS = (
     "export_results",      # during the final export: results.parquet written, run_record.json not yet
     "fedavg_cache_store",  # storing a FedAvg result in run.fedavg_cache: files written, not renamed onto the key
 )
+ACTIONS = ("kill", "pause")
+PAUSE_MARK = "hf_lpft._faults: paused at"
+PAUSE_SECONDS = 600.0  # a paused run waits this long for the test's signal, then goes on
 _counts: dict[str, int] = {}
 
 
@@ -31,10 +37,14 @@ def fault_point(point: str) -> None:
     spec = os.environ.get(ENV)
     if not spec:
         return
-    target, _, nth = spec.rpartition(":")
-    if target not in POINTS or not nth.isdigit():
-        raise ValueError(f"{ENV}={spec!r} must look like <point>:<n> with a point in {list(POINTS)}")
+    target, nth, action = (spec.split(":") + ["kill"])[:3]
+    if target not in POINTS or not nth.isdigit() or action not in ACTIONS or spec.count(":") > 2:
+        raise ValueError(f"{ENV}={spec!r} must look like <point>:<n>[:<action>] with a point in {list(POINTS)} "
+                         f"and an action in {list(ACTIONS)}")
     if target == point:
         _counts[point] = _counts.get(point, 0) + 1
-        if _counts[point] == int(nth):
+        if _counts[point] == int(nth) and action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        elif _counts[point] == int(nth):
+            print(f"{PAUSE_MARK} {point}:{nth} (pid {os.getpid()})", file=sys.stderr, flush=True)
+            time.sleep(PAUSE_SECONDS)  # a signal's handler raises here (KeyboardInterrupt for SIGINT)

@@ -47,6 +47,11 @@ class Checkpoints:
             return None
         return load_file(str(folder / "state.safetensors")), json.loads((folder / "history.json").read_text())
 
+    def rounds_done(self, seed: int) -> int:
+        """How many FedAvg rounds the seed's checkpoint holds (0 without one); reads only its history."""
+        path = self._fedavg_dir(seed) / "history.json"
+        return len(json.loads(path.read_text())) if path.is_file() else 0
+
     def load_client_bn(self, seed: int) -> dict[str, dict[str, torch.Tensor]] | None:
         """The clients' own BatchNorm tensors saved with the latest round (FedBN), or None."""
         path = self._fedavg_dir(seed) / "client_bn.safetensors"
@@ -67,3 +72,23 @@ class Checkpoints:
     def load_unit(self, seed: int, strategy: str, client_id: str) -> dict | None:
         path = self._unit_path(seed, strategy, client_id)
         return json.loads(path.read_text()) if path.is_file() else None
+
+
+def resume_summary(layout: RunLayout, *, rounds: int | None, strategies: list[str], client_ids: list[str]) -> str:
+    """One line saying what a resumed run reuses from ``layout``'s checkpoints: the FedAvg rounds of each seed
+    (``rounds`` None: the global model is given, no FedAvg) and the finished (seed, strategy, client) units per
+    strategy. It counts what the pipeline then loads: round checkpoints and unit records."""
+    ckpt, seeds = Checkpoints(layout.root), layout.seeds
+    finished = {s: sum(layout.unit_record(seed, s, c).is_file() for seed in seeds for c in client_ids)
+                for s in strategies}
+    fedavg = {seed: ckpt.rounds_done(seed) for seed in seeds} if rounds is not None else {}
+    if not any(finished.values()) and not any(fedavg.values()):
+        return f"resuming {layout.root}: nothing finished to reuse, starting from the beginning"
+    each = len(seeds) * len(client_ids)
+    units = (f"{sum(finished.values())} of {each * len(strategies)} finished personalization units ("
+             + ", ".join(f"{s} {n}/{each}" for s, n in finished.items()) + ")")
+    if rounds is None:
+        return f"resuming {layout.root}: reusing {units}; the given global model is loaded again, the rest runs now"
+    rounds_text = ", ".join(f"{n} of {rounds} FedAvg rounds" + (f" (seed {seed})" if len(seeds) > 1 else "")
+                            for seed, n in fedavg.items())
+    return f"resuming {layout.root}: reusing {rounds_text} and {units}; the rest runs now"

@@ -6,7 +6,13 @@ import argparse
 import dataclasses
 import errno
 import logging
+import os
+import shlex
+import signal
 import sys
+import threading
+
+import yaml
 
 from hf_lpft import __version__
 from hf_lpft.config import ConfigError, add_config_help, load_config
@@ -53,6 +59,8 @@ def run_from_args(argv: list[str], *, defaults: dict | None = None, description:
                                      usage=usage,
                                      epilog="Any config value can be overridden as --section.key value "
                                             "(or --key value when the name is unique), e.g. --fedavg.rounds 10; "
+                                            "seeds: --data.seed is the partition, --run.seeds the training seeds "
+                                            "(a bare --seed is refused); "
                                             "lists are comma-separated (--run.seeds 0,1,2), mappings YAML "
                                             "({lp_ft: {lp_epochs: 5}}), a boolean alone means true (--run.resume).")
     parser.add_argument("-h", "--help", action=ConfigHelp, defaults=defaults,
@@ -63,24 +71,48 @@ def run_from_args(argv: list[str], *, defaults: dict | None = None, description:
                         help="Log level of hf_lpft (DEBUG, INFO, WARNING).")
     args, overrides = parser.parse_known_args(argv)
     setup_logging(args.log_level.upper())
+    with Interrupts() as interrupts:  # the failure's line is printed while a second signal is still ignored
+        code, cfg, result = run_config(args.config, overrides, defaults=defaults, interrupts=interrupts)
+    if code is not None:
+        return code
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # several processes: the main one prints the table
+        return 0
+    print(f"\nResults ({len(cfg.run.seeds)} seed(s)), accuracy %, mean (std over seeds):\n")
+    print(result.markdown)
+    print(f"\nOutputs written to {result.output_dir}")
+    return 0
+
+
+def run_config(path: str | None, overrides: list[str], *, defaults: dict | None, interrupts: Interrupts):
+    """Load, check and run a config: ``(None, cfg, result)``, or a failure's exit code (its one line printed on
+    stderr) with the config as far as it was loaded: 2 bad input, 3 cannot write or publish, 4 training
+    diverged, 128 + the signal when interrupted (130 for Ctrl-C)."""
+    cfg = None
     try:
-        cfg = load_config(args.config, overrides, defaults=defaults)
+        cfg = load_config(path, overrides, defaults=defaults)
         from hf_lpft.pipeline import run
 
-        result = run(cfg)
+        return None, cfg, run(cfg)
+    except KeyboardInterrupt:  # Ctrl-C (SIGINT) or SIGTERM: one line with the command that resumes the run
+        interrupts.signum = interrupts.signum or signal.SIGINT  # from now on further signals are ignored
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(interrupted_message(cfg), file=sys.stderr, flush=True)
+        return 128 + interrupts.signum, cfg, None
     except ConfigError as err:
         print(f"hf-lpft: configuration error: {err}", file=sys.stderr)
-        return 2
+        return 2, cfg, None
     except HubPushError as err:  # the run's outputs are complete; only publishing failed
         print(f"hf-lpft: the run finished but publishing failed: {err}", file=sys.stderr)
-        return 3
+        return 3, cfg, None
     except OSError as err:
         if err.errno not in WRITE_ERRORS:
             raise
         print(f"hf-lpft: cannot write {err.filename or 'an output file'}: {err.strerror}. Nothing half-written was "
               "left behind; free space or fix permissions, then rerun with --run.resume true to continue from "
               "the last complete round or client", file=sys.stderr)
-        return 3
+        return 3, cfg, None
     except RuntimeError as err:
         from hf_lpft.train.loop import NonFiniteLossError
 
@@ -90,15 +122,56 @@ def run_from_args(argv: list[str], *, defaults: dict | None = None, description:
               "folder; after changing what diverged, rerun with --run.resume true to continue from them (with "
               "run.on_error continue a client whose loss diverges is recorded as failed and the others go on)",
               file=sys.stderr)
-        return 4
-    from accelerate import PartialState
+        return 4, cfg, None
 
-    if not PartialState().is_main_process:  # several processes: the main one prints the table
-        return 0
-    print(f"\nResults ({len(cfg.run.seeds)} seed(s)), accuracy %, mean (std over seeds):\n")
-    print(result.markdown)
-    print(f"\nOutputs written to {result.output_dir}")
-    return 0
+
+class Interrupts:
+    """Within the block, SIGINT and SIGTERM raise KeyboardInterrupt once; the first signal is kept (the exit code
+    is 128 + it) and later ones are ignored until the block is left, so that the one-line message and the exit
+    are not cut short: ``accelerate launch`` follows the terminal's SIGINT with a SIGTERM to its child, and a
+    second Ctrl-C would otherwise end in a traceback. A signal that was ignored (``nohup``) stays ignored."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+            raise KeyboardInterrupt
+
+    def __exit__(self, kind, value, tb) -> bool:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        return False
+
+
+def interrupted_message(cfg) -> str:
+    """The line an interrupted run ends with: the command that resumes it from its own ``config.yaml`` (a run
+    writes it into its output folder before any work), or what to do when nothing of it was saved."""
+    if cfg is None:
+        return "hf-lpft: interrupted before the run started; nothing was written"
+    from hf_lpft.layout import RunLayout, config_differences
+
+    config = RunLayout.of(cfg).config
+    try:
+        saved = yaml.safe_load(config.read_text()) if config.is_file() else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        saved = None
+    if not isinstance(saved, dict) or config_differences(saved, cfg.to_dict()):
+        return (f"hf-lpft: interrupted before {cfg.run.output_dir} held anything of this run; nothing to resume, "
+                "run the same command again")
+    command = f"run --config {shlex.quote(str(config))} --run.resume true"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # several processes: the same launcher again
+        return f"hf-lpft: interrupted; resume with: <your launcher and its options> -m hf_lpft.cli {command}"
+    return f"hf-lpft: interrupted; resume with: hf-lpft {command}"
 
 
 def list_strategies() -> int:
@@ -211,15 +284,19 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: hf-lpft {" + ",".join(commands) + "} [options] | hf-lpft --version\n"
               + "\n".join(f"  {k:12s} {v}" for k, v in commands.items()))
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    if argv[0] == "strategies":
-        return list_strategies()
-    if argv[0] == "partition":
-        return partition_from_args(argv[1:])
-    if argv[0] == "push":
-        return push_from_args(argv[1:])
-    if argv[0] == "personalize":
-        return personalize_from_args(argv[1:])
-    return run_from_args(argv[1:], prog="hf-lpft run")
+    try:  # run and personalize end an interruption with their resume command (run_config); the rest here
+        if argv[0] == "strategies":
+            return list_strategies()
+        if argv[0] == "partition":
+            return partition_from_args(argv[1:])
+        if argv[0] == "push":
+            return push_from_args(argv[1:])
+        if argv[0] == "personalize":
+            return personalize_from_args(argv[1:])
+        return run_from_args(argv[1:], prog="hf-lpft run")
+    except KeyboardInterrupt:
+        print(f"hf-lpft {argv[0]}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -166,7 +166,9 @@ class DataConfig:
         "the natural scheme).")})
     num_classes: int | None = field(default=None, metadata={"help": (
         "Expected number of classes; checked against the dataset when set.")})
-    seed: int = field(default=0, metadata={"help": "Seed of the partition and the per-client splits."})
+    seed: int = field(default=0, metadata={"help": (
+        "Partition seed: which examples each client gets and its train/test split; the same for every run.seeds "
+        "entry. Not the training seed (run.seeds). No short form: a bare --seed is refused as ambiguous.")})
     manifest: str | None = field(default=None, metadata={"help": (
         "Path of a saved federation manifest to rebuild exactly the same partition.")})
     data_dir: str | None = field(default=None, metadata={"help": (
@@ -370,7 +372,8 @@ class PFTConfig:
     schedule: str = field(default="constant", metadata={"help": (
         "Learning rate within each phase: constant, or cosine (annealed to 0 over the phase's steps).")})
     strategy_args: dict[str, dict] = field(default_factory=dict, metadata={"help": (
-        "Per-strategy options, e.g. {lp_ft: {lp_epochs: 5}}; options of strategies not run are still validated.")})
+        "Per-strategy options, e.g. {lp_ft: {lp_epochs: 5}}; options of strategies not run are still validated "
+        "(names, values), but only strategies that run are held to the budget (e.g. lp_epochs <= pft.epochs).")})
 
     def __post_init__(self) -> None:
         check_field_types(self, "pft")
@@ -396,7 +399,8 @@ class RunConfig:
 
     output_dir: str = field(default="outputs/run", metadata={"help": "Output folder (one per run)."})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": (
-        "Seeds; the whole pipeline (FedAvg + PFT) runs once per seed.")})
+        "Training seeds: the whole pipeline (FedAvg + PFT: initialisation, client sampling, batch order) runs once "
+        "per seed, on the one partition of data.seed.")})
     overwrite: bool = field(default=False, metadata={"help": (
         "Allow writing into a non-empty output_dir (starts from scratch).")})
     resume: bool = field(default=False, metadata={"help": (
@@ -553,6 +557,13 @@ def _build_section(section: str, values: dict) -> Any:
     return cls(**kwargs)
 
 
+# Bare ``--key`` forms refused although the name is unique, because they read as another option: ``--seed``
+# looks like the training seed but would set data.seed, the partition (``--run.seeds 0 --seed 1`` silently
+# trained another partition). Key -> what to write instead.
+NO_SHORT_FORM = {"seed": "--data.seed (the partition: which examples each client gets) or --run.seeds (the training "
+                         "seeds, e.g. --run.seeds 0,1,2)"}
+
+
 def _field_index() -> dict[str, list[str]]:
     index: dict[str, list[str]] = {}
     for section, cls in SECTIONS.items():
@@ -572,8 +583,8 @@ def _is_flag(key: str, index: dict[str, list[str]]) -> bool:
 def parse_overrides(args: list[str]) -> dict[str, dict]:
     """Turn ``["--fedavg.rounds", "10", "--lr=0.1"]`` into ``{"fedavg": {"rounds": "10"}, ...}``.
 
-    A bare key (``--rounds``) is accepted when exactly one section has it; otherwise the error lists the
-    qualified names to use instead.
+    A bare key (``--rounds``) is accepted when exactly one section has it and it is not in
+    :data:`NO_SHORT_FORM`; otherwise the error lists the qualified names to use instead.
     """
     out: dict[str, dict] = {}
     index = _field_index()
@@ -591,6 +602,7 @@ def parse_overrides(args: list[str]) -> dict[str, dict]:
         i += 1
         section, _, name = key.rpartition(".")
         if not section:
+            _check(name not in NO_SHORT_FORM, f"option {arg!r} is ambiguous; use {NO_SHORT_FORM.get(name)}")
             sections = index.get(name, [])
             _check(len(sections) == 1, f"unknown option {arg!r}" if not sections else
                    f"option {arg!r} is ambiguous; use one of {[f'--{s}.{name}' for s in sections]}")
@@ -715,7 +727,8 @@ def add_config_help(parser: Any, defaults: dict | None = None) -> None:
         group = parser.add_argument_group(f"{section} options", doc)
         for f in dataclasses.fields(cls):
             default = (defaults or {}).get(section, {}).get(f.name, field_default(f))
-            names = [f"--{section}.{f.name}"] + ([f"--{f.name}"] if len(index[f.name]) == 1 else [])
+            short = len(index[f.name]) == 1 and f.name not in NO_SHORT_FORM
+            names = [f"--{section}.{f.name}"] + ([f"--{f.name}"] if short else [])
             text = f"{f.metadata.get('help', '')} (default: {cli_value(default)})".strip()
             group.add_argument(*names, dest=f"{section}.{f.name}", metavar=_type_name(hints[f.name]),
                                help=text.replace("%", "%%"))

@@ -25,6 +25,7 @@ The output folder must therefore be on a filesystem every process sees (one node
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ import torch
 from accelerate import Accelerator, PartialState
 
 from hf_lpft._faults import fault_point
+from hf_lpft.checkpoint import resume_summary
 from hf_lpft.config import ExperimentConfig
 from hf_lpft.data.federate import Federation
 from hf_lpft.data.preprocess import preprocessing_for
@@ -60,6 +62,8 @@ from hf_lpft.run.tracking import check_precision, cpu_only_launch, finish_tracke
 from hf_lpft.run.units import personalize_all
 from hf_lpft.speed import memory_format_of, resolve_num_threads
 from hf_lpft.strategies import Strategy
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -154,11 +158,15 @@ def write_outputs(cfg: ExperimentConfig, strategies: dict[str, Strategy], fed: F
 def run(cfg: ExperimentConfig, *, accelerator: Accelerator | None = None) -> RunResult:
     """Run the whole study described by ``cfg`` and write the output folder."""
     strategies = preflight(cfg)  # every check that needs no data: nothing is written before they pass
+    if accelerator is not None:
+        check_precision(accelerator)  # the caller's Accelerator, before anything is written
     main = PartialState(cpu=cpu_only_launch()).is_main_process  # only the main process prepares the folder
     t0 = time.perf_counter()
     federated = federation_checked(cfg)  # dataset, labels, manifest, partition: in memory, before the folder
     layout = RunLayout.of(cfg)
     out = layout.prepare(cfg) if main else layout.root
+    if main:  # first, so that an interrupted run can always be resumed from its own config.yaml
+        write_text(layout.config, cfg.to_yaml())
     own_trackers = accelerator is None and cfg.run.report_to != "none"
     accelerator = make_accelerator(cfg, out, accelerator)
     check_precision(accelerator)
@@ -166,8 +174,9 @@ def run(cfg: ExperimentConfig, *, accelerator: Accelerator | None = None) -> Run
     torch.set_num_threads(resolve_num_threads(cfg.run.num_threads))  # measured default: hf_lpft.speed
     timings = {}
     fed, clients = build_federation(cfg, out, timings, write=accelerator.is_main_process, federated=federated)
-    if accelerator.is_main_process:
-        write_text(layout.config, cfg.to_yaml())
+    if cfg.run.resume and accelerator.is_main_process:  # one line: what the interrupted run left that is reused
+        logger.info(resume_summary(layout, rounds=None if cfg.model.global_model else cfg.fedavg.rounds,
+                                   strategies=list(strategies), client_ids=fed.client_ids))
     timings["federate"] = time.perf_counter() - t0
     records = []
     for seed in cfg.run.seeds:

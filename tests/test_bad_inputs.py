@@ -93,6 +93,9 @@ CASES = [
     ("unknown_key", lambda c: ["--fedavg.roundz", "3"], ["unknown key(s) ['roundz'] in section 'fedavg'", "'rounds'"]),
     ("unknown_section", lambda c: ["--train.lr", "0.1"], ["unknown section 'train'", "'fedavg'", "'pft'"]),
     ("ambiguous_key", lambda c: ["--lr", "0.1"], ["'--lr' is ambiguous", "'--fedavg.lr'", "'--pft.lr'"]),
+    ("bare_seed", lambda c: ["--run.seeds", "0", "--seed", "1"],
+     ["option '--seed' is ambiguous", "--data.seed (the partition", "--run.seeds (the training seeds"]),
+    ("bare_seed_equals", lambda c: ["--seed=1"], ["option '--seed=1' is ambiguous", "--data.seed"]),
     ("no_dashes", lambda c: ["fedavg.rounds=3"], ["unexpected argument 'fedavg.rounds=3'", "--section.key value"]),
     ("missing_value_at_end", lambda c: ["--fedavg.rounds"], ["override '--fedavg.rounds' has no value"]),
     ("missing_value_before_next", lambda c: ["--fedavg.rounds", "--pft.epochs", "1"],
@@ -105,7 +108,7 @@ CASES = [
     ("no_strategy", lambda c: ["--pft.strategies", ""], ["pft.strategies is empty"]),
     ("unknown_strategy_option", lambda c: ["--pft.strategy_args", "{lp_ft: {bogus: 1}}"],
      ["pft.strategy_args.lp_ft: unknown option(s) ['bogus'] for strategy 'lp_ft'", "'lp_epochs'"]),
-    ("option_over_budget", lambda c: ["--pft.strategy_args", "{lp_ft: {lp_epochs: 5}}"],
+    ("option_over_budget", lambda c: ["--pft.strategies", "ft,lp_ft", "--pft.strategy_args", "{lp_ft: {lp_epochs: 5}}"],
      ["lp_ft.lp_epochs=5 exceeds the budget pft.epochs=1"]),
     ("option_negative", lambda c: ["--pft.strategy_args", "{ft: {flood: -1}}"],
      ["pft.strategy_args.ft: flood=-1.0 must be >= 0"]),
@@ -203,7 +206,7 @@ def test_bad_input_is_rejected_before_heavy_work(ctx, tripwire, capsys, request,
     assert err.startswith("hf-lpft: configuration error: "), err
     for text in expected:
         assert text in err, f"{text!r} not in the message: {err}"
-    assert not snapshot(fresh), "a rejected run wrote files"
+    assert not fresh.exists(), "a rejected run created its output folder"
     assert {p: snapshot(p) for p in before} == before, "a rejected run changed an existing folder"
     assert not temp_leftovers(ctx.tmp)
 

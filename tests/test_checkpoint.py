@@ -36,3 +36,26 @@ def test_unknown_backbone_fails_clearly():
         SplitModel("timm:not_a_model")
     with pytest.raises(ValueError, match="resnet18"):
         SplitModel("resnet18")
+
+
+def test_resume_summary_counts_what_a_resumed_run_loads(tmp_path):
+    """The one line of a resumed run: FedAvg rounds per seed (from the round checkpoints) and finished units
+    per strategy (their records), or that nothing is there; with a given global model no FedAvg is counted."""
+    from hf_lpft.checkpoint import Checkpoints, resume_summary
+    from hf_lpft.layout import RunLayout
+
+    layout = RunLayout(tmp_path, (0, 1))
+    kwargs = {"rounds": 3, "strategies": ["ft", "lp_ft"], "client_ids": ["a", "b"]}
+    assert resume_summary(layout, **kwargs) == \
+        f"resuming {tmp_path}: nothing finished to reuse, starting from the beginning"
+    ckpt = Checkpoints(tmp_path)
+    ckpt.save_round(0, {"w": torch.zeros(1)}, [{"round": 1}, {"round": 2}, {"round": 3}])
+    ckpt.save_round(1, {"w": torch.zeros(1)}, [{"round": 1}])
+    for seed, client in ((0, "a"), (0, "b"), (1, "a")):
+        ckpt.save_unit(seed, "ft", client, {"row": {}})
+    assert resume_summary(layout, **kwargs) == (
+        f"resuming {tmp_path}: reusing 3 of 3 FedAvg rounds (seed 0), 1 of 3 FedAvg rounds (seed 1) and 3 of 8 "
+        "finished personalization units (ft 3/4, lp_ft 0/4); the rest runs now")
+    assert resume_summary(layout, **(kwargs | {"rounds": None})) == (
+        f"resuming {tmp_path}: reusing 3 of 8 finished personalization units (ft 3/4, lp_ft 0/4); the given global "
+        "model is loaded again, the rest runs now")

@@ -57,6 +57,17 @@ def test_help_lists_every_field_with_type_default_and_help(capsys, command):
         assert "Personalize a given global model" in out
 
 
+def test_help_says_which_seed_is_which_and_offers_no_bare_seed(capsys):
+    """--seed used to set data.seed (the partition) only because the name is unique: `--run.seeds 0 --seed 1`
+    silently trained another partition. The help names both seeds and offers no --seed."""
+    out = _help(capsys, ["run", "--help"])
+    blocks = _blocks(out)
+    assert "--data.seed,--seed" not in _flat(out) and "--data.seedint" in blocks["--data.seed"]
+    assert "Partitionseed" in blocks["--data.seed"] and "Notthetrainingseed(run.seeds)" in blocks["--data.seed"]
+    assert "--run.seeds,--seeds" in blocks["--run.seeds"] and "Trainingseeds" in blocks["--run.seeds"]
+    assert "--data.seedisthepartition,--run.seedsthetrainingseeds" in _flat(out)  # the epilog
+
+
 def test_help_shows_a_recipes_defaults(capsys):
     out = _help(capsys, ["--help"], call=lambda a: run_from_args(a, defaults={"fedavg": {"rounds": 3}}))
     assert "(default:3)" in _blocks(out)["--fedavg.rounds"]

@@ -306,6 +306,14 @@ CLI_CASES = [
      ["probe_l2=[]", "non-empty"]),
     ("new_flags", "global_model_missing", lambda c: ["--model.global_model", "/nonexistent/global"],
      ["model.global_model=", "/nonexistent/global"]),
+    # refusals that used to come after the output folder (and the partition) was made (issue 25)
+    ("launch", "fp16_on_cpu", lambda c: ["--run.mixed_precision", "fp16"],
+     ["mixed precision fp16 needs a GPU", "use bf16"]),
+    ("launch", "given_model_with_fedbn", lambda c: ["--model.global_model", "me/global", "--fedavg.bn", "local"],
+     ["model.global_model='me/global' has no per-client BatchNorm", "set fedavg.bn averaged"]),
+    ("launch", "flower_unknown_option", lambda c: ["--fedavg.engine", "flower", "--fedavg.fl_strategy", "fedprox",
+                                                   "--fedavg.fl_strategy_args", "{mu: 0.1}"],
+     ["fedavg.fl_strategy_args: unknown option(s) ['mu'] for 'fedprox'", "proximal_mu"]),
     ("non_finite", "pft_lr_word_inf", lambda c: ["--pft.lr", "inf"], ["pft.lr=inf", "finite"]),
     ("non_finite", "fedavg_lr_minus_infinity", lambda c: ["--fedavg.lr", "-Infinity"], ["fedavg.lr=-inf", "finite"]),
 ] + [  # every float field rejects inf and nan (fields added later are covered automatically)
@@ -332,6 +340,41 @@ def test_cli_bad_input(ctx, tripwire, capsys, tmp_path, extra, expected):
     assert elapsed < PREFLIGHT_SECONDS, f"took {elapsed:.1f} s"
     assert not out.exists(), "a rejected run created its output folder"
     assert {p: snapshot(p) for p in before} == before, "a rejected run changed an existing folder"
+
+
+@pytest.mark.parametrize(("extra", "expected"), [c[2:] for c in CLI_CASES if c[0] == "launch"],
+                         ids=[c[1] for c in CLI_CASES if c[0] == "launch"])
+def test_launch_refusals_come_before_the_partition(ctx, tripwire, monkeypatch, capsys, tmp_path, extra, expected):
+    """fp16 on CPU, FedBN with a given model, unknown Flower options: refused before the dataset is partitioned
+    (they used to be refused after it, and after the output folder was created)."""
+    def boom(*args, **kwargs):
+        raise AssertionError("the dataset was partitioned before the refusal")
+    monkeypatch.setattr("hf_lpft.pipeline.federation_checked", boom)
+    out = tmp_path / "out"
+    assert cli.main(["run", "--data.dataset", ctx.data, "--run.output_dir", str(out), *BASE, *extra(ctx)]) == 2
+    assert expected[0] in capsys.readouterr().err and not out.exists()
+
+
+DIGITS5 = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "digits5.yaml"
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    ("{lp_ft: {lp_epochz: 1}}", "pft.strategy_args.lp_ft: unknown option(s) ['lp_epochz'] for strategy 'lp_ft'"),
+    ("{lp_ft: {lp_epochs: many}}", "pft.strategy_args.lp_ft.lp_epochs='many' must be an integer"),
+    ("{lp_ft: {lp_epochs: -1}}", "lp_epochs=-1"),
+])
+def test_options_of_strategies_not_run_are_checked_but_do_not_bind_the_budget(tmp_path, options, expected):
+    """digits5.yaml sets lp_ft.lp_epochs 5: running only FT on a budget of 1 epoch is fine (LP-FT does not run);
+    a typo or a bad value in LP-FT's options is still an error, and so is the budget when LP-FT runs."""
+    from hf_lpft.run.preflight import preflight
+
+    run = ["--pft.epochs", "1", "--run.output_dir", str(tmp_path / "out")]
+    assert list(preflight(load_config(DIGITS5, ["--pft.strategies", "ft", *run]))) == ["ft"]
+    with pytest.raises(ConfigError, match="lp_ft.lp_epochs=5 exceeds the budget pft.epochs=1"):
+        preflight(load_config(DIGITS5, ["--pft.strategies", "ft,lp_ft", *run]))
+    with pytest.raises(ConfigError) as err:
+        preflight(load_config(DIGITS5, ["--pft.strategies", "ft", "--pft.strategy_args", options, *run]))
+    assert expected in str(err.value)
 
 
 def test_numbers_in_exponent_notation_are_numbers():

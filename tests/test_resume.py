@@ -11,20 +11,27 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from hf_lpft._faults import PAUSE_MARK
+
 SERVER = textwrap.dedent(r"""
     import json, os, sys, traceback
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import signal
     from hf_lpft import cli, pipeline  # noqa: F401  (import the whole stack once)
+    # as started from a terminal: SIGINT raises KeyboardInterrupt (pytest may run where it is ignored, e.g. `&`)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import io
     from matplotlib.figure import Figure
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -50,6 +57,7 @@ SERVER = textwrap.dedent(r"""
                 code = 1
             sys.stdout.flush(); sys.stderr.flush()
             os._exit(code)
+        print(json.dumps({"pid": pid}), flush=True)
         _, status = os.waitpid(pid, 0)
         print(json.dumps({"signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
                           "code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None}), flush=True)
@@ -81,11 +89,22 @@ class Runner:
                                      text=True, env=env, cwd=str(tmp))
         assert json.loads(self.proc.stdout.readline()) == {"ready": True}
 
-    def run(self, out: Path, args: list[str], kill_at: str | None = None) -> dict:
-        log = self.tmp / f"{out.name}.log"
-        job = {"args": ["--run.output_dir", str(out), *args], "kill_at": kill_at, "log": str(log)}
+    def run(self, out: Path, args: list[str], kill_at: str | None = None, *, interrupt: int | None = None) -> dict:
+        """Run ``hf-lpft run --run.output_dir <out> <args>``; with ``interrupt``, send that signal from outside
+        once the run paused at ``kill_at`` (``<point>:<n>:pause``)."""
+        return self.run_argv(["--run.output_dir", str(out), *args], f"{out.name}.log", kill_at, interrupt=interrupt)
+
+    def run_argv(self, argv: list[str], log_name: str, kill_at: str | None = None, *,
+                 interrupt: int | None = None) -> dict:
+        log = self.tmp / log_name
+        job = {"args": argv, "kill_at": kill_at, "log": str(log)}
         self.proc.stdin.write(json.dumps(job) + "\n")
         self.proc.stdin.flush()
+        pid = json.loads(self.proc.stdout.readline())["pid"]
+        if interrupt is not None:
+            while PAUSE_MARK not in (log.read_text() if log.exists() else ""):
+                time.sleep(0.1)
+            os.kill(pid, interrupt)
         status = json.loads(self.proc.stdout.readline())
         status["log"] = log.read_text() if log.exists() else ""
         return status
@@ -148,6 +167,34 @@ def test_kill_then_resume_gives_identical_results(runner, reference, tiny_ds_pat
     assert {p: p.stat().st_mtime_ns for p in units} == units, "completed units were redone"
     assert not temp_leftovers(out), "temporary files left behind after resume"
     assert json.loads((out / "run_record.json").read_text())["run_info"]["resumed"] is True
+
+
+def test_ctrl_c_during_pft_names_the_resume_command_and_the_resume_says_what_it_reused(runner, reference,
+                                                                                        tiny_ds_path):
+    """A real SIGINT (what Ctrl-C sends) from outside while lp_ft personalizes client a, between its LP and FT
+    phases: one line naming the command that resumes, no traceback, exit code 130. That command, run as printed,
+    says in one line what it reuses (every FedAvg round, the three finished FT units) and ends with the results
+    of the uninterrupted run."""
+    out = runner.tmp / "interrupted"
+    stopped = runner.run(out, study_args(tiny_ds_path), kill_at="personalize_epoch:7:pause", interrupt=signal.SIGINT)
+    assert stopped["code"] == 130, stopped["log"]
+    assert "Traceback" not in stopped["log"] and "KeyboardInterrupt" not in stopped["log"], stopped["log"]
+    after = [line for line in stopped["log"].split(PAUSE_MARK, 1)[1].replace("\r", "\n").splitlines()[1:]
+             if line.strip() and "personalize (seed 0)" not in line]  # the progress bar tqdm closes
+    command = f"hf-lpft run --config {out / 'config.yaml'} --run.resume true"
+    assert after == [f"hf-lpft: interrupted; resume with: {command}"], after
+
+    argv = shlex.split(command)
+    assert argv[:2] == ["hf-lpft", "run"]  # the console script is hf_lpft.cli:main, which the helper calls
+    resumed = runner.run_argv(argv[2:], "interrupted_resumed.log")
+    assert resumed["code"] == 0, resumed["log"]
+    reused = [line for line in resumed["log"].splitlines() if "resuming" in line]
+    assert reused == [f"INFO hf_lpft.pipeline: resuming {out}: reusing 2 of 2 FedAvg rounds and 3 of 6 finished "
+                      "personalization units (ft 3/3, lp_ft 0/3); the rest runs now"], reused
+    assert (out / "results.parquet").read_bytes() == (reference / "results.parquet").read_bytes()
+    assert (out / "clients/lp_ft/a/model.safetensors").read_bytes() == \
+        (reference / "clients/lp_ft/a/model.safetensors").read_bytes()
+    assert not temp_leftovers(out)
 
 
 def diverging_client(monkeypatch, client_id: str):

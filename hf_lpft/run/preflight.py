@@ -2,7 +2,8 @@
 
 ``preflight(cfg)`` runs the checks that need no data, cheapest first: options that do not apply to the
 chosen scheme, sizes the embedded builders cannot provide, the strategies and their options, the backbone
-(name; weights that need the network), the launch (tracker, FedAvg engine), the output folder (read only)
+(name; weights that need the network), the launch (tracker, FedAvg engine and its options, fp16 on CPU, a given
+model with FedBN), the output folder (read only)
 and, with ``--push_to_hub``, the Hub (token, repos writable). ``federation_checked(cfg)`` then loads the
 dataset (network), checks its columns and labels and partitions it in memory (a saved manifest must match
 the dataset and have its indices in range). The pipeline creates the output folder only after both, so a
@@ -21,6 +22,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import numpy as np
@@ -36,6 +38,7 @@ from hf_lpft.data.federate import (
 )
 from hf_lpft.data.load import builtin_options, load_from_config
 from hf_lpft.layout import RunLayout
+from hf_lpft.run.tracking import check_precision, cpu_only_launch, launch_precision
 from hf_lpft.strategies import Budget, Strategy, build_strategy
 
 logger = logging.getLogger(__name__)
@@ -128,13 +131,13 @@ def build_strategies(cfg: ExperimentConfig) -> dict[str, Strategy]:
     """Validate and build every requested strategy before any heavy work."""
     budget = Budget(epochs=cfg.pft.epochs, lr=cfg.pft.lr, head_lr=cfg.pft.head_lr)
 
-    def build(name: str, where: str) -> Strategy:
+    def build(name: str, where: str, runs: bool = True) -> Strategy:
         try:
-            return build_strategy(name, cfg.pft.strategy_args.get(name), budget=budget)
+            return build_strategy(name, cfg.pft.strategy_args.get(name), budget=budget, check_phases=runs)
         except ConfigError as err:  # say which config entry holds the bad name or option
             raise ConfigError(str(err) if str(err).startswith(where) else f"{where}: {err}") from err
-    for name in cfg.pft.strategy_args:  # validate options even of strategies not run now
-        build(name, f"pft.strategy_args.{name}")
+    for name in cfg.pft.strategy_args:  # options of strategies not run now: names and values (typos), not budget
+        build(name, f"pft.strategy_args.{name}", runs=name in cfg.pft.strategies)
     return {name: build(name, "pft.strategies") for name in cfg.pft.strategies}
 
 
@@ -175,7 +178,12 @@ def check_strategies(cfg: ExperimentConfig, strategies: dict[str, Strategy]) -> 
 
 
 def check_launch(cfg: ExperimentConfig) -> None:
-    """The tracker of ``run.report_to`` is installed; Flower is installed and runs in one process."""
+    """The tracker of ``run.report_to`` is installed; Flower is installed, runs in one process and knows its
+    ``fedavg.fl_strategy`` options; a given global model is not combined with FedBN; fp16 has a GPU."""
+    check_precision_before_launch(cfg)
+    if cfg.model.global_model is not None and cfg.fedavg.bn == "local":
+        raise ConfigError(f"model.global_model={cfg.model.global_model!r} has no per-client BatchNorm; "
+                          "fedavg.bn='local' (FedBN) needs FedAvg to run: set fedavg.bn averaged")
     if cfg.run.report_to != "none":
         from accelerate.tracking import get_available_trackers
 
@@ -190,6 +198,21 @@ def check_launch(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"fedavg.engine='flower' runs in one process (Flower's simulation runs the clients in "
                               f"parallel itself), not {n}; launch without accelerate/torchrun or choose "
                               "fedavg.engine builtin")
+        if cfg.model.global_model is None:
+            from hf_lpft.run.flower_engine import check_fl_strategy
+
+            check_fl_strategy(cfg.fedavg.fl_strategy, cfg.fedavg.fl_strategy_args)
+
+
+def check_precision_before_launch(cfg: ExperimentConfig) -> None:
+    """fp16 on a CPU-only run fails here, before the output folder and the partition (not after them, when
+    the Accelerator exists): the precision the Accelerator will take, on the device the launch gives."""
+    precision = launch_precision(cfg)
+    if precision != "fp16":
+        return
+    from accelerate import PartialState
+
+    check_precision(SimpleNamespace(mixed_precision=precision, device=PartialState(cpu=cpu_only_launch()).device))
 
 
 # -- the network and the Hub --------------------------------------------------------------------------------------

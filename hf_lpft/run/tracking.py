@@ -47,8 +47,15 @@ def make_accelerator(cfg: ExperimentConfig, out: Path, accelerator: Accelerator 
     return accelerator
 
 
-def check_precision(accelerator: Accelerator) -> None:
-    """fp16 needs a GPU: on CPU accelerate would accept it and silently train in float32."""
+def launch_precision(cfg: ExperimentConfig) -> str:
+    """The mixed precision the run's Accelerator will use: ``run.mixed_precision``, else the one ``accelerate
+    launch --mixed_precision`` passes (``ACCELERATE_MIXED_PRECISION``), else no."""
+    return (cfg.run.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION") or "no").lower()
+
+
+def check_precision(accelerator) -> None:
+    """fp16 needs a GPU: on CPU accelerate would accept it and silently train in float32. ``accelerator``: an
+    Accelerator, or anything with its ``mixed_precision`` and ``device`` (preflight: before the Accelerator)."""
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ConfigError("mixed precision fp16 needs a GPU (on CPU accelerate would silently train in float32); "
                           "use bf16 (run.mixed_precision bf16 / accelerate launch --mixed_precision bf16) or no")

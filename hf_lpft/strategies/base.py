@@ -215,8 +215,12 @@ def get_strategy(name: str) -> type[Strategy]:
     return STRATEGIES[name]
 
 
-def build_strategy(name: str, args: dict | None = None, *, budget: Budget | None = None) -> Strategy:
-    """Instantiate a strategy with validated options; unknown option names fail."""
+def build_strategy(name: str, args: dict | None = None, *, budget: Budget | None = None,
+                   check_phases: bool = True) -> Strategy:
+    """Instantiate a strategy with validated options; unknown option names fail.
+
+    ``check_phases=False`` (a strategy configured but not run now) checks names, types and ranges of the
+    options only, not how they fit the budget (e.g. ``lp_epochs`` > ``pft.epochs``): that binds runs only."""
     cls = get_strategy(name)
     hints = typing.get_type_hints(cls.config_cls)
     args = dict(args or {})
@@ -225,7 +229,8 @@ def build_strategy(name: str, args: dict | None = None, *, budget: Budget | None
         raise ConfigError(f"unknown option(s) {sorted(unknown)} for strategy {name!r}; allowed: {sorted(hints)}")
     values = {k: _coerce(f"pft.strategy_args.{name}.{k}", v, hints[k]) for k, v in args.items()}
     strategy = cls(cls.config_cls(**values), budget=budget)
-    strategy.phases()  # build once so bad combinations (e.g. lp_epochs > epochs) fail now
+    if check_phases:
+        strategy.phases()  # build once so bad combinations (e.g. lp_epochs > epochs) fail now
     return strategy
 
 
