@@ -9,26 +9,23 @@ Writes <output_dir>/<condition>/ (one pipeline run each; re-running resumes), an
 conditions.md, conditions.parquet, conditions.png. Exit status 1 if a condition was skipped or failed.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 from hf_lpft.cli import setup_logging
 from hf_lpft.studies.conditions import load_conditions, run_conditions, write_conditions
+from hf_lpft.studies.sweep import sweep_output, sweep_parser
 
 FOLDER = Path(__file__).parent / "configs" / "conditions"
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--folder", default=str(FOLDER), help="Folder of base.yaml and the condition configs.")
+    parser = sweep_parser(__doc__, folder=str(FOLDER), folder_help="Folder of base.yaml and the condition configs.",
+                          name="conditions")
     parser.add_argument("--conditions", default=None, help="Comma-separated condition names (default: all).")
-    parser.add_argument("--quick", action="store_true", help="1 seed and a third of the FedAvg rounds.")
-    parser.add_argument("--output_dir", default=None, help="Default outputs/conditions (outputs/conditions_quick).")
-    parser.add_argument("--log_level", default="INFO", help="Log level of hf_lpft.")
     args, overrides = parser.parse_known_args(argv)
     setup_logging(args.log_level.upper())
-    out = Path(args.output_dir or ("outputs/conditions_quick" if args.quick else "outputs/conditions"))
+    out = sweep_output(args)
     names = [n.strip() for n in args.conditions.split(",") if n.strip()] if args.conditions else None
     conditions = load_conditions(args.folder, output_dir=out, names=names, quick=args.quick, overrides=overrides)
     results = run_conditions(conditions)

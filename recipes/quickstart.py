@@ -1,6 +1,6 @@
 """Quickstart: digits5 (five digit domains, one client each), FedAvg, then FT / LP / LP-FT and BN-adapt.
 
-    python recipes/quickstart.py                     # or: accelerate launch -q recipes/quickstart.py
+    accelerate launch recipes/quickstart.py         # or: python recipes/quickstart.py (one process)
     python recipes/quickstart.py --fedavg.rounds 10  # any override
 
 The personalization regime follows what is known of the paper's setup (arXiv 2511.12695; the likely lineage of

@@ -9,29 +9,25 @@ Writes <output_dir>/<norm>/<shift>/<dose>/ (one pipeline run each; re-running re
 results in <output_dir>/fedavg_cache/, and regime_map.md / .parquet / .png plus regime_results.parquet.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 from hf_lpft.cli import setup_logging
 from hf_lpft.studies.regime_map import collect_cells, load_cells, run_cells, select_cells, write_regime_map
+from hf_lpft.studies.sweep import sweep_output, sweep_parser
 
 FOLDER = Path(__file__).parent / "configs" / "regime"
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--folder", default=str(FOLDER), help="Folder of base.yaml and axes.yaml.")
-    parser.add_argument("--quick", action="store_true", help="1 seed and a third of the FedAvg rounds.")
-    parser.add_argument("--output_dir", default=None, help="Default outputs/regime_map (outputs/regime_map_quick).")
+    parser = sweep_parser(__doc__, folder=str(FOLDER), folder_help="Folder of base.yaml and axes.yaml.",
+                          name="regime_map", collect_help="Run nothing: tabulate the cells' saved results (e.g. after "
+                          "running parts with --cells in several processes).")
     parser.add_argument("--cells", default=None, help="Comma-separated glob patterns over cell names norm/shift/dose "
                         "(e.g. 'groupnorm/*'): run only those; the table covers the cells run.")
-    parser.add_argument("--collect", action="store_true", help="Run nothing: tabulate the cells' saved results "
-                        "(e.g. after running parts with --cells in several processes).")
-    parser.add_argument("--log_level", default="INFO", help="Log level of hf_lpft.")
     args, overrides = parser.parse_known_args(argv)
     setup_logging(args.log_level.upper())
-    out = Path(args.output_dir or ("outputs/regime_map_quick" if args.quick else "outputs/regime_map"))
+    out = sweep_output(args)
     try:
         cells = select_cells(load_cells(args.folder, output_dir=out, quick=args.quick, overrides=overrides), args.cells)
         results, seconds = collect_cells(cells) if args.collect else run_cells(cells)

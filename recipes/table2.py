@@ -9,28 +9,24 @@ Writes <output_dir>/<block>/ (one pipeline run each), the shared FedAvg results 
 and table2.md, table2.parquet, table2_<block>.png. Blocks and the one PFT regime: recipes/configs/table2/.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 from hf_lpft.cli import setup_logging
+from hf_lpft.studies.sweep import sweep_output, sweep_parser
 from hf_lpft.studies.table2 import collect_blocks, load_blocks, run_blocks, select_blocks, write_table2
 
 FOLDER = Path(__file__).parent / "configs" / "table2"
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--folder", default=str(FOLDER), help="Folder of base.yaml and blocks.yaml.")
+    parser = sweep_parser(__doc__, folder=str(FOLDER), folder_help="Folder of base.yaml and blocks.yaml.",
+                          name="table2", collect_help="Run nothing: tabulate the blocks already run (blocks "
+                          "without results are left out, with a warning).")
     parser.add_argument("--blocks", default=None, help="Comma-separated block names (default: all).")
-    parser.add_argument("--quick", action="store_true", help="1 seed and a third of the FedAvg rounds.")
-    parser.add_argument("--output_dir", default=None, help="Default outputs/table2 (outputs/table2_quick).")
-    parser.add_argument("--collect", action="store_true", help="Run nothing: tabulate the blocks already run "
-                        "(blocks without results are left out, with a warning).")
-    parser.add_argument("--log_level", default="INFO", help="Log level of hf_lpft.")
     args, overrides = parser.parse_known_args(argv)
     setup_logging(args.log_level.upper())
-    out = Path(args.output_dir or ("outputs/table2_quick" if args.quick else "outputs/table2"))
+    out = sweep_output(args)
     try:
         blocks = select_blocks(load_blocks(args.folder, output_dir=out, quick=args.quick, overrides=overrides),
                                args.blocks)

@@ -16,6 +16,7 @@ import datasets
 import numpy as np
 import pandas as pd
 import pytest
+from dataset_cards import CELEBA_ATTRS
 from PIL import Image
 
 from hf_lpft.config import load_config
@@ -27,12 +28,6 @@ PAPER_METHODS = ["ft", "lp", "lp_ft", "proximal_ft", "sparse_ft", "soup_ft", "ls
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 DOMAINNET_DOMAINS = ["clipart", "infograph", "painting", "quickdraw", "real", "sketch"]  # order unverified
-CELEBA_ATTRS = ["5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips",
-                "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows", "Chubby",
-                "Double_Chin", "Eyeglasses", "Goatee", "Gray_Hair", "Heavy_Makeup", "High_Cheekbones", "Male",
-                "Mouth_Slightly_Open", "Mustache", "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin", "Pointy_Nose",
-                "Receding_Hairline", "Rosy_Cheeks", "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair",
-                "Wearing_Earrings", "Wearing_Hat", "Wearing_Lipstick", "Wearing_Necklace", "Wearing_Necktie", "Young"]
 
 # What each config's Hub dataset holds, as its card lists it (the config headers cite the cards): the stand-in is
 # built from this, and the config must name these columns.

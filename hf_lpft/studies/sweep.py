@@ -105,3 +105,25 @@ def diff_cell(table_row, metric: str) -> str:
     """``+d.dd (s.ss)``: LP-FT − FT on ``metric`` in points, std over seeds in brackets; ``-`` when not paired."""
     mean = table_row[f"lpft_minus_ft_{metric}"]
     return "-" if np.isnan(mean) else f"{100 * mean:+.2f} ({100 * table_row[f'lpft_minus_ft_{metric}_std']:.2f})"
+
+
+def sweep_parser(doc: str, *, folder: str, folder_help: str, name: str, collect_help: str | None = None):
+    """The options every sweep recipe shares: ``--folder``, ``--quick``, ``--output_dir`` (default
+    ``outputs/<name>``, ``outputs/<name>_quick`` with ``--quick``), ``--log_level`` and, given its help,
+    ``--collect`` (tabulate saved results, run nothing); add the recipe's own."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--folder", default=folder, help=folder_help)
+    parser.add_argument("--quick", action="store_true", help="1 seed and a third of the FedAvg rounds.")
+    parser.add_argument("--output_dir", default=None, help=f"Default outputs/{name} (outputs/{name}_quick).")
+    parser.add_argument("--log_level", default="INFO", help="Log level of hf_lpft.")
+    if collect_help:
+        parser.add_argument("--collect", action="store_true", help=collect_help)
+    parser.set_defaults(sweep_name=name)
+    return parser
+
+
+def sweep_output(args) -> Path:
+    """The output folder a sweep recipe's parsed ``args`` name (see :func:`sweep_parser`)."""
+    return Path(args.output_dir or f"outputs/{args.sweep_name}{'_quick' if args.quick else ''}")
