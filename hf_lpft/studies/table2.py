@@ -228,13 +228,12 @@ def format_block(table: pd.DataFrame, found: BlockResults) -> str:
                                                              "avg_lgw_matrix", "avg_lg", "c_std", "worst")),
                  _matched_cell(r), runs]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += spurious_lines(found.results)
     for row in found.block.paper:
         p = PAPER_ROWS[row]
         lines.append(f"| *paper, {row}* | *FT {p['ft'][0]:.2f} / {p['ft'][1]:.2f}; LP-FT {p['lp_ft'][0]:.2f} / "
                      f"{p['lp_ft'][1]:.2f} (Local / Global); best other on Global: {p['best_other'][0]} "
                      f"{p['best_other'][1]:.2f}* |" + " |" * (len(HEADERS) - 2))
-    return "\n".join(lines)
+    return "\n".join(lines + spurious_lines(found.results))
 
 
 def lpft_vs_ft(found: BlockResults) -> str:
