@@ -248,3 +248,34 @@ def write_regime_map(out: str | Path, results: pd.DataFrame, seconds: dict[str, 
     write_text(out / "regime_map.md", markdown + "\n")
     plot_regime_map(table, out / "regime_map.png")
     return table, markdown
+
+
+def table_from_markdown(text: str) -> pd.DataFrame:
+    """The map's table back from its Markdown (:func:`format_regime_table`), for the columns the heatmap and a
+    merged table need: axes, seeds, LP-FT − FT Local / Global mean and std (fractions), verdict. Lets a map that
+    grows over several sessions be tabulated from the committed tables of earlier cells."""
+    import re
+
+    rows, cell = [], re.compile(r"^([+-]?\d+\.\d+) \((\d+\.\d+)\)$")
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.strip().strip("|").split("|")]
+        if len(parts) < 7 or parts[0] in ("norm", "") or set(parts[0]) <= {"-"}:
+            continue
+        row = {"norm": parts[0], "shift": parts[1], "dose": parts[2], "seeds": int(parts[3]), "verdict": parts[6]}
+        for metric, value in (("local", parts[4]), ("global", parts[5])):
+            match = cell.match(value)
+            if not match:
+                raise ValueError(f"regime map row {parts[:3]}: cannot read {metric} cell {value!r}")
+            row[f"lpft_minus_ft_{metric}"] = float(match.group(1)) / 100
+            row[f"lpft_minus_ft_{metric}_std"] = float(match.group(2)) / 100
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def merge_tables(current: pd.DataFrame, earlier: list[pd.DataFrame]) -> pd.DataFrame:
+    """The cells of ``current`` plus the cells of ``earlier`` tables (e.g. :func:`table_from_markdown` of an
+    earlier session's) that ``current`` lacks; a cell run now wins over an earlier reading of it."""
+    key = ["norm", "shift", "dose"]
+    seen = set(map(tuple, current[key].to_numpy())) if len(current) else set()
+    extra = [t[[tuple(r) not in seen for r in t[key].to_numpy()]] for t in earlier]
+    return pd.concat([t for t in [*extra, current] if len(t)], ignore_index=True)
