@@ -205,8 +205,15 @@ def _matched_cell(r) -> str:
     return f"{100 * r.matched_global:.2f} ({100 * r.matched_global_std:.2f}) @ ep {epochs}{note}"
 
 
+def _distortion_cell(r) -> str:
+    """Feature distortion on the client's own test split (the head's input, vs θ_G), mean (std) over seeds."""
+    if "distortion_local" not in r or pd.isna(r["distortion_local"]):
+        return "-"
+    return f"{r['distortion_local']:.2f} ({r['distortion_local_std']:.2f})"
+
+
 HEADERS = ["method", "Local", "Global", "C-Std (matrix)", "Worst (matrix)", "Avg (L+G+W_matrix)/3", "Avg (L+G)/2",
-           "C-Std (Local)", "Worst (Local)", "Global at matched Local", "every seed: Local / Global"]
+           "C-Std (Local)", "Worst (Local)", "Global at matched Local", "Δ own", "every seed: Local / Global"]
 
 
 def format_block(table: pd.DataFrame, found: BlockResults) -> str:
@@ -226,7 +233,7 @@ def format_block(table: pd.DataFrame, found: BlockResults) -> str:
         runs = "; ".join(f"s{s}: {100 * lo:.1f} / {100 * g:.1f}" for s, lo, g in r.per_seed)
         cells = [label(r.strategy), *(_cell(r, c) for c in ("local", "global", "c_std_matrix", "worst_matrix",
                                                              "avg_lgw_matrix", "avg_lg", "c_std", "worst")),
-                 _matched_cell(r), runs]
+                 _matched_cell(r), _distortion_cell(r), runs]
         lines.append("| " + " | ".join(cells) + " |")
     for row in found.block.paper:
         p = PAPER_ROWS[row]
