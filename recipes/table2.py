@@ -3,6 +3,8 @@
     python recipes/table2.py                                   # every block (long; resumes where it stopped)
     python recipes/table2.py --blocks feature_shift,label_shift # some blocks (e.g. one per process)
     python recipes/table2.py --collect                         # tabulate the saved blocks, run nothing
+    python recipes/table2.py --collect --publish benchmarks/table2  # ... and keep their small files in git
+    python recipes/table2.py --collect --output_dir benchmarks/table2  # tabulate what was published
     python recipes/table2.py --quick                           # 1 seed, a third of the FedAvg rounds
 
 Writes <output_dir>/<block>/ (one pipeline run each), the shared FedAvg results in <output_dir>/fedavg_cache/,
@@ -14,7 +16,14 @@ from pathlib import Path
 
 from hf_lpft.cli import setup_logging
 from hf_lpft.studies.sweep import sweep_output, sweep_parser
-from hf_lpft.studies.table2 import collect_blocks, load_blocks, run_blocks, select_blocks, write_table2
+from hf_lpft.studies.table2 import (
+    collect_blocks,
+    load_blocks,
+    publish_blocks,
+    run_blocks,
+    select_blocks,
+    write_table2,
+)
 
 FOLDER = Path(__file__).parent / "configs" / "table2"
 
@@ -24,6 +33,8 @@ def main(argv: list[str]) -> int:
                           name="table2", collect_help="Run nothing: tabulate the blocks already run (blocks "
                           "without results are left out, with a warning).")
     parser.add_argument("--blocks", default=None, help="Comma-separated block names (default: all).")
+    parser.add_argument("--publish", default=None, help="Also copy the finished blocks' results, curves, config and "
+                        "run record, and the table, into this folder (e.g. benchmarks/table2, committed).")
     args, overrides = parser.parse_known_args(argv)
     setup_logging(args.log_level.upper())
     out = sweep_output(args)
@@ -37,6 +48,8 @@ def main(argv: list[str]) -> int:
         print(f"table2: {err}", file=sys.stderr)
         return 2
     print(write_table2(out, finished))
+    if args.publish:
+        publish_blocks(finished, args.publish)
     return 0
 
 

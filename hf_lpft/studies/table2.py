@@ -347,3 +347,28 @@ def spurious_lines(results: pd.DataFrame) -> list[str]:
         cells.append(f"{side} clients {100 * m:.2f} ({100 * sd:.2f}) [{runs}]")
     return ["", "Global model's accuracy (%) on its clients' test splits, mean (std) over seeds [every seed]: "
             + "; ".join(cells) + "."]
+
+
+PUBLISHED = ("results.parquet", "curves.parquet", "config.yaml", "run_record.json")
+
+
+def publish_blocks(found: list[BlockResults], dest: str | Path) -> Path:
+    """Copy each finished block's small files (:data:`PUBLISHED`) into ``dest/<block>/`` and write the table
+    there: a folder that ``--collect --output_dir dest`` tabulates again, e.g. committed so that a study spread
+    over several sessions keeps its finished blocks (the run folders themselves, with models, stay out of git)."""
+    import shutil
+
+    from hf_lpft.io import atomic_path
+
+    dest = Path(dest)
+    for f in found:
+        source = Path(f.block.config.run.output_dir)
+        if source.resolve() == (dest / f.block.name).resolve():
+            continue  # already there
+        for name in PUBLISHED:
+            if (source / name).is_file():
+                (dest / f.block.name).mkdir(parents=True, exist_ok=True)
+                with atomic_path(dest / f.block.name / name) as tmp:
+                    shutil.copyfile(source / name, tmp)
+    write_table2(dest, found)
+    return dest
