@@ -123,3 +123,23 @@ def test_report_to_tensorboard_logs_fedavg_and_units(tiny_run):
         tags |= set(acc.Tags()["scalars"])
     assert "seed_0/fedavg/global_test_acc" in tags
     assert {"seed_0/ft/a/local_acc", "seed_0/lp/c/global_acc", "seed_0/ft/b/curve/global_acc"} <= tags
+
+
+def test_one_seed_report_explains_its_columns_and_splits_only_where_it_applies(tiny_run, tmp_path):
+    """Legend under the table in summary.md, report.md and the console text; no '(0.00)' for one seed; with a
+    BN-adapt reference, LP's split (BatchNorm frozen in every phase, per the run record) reads n/a."""
+    for text in (tiny_run.markdown, (tiny_run.output_dir / "summary.md").read_text(),
+                 (tiny_run.output_dir / "report.md").read_text()):
+        assert "(0.00)" not in text and "1 seed" in text
+        assert "- **Global < global model**: " in text and "- **Avg (L+G)/2**: " in text and "- **Δ own**: " in text
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_run.output_dir, out, ignore=shutil.ignore_patterns("clients", "global", "checkpoints"))
+    df = pd.read_parquet(out / "results.parquet")
+    bn = df[df.strategy == "global_model"].assign(strategy="bn_adapt", global_acc=lambda d: d.global_acc - 0.1)
+    pd.concat([df, bn]).to_parquet(out / "results.parquet", index=False)
+    text = write_report(out).read_text()
+    section = text[text.index("## Where Global goes"):text.index("## Feature distortion")]
+    lp = next(line for line in section.splitlines() if line.startswith("| LP |"))
+    ft = next(line for line in section.splitlines() if line.startswith("| FT |"))
+    assert "n/a: BatchNorm statistics stay frozen" in lp
+    assert "n/a" not in ft and "(0.00)" not in section
