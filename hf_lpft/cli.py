@@ -174,13 +174,25 @@ def interrupted_message(cfg) -> str:
     return f"hf-lpft: interrupted; resume with: hf-lpft {command}"
 
 
+# The Hub folder's formats (hf_lpft.hub.export.export_client) in the words of the strategies listing.
+HUB_FORMATS = {"full": "full model", "head": "head only: the backbone stays the global model's",
+               "peft_adapter": "peft adapter + head"}
+
+
+def export_text(strategy) -> str:
+    """What a strategy's export writes, as ``hf-lpft strategies`` says it (with its default options)."""
+    if strategy.export_kind == "adapter":
+        return "exports a peft adapter + head"
+    return f"run folder: full model; Hub folder: {HUB_FORMATS[strategy.hub_format()]}"
+
+
 def list_strategies() -> int:
     """Print every registered strategy with a one-line description and its defaults."""
     from hf_lpft.strategies import STRATEGIES
 
     for name, cls in sorted(STRATEGIES.items()):
         defaults = dataclasses.asdict(cls.config_cls())  # also resolves default_factory fields
-        print(f"{name:12s} {cls.display_name} ({cls.export_kind} export): {cls.description}\n"
+        print(f"{name:12s} {cls.display_name} ({export_text(cls())}): {cls.description}\n"
               f"{'':12s} defaults: {defaults}")
     return 0
 
