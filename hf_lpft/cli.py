@@ -11,6 +11,7 @@ import shlex
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import yaml
 
@@ -222,7 +223,9 @@ def partition_from_args(argv: list[str]) -> int:
         print(f"hf-lpft: configuration error: {err}", file=sys.stderr)
         return 2
     print(format_table(fed))
-    print(f"\nFederation written to {out}/federation (manifest.json, stats.json, label_heatmap.png)")
+    folder = Path(out) / "federation"
+    written = ", ".join(sorted(p.name for p in folder.iterdir() if p.is_file()))  # every file preview wrote
+    print(f"\nFederation written to {folder} ({written})")
     return 0
 
 
