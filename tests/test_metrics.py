@@ -121,3 +121,16 @@ def test_drop_split_reads_na_for_strategies_that_keep_batchnorm_frozen():
     ft_line = next(line for line in md.splitlines() if line.startswith("| FT |"))
     assert "10.00" in lp_line and "n/a: BatchNorm statistics stay frozen" in lp_line and "-" not in lp_line[5:10]
     assert ft_line == "| FT | 30.00 | 20.00 | 10.00 |"  # one seed: no (0.00)
+
+
+def test_no_batchnorm_backbone_splits_no_strategy():
+    from hf_lpft.evaluation.metrics import split_exemptions
+    from hf_lpft.evaluation.report import drop_split_section
+
+    describe = {name: {"phases": [{"bn": "train"}]} for name in ("ft", "bn_adapt")}
+    exempt = split_exemptions(describe, batchnorm=False)
+    assert set(exempt) == {"ft", "bn_adapt"} and "no BatchNorm" in exempt["ft"]
+    rows = pd.DataFrame([{"seed": 0, "strategy": s, "client_id": "c0", "global_acc": 0.5}
+                         for s in ("global_model", "bn_adapt", "ft")])
+    text = "\n".join(drop_split_section(rows, exempt))
+    assert "Not split: the backbone has no BatchNorm layer" in text and "add bn_adapt" not in text

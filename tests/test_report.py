@@ -143,3 +143,16 @@ def test_one_seed_report_explains_its_columns_and_splits_only_where_it_applies(t
     ft = next(line for line in section.splitlines() if line.startswith("| FT |"))
     assert "n/a: BatchNorm statistics stay frozen" in lp
     assert "n/a" not in ft and "(0.00)" not in section
+
+
+def test_has_batchnorm_reads_the_saved_global_model(tiny_run, tmp_path):
+    from hf_lpft.evaluation.report import has_batchnorm
+
+    assert has_batchnorm(tiny_run.output_dir)  # timm test_resnet
+    assert has_batchnorm(tmp_path)  # nothing saved yet: split as usual
+    import torch
+    from safetensors.torch import save_file
+
+    (tmp_path / "global").mkdir()
+    save_file({"head.weight": torch.zeros(2, 2), "norm.weight": torch.ones(2)}, str(tmp_path / "global/model.safetensors"))
+    assert not has_batchnorm(tmp_path)  # LayerNorm only (a text backbone)

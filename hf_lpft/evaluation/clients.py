@@ -18,7 +18,7 @@ from hf_lpft.evaluation.metrics import (
     split_exemptions,
     summary_table,
 )
-from hf_lpft.evaluation.report import cross_client_frame
+from hf_lpft.evaluation.report import cross_client_frame, has_batchnorm
 from hf_lpft.evaluation.shared_features import SharedBackbone
 from hf_lpft.federated.fedbn import client_global_model
 from hf_lpft.io import atomic_path, write_text
@@ -125,7 +125,8 @@ def write_results(layout: RunLayout, rows: list[dict], *, strategies: dict[str, 
     ``strategies``: ``Strategy.describe()`` per strategy; their phases say where the Global-drop split applies.
     """
     # + where Global went: BN statistics vs weights (n/a for strategies that never touch BatchNorm statistics)
-    results = global_drop_split(pd.DataFrame(rows), exempt=split_exemptions(strategies or {}))
+    exempt = split_exemptions(strategies or {}, batchnorm=has_batchnorm(layout.root))
+    results = global_drop_split(pd.DataFrame(rows), exempt=exempt)
     with atomic_path(layout.results) as tmp:
         results.to_parquet(tmp, index=False)
     failed = results[results.error.notna()]

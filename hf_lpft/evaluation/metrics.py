@@ -161,14 +161,18 @@ def format_markdown(summary: pd.DataFrame, *, legend: bool = True) -> str:
     return table + "\n\n" + format_legend(headers, seeds=seeds) if legend else table
 
 
-def split_exemptions(descriptions: dict[str, dict]) -> dict[str, str]:
+def split_exemptions(descriptions: dict[str, dict], *, batchnorm: bool = True) -> dict[str, str]:
     """Strategies the BatchNorm / weights split of the Global drop does not apply to, with the reason.
 
     ``descriptions``: ``Strategy.describe()`` per strategy (the run record's ``run_info.strategies``). The split
     charges every method with BN-adapt's drop from re-estimating BatchNorm statistics; a strategy whose phases
     all keep BatchNorm frozen (``Phase.bn == "frozen"``, e.g. LP) never re-estimates them, so its whole drop is
-    its weights' and the split would mislead.
+    its weights' and the split would mislead. ``batchnorm=False`` (the backbone has no BatchNorm layer): no
+    strategy has statistics to re-estimate, so the split applies to none.
     """
+    if not batchnorm:
+        return {name: "the backbone has no BatchNorm layer, so there are no statistics to re-estimate"
+                for name in descriptions}
     out = {}
     for name, desc in descriptions.items():
         phases = desc.get("phases") or []

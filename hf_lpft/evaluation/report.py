@@ -182,6 +182,9 @@ def drop_split_section(ok: pd.DataFrame, exempt: dict[str, str] | None = None) -
     ``exempt`` (:func:`hf_lpft.evaluation.metrics.split_exemptions`) names the strategies it does not apply to."""
     seeds = ok.seed.nunique()
     head = ["", f"## Where Global goes (accuracy points, {spread_note(seeds)[:-1]})", ""]
+    methods = set(ok.strategy) - {"global_model", "bn_adapt"}
+    if methods and methods <= set(exempt or {}):  # e.g. a backbone without BatchNorm: no method to split
+        return head + ["Not split: " + "; ".join(sorted({exempt[m] for m in methods})) + "."]
     if not {"global_model", "bn_adapt"} <= set(ok.strategy):
         return head + ["Not split: the run has no bn_adapt rows (add bn_adapt to pft.strategies)."]
     table = drop_split_table(ok, exempt=exempt)
@@ -192,12 +195,24 @@ def drop_split_section(ok: pd.DataFrame, exempt: dict[str, str] | None = None) -
                    "re-estimates BatchNorm statistics, so its whole drop comes from its weights."]
 
 
+def has_batchnorm(root: Path) -> bool:
+    """Whether the run's saved global model holds BatchNorm statistics (``running_mean`` tensors; read from the
+    safetensors header only). True when no global model is saved yet: the split is then made as usual."""
+    from safetensors import safe_open
+
+    files = sorted(Path(root, "global").rglob("model.safetensors"))
+    if not files:
+        return True
+    with safe_open(str(files[0]), framework="pt") as f:
+        return any(key.endswith("running_mean") for key in f.keys())
+
+
 def _exemptions(layout: RunLayout) -> dict[str, str]:
     """Strategies the Global-drop split does not apply to, from the run record's phases (none without a record)."""
     if not layout.record.is_file():
         return {}
     record = json.loads(layout.record.read_text())
-    return split_exemptions(record.get("run_info", {}).get("strategies", {}))
+    return split_exemptions(record.get("run_info", {}).get("strategies", {}), batchnorm=has_batchnorm(layout.root))
 
 
 def write_report(output_dir: str | Path) -> Path:
