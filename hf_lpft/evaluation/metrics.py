@@ -10,7 +10,8 @@ Definitions (Chen et al., arXiv 2511.12695, the metrics of Table 2):
   22.93 is above the largest possible std of 5 Local values averaging 91.17, so it cannot be over Local.
 - Average (text): (Local + Global) / 2.  Average (table): (Local + Global + Worst) / 3, with Worst (Local)
   (``avg_lgw``) and with Worst (matrix) (``avg_lgw_matrix``, the form the paper's printed table satisfies).
-Across seeds, tables show mean (std) with the sample std (ddof=1; 0 for one seed).
+Across seeds, tables show mean (std) with the sample std (ddof=1); one seed shows the value alone, said once.
+Every column's one-line legend is :data:`COLUMN_LEGEND`, printed under every summary table.
 """
 
 from __future__ import annotations
@@ -131,7 +132,9 @@ def _cell(mean: float, std: float, *, scale: float, spec: str, with_std: bool, s
 
 def spread_note(seeds: int) -> str:
     """What the cells of a table over ``seeds`` seeds hold (said once, not in every cell)."""
-    return "1 seed: values alone, no std." if seeds <= 1 else f"mean (std) over {seeds} seeds (sample std)."
+    if seeds <= 1:
+        return "1 seed, so each cell is one value (no std)."
+    return f"mean (std) over {seeds} seeds (sample std)."
 
 
 def format_legend(headers: list[str] | tuple[str, ...], *, seeds: int) -> str:
