@@ -341,3 +341,10 @@ def test_cards_of_an_adam_run_name_adam_and_absolute_folders(tmp_path, tiny_ds_p
         assert f'load_personalized("{(tmp_path / "rel-run").resolve()}' in text or \
             f'load_personalized("{(tmp_path / "rel-run/hub/model").resolve()}' in text, card
     assert "solver: adam" in (Path(out) / "global/README.md").read_text()
+
+
+def test_root_card_and_results_card_carry_the_table_legend(pushed):
+    for card in (pushed.output_dir / "hub/model/README.md", pushed.output_dir / "hub/results/README.md"):
+        text = card.read_text()
+        assert "- **Global < global model**: " in text and "- **Avg (L+G+W_matrix)/3**: " in text, card
+        assert "(0.00)" not in text and "1 seed" in text, card
