@@ -11,6 +11,7 @@ import shlex
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import yaml
 
@@ -174,13 +175,25 @@ def interrupted_message(cfg) -> str:
     return f"hf-lpft: interrupted; resume with: hf-lpft {command}"
 
 
+# The Hub folder's formats (hf_lpft.hub.export.export_client) in the words of the strategies listing.
+HUB_FORMATS = {"full": "full model", "head": "head only: the backbone stays the global model's",
+               "peft_adapter": "peft adapter + head"}
+
+
+def export_text(strategy) -> str:
+    """What a strategy's export writes, as ``hf-lpft strategies`` says it (with its default options)."""
+    if strategy.export_kind == "adapter":
+        return "exports a peft adapter + head"
+    return f"run folder: full model; Hub folder: {HUB_FORMATS[strategy.hub_format()]}"
+
+
 def list_strategies() -> int:
     """Print every registered strategy with a one-line description and its defaults."""
     from hf_lpft.strategies import STRATEGIES
 
     for name, cls in sorted(STRATEGIES.items()):
         defaults = dataclasses.asdict(cls.config_cls())  # also resolves default_factory fields
-        print(f"{name:12s} {cls.display_name} ({cls.export_kind} export): {cls.description}\n"
+        print(f"{name:12s} {cls.display_name} ({export_text(cls())}): {cls.description}\n"
               f"{'':12s} defaults: {defaults}")
     return 0
 
@@ -210,7 +223,9 @@ def partition_from_args(argv: list[str]) -> int:
         print(f"hf-lpft: configuration error: {err}", file=sys.stderr)
         return 2
     print(format_table(fed))
-    print(f"\nFederation written to {out}/federation (manifest.json, stats.json, label_heatmap.png)")
+    folder = Path(out) / "federation"
+    written = ", ".join(sorted(p.name for p in folder.iterdir() if p.is_file()))  # every file preview wrote
+    print(f"\nFederation written to {folder} ({written})")
     return 0
 
 

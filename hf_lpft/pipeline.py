@@ -144,7 +144,8 @@ def write_outputs(cfg: ExperimentConfig, strategies: dict[str, Strategy], fed: F
                   layout: RunLayout, timings: dict, t0: float, accelerator: Accelerator) -> RunResult:
     """The main process's outputs: results, summary, curves, cross-client matrix, run record, report."""
     t = time.perf_counter()
-    results, summary, markdown = write_results(layout, [r["row"] for r in records])
+    results, summary, markdown = write_results(layout, [r["row"] for r in records],
+                                               strategies={n: s.describe() for n, s in strategies.items()})
     fault_point("export_results")
     write_curves(layout, records)
     write_cross_client(layout, results)

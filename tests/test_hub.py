@@ -308,3 +308,43 @@ def test_run_folder_cards_adapters_and_metadata(pushed):
     hub_base = json.loads((out / "hub/model/clients/lora/b/adapter_config.json").read_text())["base_model_name_or_path"]
     assert hub_base in (REPO, "tester/from-cli")  # the repo the folder was last exported for (test order)
     assert json.loads((out / "global" / "preprocessor_config.json").read_text())["image_mean"] == [0.5, 0.5, 0.5]
+
+
+def test_strategies_listing_says_what_the_hub_folder_holds(pushed, capsys):
+    """`hf-lpft strategies` and the Hub export agree: LP's folder holds the head only, FT's the full model."""
+    from hf_lpft.cli import list_strategies
+    from hf_lpft.strategies import get_strategy
+
+    list_strategies()
+    listing = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")}
+    for strategy in STRATEGIES:
+        written = json.loads((pushed.output_dir / f"hub/model/clients/{strategy}/a/personalization.json").read_text())
+        assert written["format"] == get_strategy(strategy)().hub_format(), strategy
+    assert "Hub folder: head only" in listing["lp"] and "Hub folder: full model" in listing["ft"]
+    assert "peft adapter" in listing["lora"]
+
+
+def test_cards_of_an_adam_run_name_adam_and_absolute_folders(tmp_path, tiny_ds_path, monkeypatch):
+    """Client cards state the optimizer the run used (not the Phase vocabulary's `solver: sgd`), and the
+    local cards' paths load from any working directory."""
+    from hf_lpft.pipeline import run
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, {
+        "data": {"dataset": tiny_ds_path, "num_classes": 4}, "fedavg": {"rounds": 1, "batch_size": 16},
+        "pft": {"epochs": 1, "batch_size": 16, "strategies": ["ft"], "optimizer": "adam", "lr": 0.001},
+        "run": {"output_dir": "rel-run", "distortion": False, "num_threads": 1}})
+    out = run(cfg).output_dir
+    for card in (tmp_path / "rel-run/clients/ft/a/README.md", tmp_path / "rel-run/hub/model/clients/ft/a/README.md"):
+        text = card.read_text()
+        assert "solver: adam" in text and "solver: sgd" not in text and "| optimizer | adam (lr 0.001" in text
+        assert f'load_personalized("{(tmp_path / "rel-run").resolve()}' in text or \
+            f'load_personalized("{(tmp_path / "rel-run/hub/model").resolve()}' in text, card
+    assert "solver: adam" in (Path(out) / "global/README.md").read_text()
+
+
+def test_root_card_and_results_card_carry_the_table_legend(pushed):
+    for card in (pushed.output_dir / "hub/model/README.md", pushed.output_dir / "hub/results/README.md"):
+        text = card.read_text()
+        assert "- **Global < global model**: " in text and "- **Avg (L+G+W_matrix)/3**: " in text, card
+        assert "(0.00)" not in text and "1 seed" in text, card

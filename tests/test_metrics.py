@@ -61,7 +61,7 @@ def test_cross_client_matrix_worst_and_c_std_hand_example():
     assert table["avg_lgw_matrix"] == pytest.approx((0.8 + 0.4 + 0.3) / 3)
     assert np.std(entries) == pytest.approx(table["c_std_matrix"])
     md = format_markdown(summary_table(pd.DataFrame(rows)))
-    assert "C-Std (Local)" in md and "Worst (matrix)" in md and "| 70.00 (0.00) |" in md
+    assert "C-Std (Local)" in md and "Worst (matrix)" in md and "| 70.00 |" in md  # one seed: no std
 
 
 def test_global_drop_split_hand_example():
@@ -84,3 +84,53 @@ def test_global_drop_split_hand_example():
     assert table.loc["ft", "global_drop_bn_mean"] == pytest.approx(0.125)
     no_bn = global_drop_split(pd.DataFrame([r for r in rows if r["strategy"] != "bn_adapt"]))
     assert no_bn.global_drop_bn.isna().all() and no_bn.global_drop.notna().all()
+
+
+def test_one_seed_table_prints_values_alone_and_says_so_once():
+    md = format_markdown(summary_table(pd.DataFrame(_rows(0, "ft", [[0.9, 0.3], [0.5, 0.7]]))))
+    assert "(0.00)" not in md and "(" not in md.split("\n")[2]  # the FT row: no std anywhere
+    assert md.count("1 seed") == 1
+
+
+def test_every_column_of_the_table_has_one_legend_line():
+    from hf_lpft.evaluation.metrics import COLUMN_LEGEND, EXTRA_COLUMNS, METRIC_HEADERS
+
+    rows = [r | {"distortion_local": 0.1, "distortion_global": 0.2} for r in _rows(0, "ft", [[0.9, 0.3], [0.5, 0.7]])]
+    md = format_markdown(summary_table(pd.DataFrame(rows)))
+    for header in (*METRIC_HEADERS, *EXTRA_COLUMNS.values()):
+        assert sum(line.startswith(f"- **{header}**: ") for line in md.splitlines()) == 1, header
+        assert COLUMN_LEGEND[header] in md
+    assert "Global < global model" in md and "FedAvg global model" in md
+    assert "- **" not in format_markdown(summary_table(pd.DataFrame(rows)), legend=False)
+
+
+def test_drop_split_reads_na_for_strategies_that_keep_batchnorm_frozen():
+    from hf_lpft.evaluation.metrics import drop_split_table, format_drop_split, global_drop_split, split_exemptions
+    from hf_lpft.strategies import get_strategy
+
+    describe = {name: get_strategy(name)().describe() for name in ("lp", "ft", "lp_ft", "bn_adapt")}
+    exempt = split_exemptions(describe)
+    assert set(exempt) == {"lp"}  # derived from the phases' bn, not from a list of names
+    g = {"global_model": 0.80, "bn_adapt": 0.60, "ft": 0.50, "lp": 0.70}
+    rows = pd.DataFrame([{"seed": 0, "strategy": s, "client_id": "c0", "global_acc": v} for s, v in g.items()])
+    out = global_drop_split(rows, exempt=exempt).set_index("strategy")
+    assert out.loc["lp", "global_drop"] == pytest.approx(0.10) and np.isnan(out.loc["lp", "global_drop_bn"])
+    assert out.loc["ft", "global_drop_bn"] == pytest.approx(0.20)
+    md = format_drop_split(drop_split_table(rows, exempt=exempt))
+    lp_line = next(line for line in md.splitlines() if line.startswith("| LP |"))
+    ft_line = next(line for line in md.splitlines() if line.startswith("| FT |"))
+    assert "10.00" in lp_line and "n/a: BatchNorm statistics stay frozen" in lp_line and "-" not in lp_line[5:10]
+    assert ft_line == "| FT | 30.00 | 20.00 | 10.00 |"  # one seed: no (0.00)
+
+
+def test_no_batchnorm_backbone_splits_no_strategy():
+    from hf_lpft.evaluation.metrics import split_exemptions
+    from hf_lpft.evaluation.report import drop_split_section
+
+    describe = {name: {"phases": [{"bn": "train"}]} for name in ("ft", "bn_adapt")}
+    exempt = split_exemptions(describe, batchnorm=False)
+    assert set(exempt) == {"ft", "bn_adapt"} and "no BatchNorm" in exempt["ft"]
+    rows = pd.DataFrame([{"seed": 0, "strategy": s, "client_id": "c0", "global_acc": 0.5}
+                         for s in ("global_model", "bn_adapt", "ft")])
+    text = "\n".join(drop_split_section(rows, exempt))
+    assert "Not split: the backbone has no BatchNorm layer" in text and "add bn_adapt" not in text

@@ -123,3 +123,36 @@ def test_report_to_tensorboard_logs_fedavg_and_units(tiny_run):
         tags |= set(acc.Tags()["scalars"])
     assert "seed_0/fedavg/global_test_acc" in tags
     assert {"seed_0/ft/a/local_acc", "seed_0/lp/c/global_acc", "seed_0/ft/b/curve/global_acc"} <= tags
+
+
+def test_one_seed_report_explains_its_columns_and_splits_only_where_it_applies(tiny_run, tmp_path):
+    """Legend under the table in summary.md, report.md and the console text; no '(0.00)' for one seed; with a
+    BN-adapt reference, LP's split (BatchNorm frozen in every phase, per the run record) reads n/a."""
+    for text in (tiny_run.markdown, (tiny_run.output_dir / "summary.md").read_text(),
+                 (tiny_run.output_dir / "report.md").read_text()):
+        assert "(0.00)" not in text and "1 seed" in text
+        assert "- **Global < global model**: " in text and "- **Avg (L+G)/2**: " in text and "- **Δ own**: " in text
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_run.output_dir, out, ignore=shutil.ignore_patterns("clients", "global", "checkpoints"))
+    df = pd.read_parquet(out / "results.parquet")
+    bn = df[df.strategy == "global_model"].assign(strategy="bn_adapt", global_acc=lambda d: d.global_acc - 0.1)
+    pd.concat([df, bn]).to_parquet(out / "results.parquet", index=False)
+    text = write_report(out).read_text()
+    section = text[text.index("## Where Global goes"):text.index("## Feature distortion")]
+    lp = next(line for line in section.splitlines() if line.startswith("| LP |"))
+    ft = next(line for line in section.splitlines() if line.startswith("| FT |"))
+    assert "n/a: BatchNorm statistics stay frozen" in lp
+    assert "n/a" not in ft and "(0.00)" not in section
+
+
+def test_has_batchnorm_reads_the_saved_global_model(tiny_run, tmp_path):
+    from hf_lpft.evaluation.report import has_batchnorm
+
+    assert has_batchnorm(tiny_run.output_dir)  # timm test_resnet
+    assert has_batchnorm(tmp_path)  # nothing saved yet: split as usual
+    import torch
+    from safetensors.torch import save_file
+
+    (tmp_path / "global").mkdir()
+    save_file({"head.weight": torch.zeros(2, 2), "norm.weight": torch.ones(2)}, str(tmp_path / "global/model.safetensors"))
+    assert not has_batchnorm(tmp_path)  # LayerNorm only (a text backbone)

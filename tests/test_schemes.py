@@ -180,6 +180,7 @@ def test_partition_cli_writes_its_files(tiny_ds_path, tmp_path, capsys):
     assert {p.name for p in folder.iterdir()} == {"manifest.json", "stats.json", "label_heatmap.png",
                                                    "client_samples.png"}
     assert len(load_manifest(folder / "manifest.json").clients) == 3
+    assert out.rstrip().endswith("(client_samples.png, label_heatmap.png, manifest.json, stats.json)")  # all 4
     assert main(["partition", "--output_dir", str(tmp_path / "q"), "--data.dataset", tiny_ds_path,
                  "--data.partition_by", "site"]) == 2
     assert "'site'" in capsys.readouterr().err
@@ -241,3 +242,18 @@ def test_real_config_offline(name, tmp_path, capsys):
         assert len(set(pairs)) == len(pairs) == int(REAL[name][1])
     if name == "celeba":
         assert fed.num_classes == 2 and fed.params["partition_by"] == "Blond_Hair+Male"
+
+
+def test_sample_grid_spreads_each_row_over_the_clients_classes(tiny_ds):
+    """client_samples.png: each client's row takes one image of each class it holds before any second one."""
+    from hf_lpft.data.stats import spread_samples
+
+    assert spread_samples([10, 11, 12, 13, 14, 15], [0, 0, 0, 0, 1, 2], 4) == [10, 14, 15, 11]
+    assert spread_samples([10, 11], [0, 0], 4) == [10, 11]
+    fed = federate(tiny_ds, scheme="dirichlet", num_clients=3, alpha=1.0, min_partition_size=5, seed=0)
+    labels = list(tiny_ds["label"])
+    for c in fed.clients:
+        train = list(c.train_indices)
+        held = {labels[i] for i in train}
+        shown = [labels[i] for i in spread_samples(train, [labels[i] for i in train], 8)]
+        assert len(set(shown)) == min(len(held), 8) and len(held) > 1, c.client_id  # not the first images' class

@@ -81,3 +81,25 @@ def test_every_registered_strategy_describes_itself():
     for name, cls in STRATEGIES.items():
         assert cls.name == name and cls.display_name and cls.export_kind in ("full", "adapter")
     assert STRATEGIES["lora"].export_kind == "adapter" and STRATEGIES["lp_lora"].display_name == "LP-LoRA"
+
+
+def test_hub_format_follows_the_phases():
+    """What `hf-lpft strategies` says the Hub folder holds comes from the phases, not from a list of names."""
+    hub = {name: cls().hub_format() for name, cls in STRATEGIES.items()}
+    assert hub["lp"] == "head" and hub["ft"] == "full" and hub["lp_ft"] == "full" and hub["lora"] == "peft_adapter"
+    frozen_probe = type("_HeadOnly", (_Throwaway,), {"phases": lambda self: [Phase("p", "head", 1, 0.1, bn="frozen")]})
+    assert frozen_probe().hub_format() == "head" and _Throwaway().hub_format() == "full"
+
+
+def test_listing_strategies_imports_neither_peft_nor_transformers():
+    """`hf-lpft strategies` stays quick: peft (and with it transformers, ~3 s) is imported only where LoRA uses it."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from hf_lpft.cli import main; assert main(['strategies']) == 0; "
+            "print(sorted(m for m in ('peft', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy(),
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Hub folder: head only" in done.stdout and done.stdout.strip().endswith("[]")

@@ -120,20 +120,41 @@ def save_stats(fed, folder: str | Path) -> dict:
     return stats
 
 
+def spread_samples(indices, labels, per_client: int) -> list[int]:
+    """Up to ``per_client`` of a client's training ``indices`` spread over its classes: the first image of
+    each class it holds (most frequent classes first), then the second of each, and so on. ``labels``: the
+    class of each index, in the same order."""
+    by_class: dict = {}
+    for index, label in zip(indices, labels):
+        by_class.setdefault(label, []).append(int(index))
+    queues = sorted(by_class.values(), key=len, reverse=True)
+    picked = []
+    for depth in range(max((len(q) for q in queues), default=0)):
+        picked += [q[depth] for q in queues if depth < len(q)]
+        if len(picked) >= per_client:
+            break
+    return picked[:per_client]
+
+
 def plot_client_samples(ds, fed, path: str | Path, *, image_column: str, image_size: int, per_client: int = 8,
                         max_clients: int = 20, label_column: str = "label") -> Path:
-    """A grid of the first training images of each client (as the clients see them, shifts applied): one row
-    per client, labelled with its id, each image titled with its class name (the federation's, else the index)."""
+    """A grid of training images of each client (as the clients see them, shifts applied): one row per
+    client, labelled with its id, spread over the classes it holds (:func:`spread_samples`), each image
+    titled with its class name (the federation's, else the index)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     clients = fed.clients[:max_clients]
     names = fed.label_names()
+    all_labels = list(ds[label_column]) if label_column in ds.column_names else None
     fig = Figure(figsize=(1.1 * per_client + 1.2, 1.25 * len(clients) + 0.3), layout="constrained")
     axes = np.atleast_2d(fig.subplots(len(clients), per_client, squeeze=False))
     for row, c in zip(axes, clients):
-        rows = ds.select(c.train_indices[:per_client])
-        labels = rows[label_column] if label_column in ds.column_names else [None] * len(rows)
+        train = list(c.train_indices)
+        chosen = (spread_samples(train, [all_labels[i] for i in train], per_client) if all_labels is not None
+                  else train[:per_client])
+        rows = ds.select(chosen)
+        labels = [all_labels[i] for i in chosen] if all_labels is not None else [None] * len(rows)
         for k, ax in enumerate(row):
             ax.set_xticks([])
             ax.set_yticks([])
@@ -145,7 +166,7 @@ def plot_client_samples(ds, fed, path: str | Path, *, image_column: str, image_s
             else:
                 ax.axis("off")
         row[0].set_ylabel(str(c.client_id)[:16], fontsize=8, rotation=0, ha="right", va="center")
-    fig.suptitle("training images per client (row) with their class", fontsize=9)
+    fig.suptitle("training images per client (row), one per class it holds, then again", fontsize=9)
     FigureCanvasAgg(fig)
     with atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

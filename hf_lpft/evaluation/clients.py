@@ -11,8 +11,14 @@ from hf_lpft._faults import fault_point
 from hf_lpft.config import ExperimentConfig
 from hf_lpft.data.tensors import ClientData
 from hf_lpft.evaluation.distortion import distortion_by_client, extract_features, features_and_predictions
-from hf_lpft.evaluation.metrics import format_markdown, global_drop_split, local_global, summary_table
-from hf_lpft.evaluation.report import cross_client_frame
+from hf_lpft.evaluation.metrics import (
+    format_markdown,
+    global_drop_split,
+    local_global,
+    split_exemptions,
+    summary_table,
+)
+from hf_lpft.evaluation.report import cross_client_frame, has_batchnorm
 from hf_lpft.evaluation.shared_features import SharedBackbone
 from hf_lpft.federated.fedbn import client_global_model
 from hf_lpft.io import atomic_path, write_text
@@ -112,9 +118,15 @@ def write_curves(layout: RunLayout, records: list[dict]) -> None:
             pd.DataFrame(rows).to_parquet(tmp, index=False)
 
 
-def write_results(layout: RunLayout, rows: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, str]:
-    """``results.parquet`` and ``summary.md``; rows of failed clients are kept with their error."""
-    results = global_drop_split(pd.DataFrame(rows))  # + where Global went: BN statistics vs weights
+def write_results(layout: RunLayout, rows: list[dict], *, strategies: dict[str, dict] | None = None
+                  ) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """``results.parquet`` and ``summary.md``; rows of failed clients are kept with their error.
+
+    ``strategies``: ``Strategy.describe()`` per strategy; their phases say where the Global-drop split applies.
+    """
+    # + where Global went: BN statistics vs weights (n/a for strategies that never touch BatchNorm statistics)
+    exempt = split_exemptions(strategies or {}, batchnorm=has_batchnorm(layout.root))
+    results = global_drop_split(pd.DataFrame(rows), exempt=exempt)
     with atomic_path(layout.results) as tmp:
         results.to_parquet(tmp, index=False)
     failed = results[results.error.notna()]

@@ -10,7 +10,8 @@ Definitions (Chen et al., arXiv 2511.12695, the metrics of Table 2):
   22.93 is above the largest possible std of 5 Local values averaging 91.17, so it cannot be over Local.
 - Average (text): (Local + Global) / 2.  Average (table): (Local + Global + Worst) / 3, with Worst (Local)
   (``avg_lgw``) and with Worst (matrix) (``avg_lgw_matrix``, the form the paper's printed table satisfies).
-Across seeds, tables show mean (std) with the sample std (ddof=1; 0 for one seed).
+Across seeds, tables show mean (std) with the sample std (ddof=1); one seed shows the value alone, said once.
+Every column's one-line legend is :data:`COLUMN_LEGEND`, printed under every summary table.
 """
 
 from __future__ import annotations
@@ -102,22 +103,88 @@ def strategy_label(strategy: str, global_label: str = GLOBAL_MODEL_LABEL) -> str
     return global_label if strategy == "global_model" else display_name(strategy)
 
 
-def format_markdown(summary: pd.DataFrame) -> str:
-    """The summary as a Markdown table, accuracies in %, 'mean (std)'."""
-    extras = [c for c in EXTRA_COLUMNS if c in summary and summary[c].notna().any()]
-    headers = ["strategy", *METRIC_HEADERS] + [EXTRA_COLUMNS[c] for c in extras]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for _, r in summary.iterrows():
-        cells = [strategy_label(r.strategy)] + [f"{100 * r[c]:.2f} "
-                                                f"({100 * r[c + '_std']:.2f})" for c in METRIC_COLUMNS[:-1]]
-        share = r["below_global_share"]
-        cells.append("-" if np.isnan(share) else f"{100 * share:.0f}%")
-        cells += [f"{r[c]:.3g} ({r[c + '_std']:.2g})" for c in extras]  # feature units, not %
-        lines.append("| " + " | ".join(cells) + " |")
+# One line per column of the summary table: the only copy of the legend printed under it (console,
+# summary.md, report.md, model and dataset cards all render it through format_markdown).
+COLUMN_LEGEND = {
+    "Local": "client i's model on client i's own test split (accuracy %), mean over clients",
+    "Global": "client i's model on the *other* clients' test splits (own split excluded), mean over clients",
+    "C-Std (Local)": "std of Local across clients (population std): how unevenly clients are served",
+    "Worst (Local)": "the lowest Local of any client",
+    "C-Std (matrix)": "std over every entry of the cross-client matrix (model i on test split j, all i, j), "
+                      "as the paper's Table 2",
+    "Worst (matrix)": "the lowest entry of the cross-client matrix",
+    "Avg (L+G)/2": "(Local + Global) / 2",
+    "Avg (L+G+W_local)/3": "(Local + Global + Worst (Local)) / 3",
+    "Avg (L+G+W_matrix)/3": "(Local + Global + Worst (matrix)) / 3, the form the paper's printed table satisfies",
+    "Global < global model": "share of clients whose Global fell below the FedAvg global model's Global on the "
+                             "same client ('-' for the global model itself)",
+    "Δ own": "feature distortion ‖f(θ_G; x) − f(θ_c; x)‖₂ at the head's input on the own test split, in "
+             "feature units (global model: 0 by definition)",
+    "Δ others": "the same feature distortion on the other clients' test splits",
+}
+
+
+def _cell(mean: float, std: float, *, scale: float, spec: str, with_std: bool, std_spec: str | None = None) -> str:
+    """``mean (std)``, or the mean alone when there is no spread to show (one seed)."""
+    text = f"{scale * mean:{spec}}"
+    return f"{text} ({scale * std:{std_spec or spec}})" if with_std else text
+
+
+def spread_note(seeds: int) -> str:
+    """What the cells of a table over ``seeds`` seeds hold (said once, not in every cell)."""
+    if seeds <= 1:
+        return "1 seed, so each cell is one value (no std)."
+    return f"mean (std) over {seeds} seeds (sample std)."
+
+
+def format_legend(headers: list[str] | tuple[str, ...], *, seeds: int) -> str:
+    """The legend of a summary table with ``headers``: one line per column, from :data:`COLUMN_LEGEND`."""
+    lines = [f"Cells: {spread_note(seeds)}"]
+    lines += [f"- **{h}**: {COLUMN_LEGEND[h]}" for h in headers if h in COLUMN_LEGEND]
     return "\n".join(lines)
 
 
-def global_drop_split(results: pd.DataFrame) -> pd.DataFrame:
+def format_markdown(summary: pd.DataFrame, *, legend: bool = True) -> str:
+    """The summary as a Markdown table, accuracies in %, 'mean (std)' over seeds (the value alone for one
+    seed), followed by the legend of its columns unless ``legend=False``."""
+    extras = [c for c in EXTRA_COLUMNS if c in summary and summary[c].notna().any()]
+    headers = ["strategy", *METRIC_HEADERS] + [EXTRA_COLUMNS[c] for c in extras]
+    seeds = int(summary["seeds"].max()) if "seeds" in summary and len(summary) else 1
+    many = seeds > 1
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for _, r in summary.iterrows():
+        cells = [strategy_label(r.strategy)] + [_cell(r[c], r[c + "_std"], scale=100, spec=".2f", with_std=many)
+                                                for c in METRIC_COLUMNS[:-1]]
+        share = r["below_global_share"]
+        cells.append("-" if np.isnan(share) else f"{100 * share:.0f}%")
+        cells += [_cell(r[c], r[c + "_std"], scale=1, spec=".3g", std_spec=".2g", with_std=many)
+                  for c in extras]  # feature units, not %
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    return table + "\n\n" + format_legend(headers, seeds=seeds) if legend else table
+
+
+def split_exemptions(descriptions: dict[str, dict], *, batchnorm: bool = True) -> dict[str, str]:
+    """Strategies the BatchNorm / weights split of the Global drop does not apply to, with the reason.
+
+    ``descriptions``: ``Strategy.describe()`` per strategy (the run record's ``run_info.strategies``). The split
+    charges every method with BN-adapt's drop from re-estimating BatchNorm statistics; a strategy whose phases
+    all keep BatchNorm frozen (``Phase.bn == "frozen"``, e.g. LP) never re-estimates them, so its whole drop is
+    its weights' and the split would mislead. ``batchnorm=False`` (the backbone has no BatchNorm layer): no
+    strategy has statistics to re-estimate, so the split applies to none.
+    """
+    if not batchnorm:
+        return {name: "the backbone has no BatchNorm layer, so there are no statistics to re-estimate"
+                for name in descriptions}
+    out = {}
+    for name, desc in descriptions.items():
+        phases = desc.get("phases") or []
+        if phases and all(p.get("bn") == "frozen" for p in phases):
+            out[name] = "BatchNorm statistics stay frozen in every phase, so no part of its drop is BN-adapt's"
+    return out
+
+
+def global_drop_split(results: pd.DataFrame, *, exempt: dict[str, str] | None = None) -> pd.DataFrame:
     """Where Global goes: per (seed, client) row, the drop from the global model's Global split into the part
     BatchNorm re-estimation alone explains and the rest (weight drift).
 
@@ -125,7 +192,8 @@ def global_drop_split(results: pd.DataFrame) -> pd.DataFrame:
     Global(bn_adapt) on the same client and seed (the BN-adapt reference re-estimates the BatchNorm
     statistics on the client's data and changes no weight); ``global_drop_weights`` = ``global_drop`` −
     ``global_drop_bn`` = Global(bn_adapt) − Global(strategy). Positive = Global lost. NaN where the run has
-    no ``global_model`` or ``bn_adapt`` row for that client (add ``bn_adapt`` to ``pft.strategies``).
+    no ``global_model`` or ``bn_adapt`` row for that client (add ``bn_adapt`` to ``pft.strategies``), and in
+    the two split columns for the strategies of ``exempt`` (:func:`split_exemptions`; ``global_drop`` stays).
     """
     keys = ["seed", "client_id"]
     ref = {name: results[results.strategy == name].set_index(keys).global_acc
@@ -137,25 +205,33 @@ def global_drop_split(results: pd.DataFrame) -> pd.DataFrame:
     out["global_drop"] = g0 - results.global_acc.to_numpy(float)
     out["global_drop_bn"] = g0 - gb
     out["global_drop_weights"] = gb - results.global_acc.to_numpy(float)
+    skip = results.strategy.isin(list(exempt or {})).to_numpy()
+    out.loc[skip, ["global_drop_bn", "global_drop_weights"]] = np.nan
     return out
 
 
-def drop_split_table(results: pd.DataFrame) -> pd.DataFrame:
-    """Mean over clients, then mean and std over seeds, of the Global-drop split per strategy (points, not %)."""
+def drop_split_table(results: pd.DataFrame, *, exempt: dict[str, str] | None = None) -> pd.DataFrame:
+    """Mean over clients, then mean and std over seeds, of the Global-drop split per strategy (points, not %);
+    ``reason`` says why a strategy of ``exempt`` is not split (empty where it is)."""
     cols = ["global_drop", "global_drop_bn", "global_drop_weights"]
-    split = results if "global_drop" in results else global_drop_split(results)
+    split = global_drop_split(results, exempt=exempt)
     split = split[~split.strategy.isin(["global_model"])]
     per_seed = split.groupby(["strategy", "seed"], sort=False)[cols].mean().reset_index()
     agg = per_seed.groupby("strategy", sort=False)[cols].agg(["mean", "std"])
     agg.columns = [f"{c}_{s}" for c, s in agg.columns]
+    agg["seeds"] = per_seed.groupby("strategy", sort=False).seed.nunique()
+    agg["reason"] = [(exempt or {}).get(s, "") for s in agg.index]
     return agg.reset_index()
 
 
 def format_drop_split(table: pd.DataFrame) -> str:
-    """The Global-drop split as a Markdown table (accuracy points)."""
+    """The Global-drop split as a Markdown table (accuracy points); n/a with the reason where it does not apply."""
     lines = ["| strategy | Global drop | of which BN statistics | of which weights |", "|---|---|---|---|"]
     for _, r in table.iterrows():
-        cells = [f"{100 * r[f'{c}_mean']:.2f} ({100 * np.nan_to_num(r[f'{c}_std']):.2f})"
+        many = r.get("seeds", 2) > 1
+        cells = [_cell(r[f"{c}_mean"], np.nan_to_num(r[f"{c}_std"]), scale=100, spec=".2f", with_std=many)
                  for c in ("global_drop", "global_drop_bn", "global_drop_weights")]
+        if r.get("reason"):
+            cells[1:] = [f"n/a: {r.reason}", "n/a"]
         lines.append(f"| {strategy_label(r.strategy)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -16,6 +16,7 @@ Matplotlib runs through the Agg canvas on ``Figure`` objects (no pyplot state, n
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,8 @@ from hf_lpft.evaluation.metrics import (
     drop_split_table,
     format_drop_split,
     format_markdown,
+    split_exemptions,
+    spread_note,
     strategy_label,
     summary_table,
 )
@@ -174,15 +177,42 @@ def _read(path: Path) -> pd.DataFrame | None:
     return pd.read_parquet(path) if path.is_file() else None
 
 
-def drop_split_section(ok: pd.DataFrame) -> list[str]:
-    """Where Global goes: the drop from the global model split into BatchNorm statistics and weights."""
-    head = ["", "## Where Global goes (accuracy points, mean (std) over seeds)", ""]
+def drop_split_section(ok: pd.DataFrame, exempt: dict[str, str] | None = None) -> list[str]:
+    """Where Global goes: the drop from the global model split into BatchNorm statistics and weights;
+    ``exempt`` (:func:`hf_lpft.evaluation.metrics.split_exemptions`) names the strategies it does not apply to."""
+    seeds = ok.seed.nunique()
+    head = ["", f"## Where Global goes (accuracy points, {spread_note(seeds)[:-1]})", ""]
+    methods = set(ok.strategy) - {"global_model", "bn_adapt"}
+    if methods and methods <= set(exempt or {}):  # e.g. a backbone without BatchNorm: no method to split
+        return head + ["Not split: " + "; ".join(sorted({exempt[m] for m in methods})) + "."]
     if not {"global_model", "bn_adapt"} <= set(ok.strategy):
         return head + ["Not split: the run has no bn_adapt rows (add bn_adapt to pft.strategies)."]
-    table = drop_split_table(ok[ok.strategy != "bn_adapt"])
+    table = drop_split_table(ok, exempt=exempt)
+    table = table[table.strategy != "bn_adapt"]
     return head + [format_drop_split(table), "", "Global drop = Global(global model) − Global(method), per client; "
                    "of which BN statistics = the drop of BN-adapt (statistics re-estimated on the client's data, no "
-                   "weight changed) on the same client; of which weights = the rest."]
+                   "weight changed) on the same client; of which weights = the rest. n/a: the method never "
+                   "re-estimates BatchNorm statistics, so its whole drop comes from its weights."]
+
+
+def has_batchnorm(root: Path) -> bool:
+    """Whether the run's saved global model holds BatchNorm statistics (``running_mean`` tensors; read from the
+    safetensors header only). True when no global model is saved yet: the split is then made as usual."""
+    from safetensors import safe_open
+
+    files = sorted(Path(root, "global").rglob("model.safetensors"))
+    if not files:
+        return True
+    with safe_open(str(files[0]), framework="pt") as f:
+        return any(key.endswith("running_mean") for key in f.keys())
+
+
+def _exemptions(layout: RunLayout) -> dict[str, str]:
+    """Strategies the Global-drop split does not apply to, from the run record's phases (none without a record)."""
+    if not layout.record.is_file():
+        return {}
+    record = json.loads(layout.record.read_text())
+    return split_exemptions(record.get("run_info", {}).get("strategies", {}), batchnorm=has_batchnorm(layout.root))
 
 
 def write_report(output_dir: str | Path) -> Path:
@@ -196,20 +226,13 @@ def write_report(output_dir: str | Path) -> Path:
     cross = cross if cross is not None else cross_client_frame(results)
     fig_dir = layout.figures
     seeds = ok.seed.nunique()
-    measured = "distortion_local" in ok and ok.distortion_local.notna().any()
     parts = [f"# Run report: {out.name}", "",
-             f"## Summary (accuracy %, mean (std) over {seeds} seed(s))", "", format_markdown(summary_table(ok)), "",
-             "Global = mean accuracy on the *other* clients' test splits; C-Std / Worst (Local) = over the "
-             "clients' Local; C-Std / Worst (matrix) = over every entry of the cross-client matrix (as the paper's "
-             "Table 2)."
-             + (" Δ own / Δ others = feature distortion, mean ‖f(θ_G; x) − f(θ_c; x)‖₂ at the head's input, on "
-                "the own test split / the other clients' splits, in feature units (global model: 0 by "
-                "definition)." if measured else "")]
+             f"## Summary (accuracy %, {spread_note(seeds)[:-1]})", "", format_markdown(summary_table(ok))]
     failed = results[results.error.notna()] if "error" in results else results.iloc[:0]
     if len(failed):
         parts += ["", "Failed units (excluded): " + ", ".join(
             f"{r.strategy}/{r.client_id}/seed {r.seed}: {r.error}" for r in failed.itertuples())]
-    parts += drop_split_section(ok)
+    parts += drop_split_section(ok, _exemptions(layout))
     parts += ["", "## Feature distortion vs Global accuracy (Figure 3a analogue)", ""]
     parts.append("![distortion vs Global](figures/distortion_vs_global.png)"
                  if plot_distortion_vs_global(ok, fig_dir / "distortion_vs_global.png")

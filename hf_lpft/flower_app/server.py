@@ -225,7 +225,8 @@ def write_study(cfg: ExperimentConfig, out: Path, records: list[dict], strategie
                 timings: dict, digest: str) -> None:
     """Results, cross-client matrix, run record, report and Hub-ready folder: the pipeline's writers."""
     layout = RunLayout(out, cfg.run.seeds)
-    results, _, _ = write_results(layout, [r["row"] for r in records])
+    results, _, _ = write_results(layout, [r["row"] for r in records],
+                                  strategies={n: s.describe() for n, s in strategies.items()})
     write_cross_client(layout, results)
     write_json(layout.record, {
         "run_info": {"seeds": cfg.run.seeds, "timings_seconds": timings, "manifest_sha256": digest,

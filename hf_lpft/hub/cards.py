@@ -159,6 +159,21 @@ def model_args(ref: str, subfolder: str | None, *, is_repo: bool) -> str:
     return f'"{ref}", subfolder="{subfolder}"' if is_repo else f'"{Path(ref, subfolder).as_posix()}"'
 
 
+def optimizer_text(pft: dict) -> str:
+    """The personalization optimizer as the run used it (``pft.optimizer`` and its settings)."""
+    momentum = f", momentum {pft.get('momentum')}" if pft.get("optimizer", "sgd") == "sgd" else ""
+    return (f"{pft.get('optimizer', 'sgd')} (lr {pft.get('lr')}, {pft.get('schedule') or 'constant'} schedule"
+            f"{momentum}, weight decay {pft.get('weight_decay')}; a new optimizer per phase)")
+
+
+def card_strategy(desc: dict, pft: dict) -> dict:
+    """A strategy's description as cards show it: a phase's ``solver: sgd`` means "the run's optimizer"
+    (:class:`hf_lpft.train.phase.Phase`), so it names the optimizer actually used (``pft.optimizer``)."""
+    phases = [p | {"solver": pft.get("optimizer", "sgd")} if p.get("solver") == "sgd" else p
+              for p in desc.get("phases", [])]
+    return desc | {"phases": phases} if "phases" in desc else desc
+
+
 def _pct(x: float) -> str:
     return "n/a" if pd.isna(x) else f"{100 * x:.2f}"
 
@@ -210,7 +225,8 @@ def global_card(info: RunInfo, *, repo_id: str | None, results_repo_id: str | No
             for r in info.results.itertuples()]
     lora = next((f for (s, _, _), f in client_folders.items() if info.export_kind(s) == "adapter"), None)
     first = next(iter(client_folders), (next(iter(strategies), "ft"), info.provenance()["client_ids"][0], 0))
-    strategies_yaml = yaml.safe_dump(info.record["run_info"].get("strategies", {}), sort_keys=False)
+    strategies_yaml = yaml.safe_dump({n: card_strategy(d, info.config["pft"]) for n, d in
+                                      info.record["run_info"].get("strategies", {}).items()}, sort_keys=False)
     return ModelCard.from_template(
         data, template_path=str(template_path("global_model.md")), title=f"{info.experiment}: FedAvg global model + "
         f"personalized clients", repo_ref=repo_ref, results_repo_id=results_repo_id,
@@ -243,8 +259,9 @@ def client_card(info: RunInfo, row, *, strategy_desc: dict, fmt: str, folder: st
         strategy=row.strategy, seed=row.seed, multi_seed=len(info.seeds) > 1, local=_pct(row.local_acc),
         global_=_pct(row.global_acc), n_train=row.n_train, n_test=row.n_test, format=fmt,
         format_description=FORMATS[fmt], folder=folder, base=base, repo_id=repo_id, repo_url=f"{endpoint}/{repo_id}",
-        repo_ref=repo_ref, strategy_yaml=yaml.safe_dump(strategy_desc,
+        repo_ref=repo_ref, strategy_yaml=yaml.safe_dump(card_strategy(strategy_desc, info.config["pft"]),
                                                         sort_keys=False), base_is_repo=repo_id is not None,
+        optimizer=optimizer_text(info.config["pft"]),
         base_args=model_args(repo_ref, base, is_repo=repo_id is not None),
         adapter_args=model_args(repo_ref, folder, is_repo=repo_id is not None),
         preprocessing_text=preprocessing_text(info.preprocessing), task=info.task,

@@ -226,7 +226,7 @@ def export_run(output_dir: str | Path, *, repo_id: str | None = None, results_re
         experiment: Dataset config name; default the output folder's name.
         endpoint: For links in the cards; default :func:`hub_endpoint`.
     """
-    out = Path(output_dir)
+    out = Path(output_dir).resolve()  # local cards name absolute folders: they load from any working directory
     info = RunInfo.read(out, experiment_name(out, experiment))
     endpoint = endpoint or hub_endpoint()
     results_repo_id = results_repo_id or default_results_repo(repo_id)

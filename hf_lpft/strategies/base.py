@@ -163,6 +163,16 @@ class Strategy(ABC):
         """Write the personalized model to the folder ``path`` (default: ``save_pretrained``: safetensors + config)."""
         model.save_pretrained(path)
 
+    def hub_format(self) -> str:
+        """What the Hub folder holds for this strategy's clients (hf_lpft.hub.export.export_client decides from
+        the weights): ``peft_adapter`` for adapter exports; ``head`` (``head.safetensors`` only) when no phase
+        that runs can change the backbone (only the head trains, BatchNorm frozen), as in LP; else ``full``."""
+        if self.export_kind == "adapter":
+            return "peft_adapter"
+        running = [p for p in self.phases() if p.epochs > 0 or p.solver == "logreg"]
+        frozen = all(p.trainable in ("head", "none") and p.bn == "frozen" for p in running)
+        return "head" if running and frozen else "full"
+
     def describe(self) -> dict:
         """Config and phases, for the run record and the model card."""
         return {"name": self.name, "config": dataclasses.asdict(self.config),

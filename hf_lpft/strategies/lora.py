@@ -25,14 +25,19 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from hf_lpft.config import ConfigError
 from hf_lpft.strategies.base import Strategy, StrategyConfig, check_bn, check_probe_budget, register_strategy
 from hf_lpft.train.phase import Phase
+
+if TYPE_CHECKING:
+    from peft import LoraConfig, PeftModel
+# peft is imported where it is used: importing it pulls in transformers (~3 s), which listing the registered
+# strategies (`hf-lpft strategies`) and reading a run's phases do not need.
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +155,8 @@ def warn_dead_branches(model: nn.Module) -> None:
 
 def lora_config(cfg: LoRAStrategyConfig, targets: list[str]) -> LoraConfig:
     """The peft config for training; the head joins ``modules_to_save`` only at the end (see finalize)."""
+    from peft import LoraConfig
+
     return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets)
 
 
@@ -174,6 +181,8 @@ class LoRA(Strategy):
         # selector): a peft modules_to_save wrapper would add a frozen duplicate that the selector counts.
         targets = resolve_targets(model, self.config.target_modules, where=self.name)
         warn_dead_branches(model)
+        from peft import get_peft_model
+
         return get_peft_model(model, lora_config(self.config, targets))
 
     def finalize(self, models: list[nn.Module]) -> nn.Module:
@@ -201,6 +210,8 @@ def with_saved_modules(trained: PeftModel, modules: list[str]) -> PeftModel:
     them. Built with public peft calls: read the adapters, unload them (the trained head and any
     BatchNorm statistics stay in the base model), wrap again with ``modules_to_save``, load the adapters.
     """
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
     config = copy.deepcopy(trained.peft_config["default"])
     config.modules_to_save = modules
     adapters = get_peft_model_state_dict(trained)
