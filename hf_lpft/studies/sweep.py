@@ -98,7 +98,7 @@ def label(strategy: str) -> str:
 
 def pct(x: float) -> str:
     """An accuracy fraction in percent with one decimal, ``-`` for NaN."""
-    return "-" if np.isnan(x) else f"{100 * x:.1f}"
+    return "-" if np.isnan(x) else f"{round(100 * x, 1) + 0.0:.1f}"  # + 0.0: no "-0.0"
 
 
 def diff_cell(table_row, metric: str) -> str:
