@@ -120,11 +120,12 @@ def test_publish_keeps_a_folder_that_collect_reads_again(tmp_path):
     run.mkdir(parents=True)
     results = _results({"global_model": [0.5, 0.6], "ft": [0.9, 0.8]}, {"global_model": [0.5, 0.6], "ft": [0.3, 0.4]})
     results.to_parquet(run / "results.parquet")
-    (run / "run_record.json").write_text('{"run_info": {"timings_seconds": {"total": 120.0}}}')
+    (run / "run_record.json").write_text('{"run_info": {"timings_seconds": {"total": 120.0}}, "train_info": {"x": 1}}')
     (run / "models.bin").write_text("large files stay behind")
     T.publish_blocks(T.collect_blocks([block]), tmp_path / "published")
     kept = sorted(p.name for p in (tmp_path / "published" / "feature_shift").iterdir())
     assert kept == ["results.parquet", "run_record.json"]
     again = T.collect_blocks(T.load_blocks(FOLDER, output_dir=tmp_path / "published")[:1])
+    assert "train_info" not in (tmp_path / "published" / "feature_shift" / "run_record.json").read_text()
     assert again[0].seconds == 120.0 and again[0].results.equals(pd.read_parquet(run / "results.parquet"))
     assert "### feature_shift" in (tmp_path / "published" / "table2.md").read_text()

@@ -353,7 +353,8 @@ PUBLISHED = ("results.parquet", "curves.parquet", "config.yaml", "run_record.jso
 
 
 def publish_blocks(found: list[BlockResults], dest: str | Path) -> Path:
-    """Copy each finished block's small files (:data:`PUBLISHED`) into ``dest/<block>/`` and write the table
+    """Copy each finished block's small files (:data:`PUBLISHED`; of the run record its ``run_info`` and
+    ``meta_info``) into ``dest/<block>/`` and write the table
     there: a folder that ``--collect --output_dir dest`` tabulates again, e.g. committed so that a study spread
     over several sessions keeps its finished blocks (the run folders themselves, with models, stay out of git)."""
     import shutil
@@ -369,6 +370,11 @@ def publish_blocks(found: list[BlockResults], dest: str | Path) -> Path:
             if (source / name).is_file():
                 (dest / f.block.name).mkdir(parents=True, exist_ok=True)
                 with atomic_path(dest / f.block.name / name) as tmp:
-                    shutil.copyfile(source / name, tmp)
+                    if name == "run_record.json":  # run_info and meta_info; train_info's per-phase losses stay
+                        record = json.loads((source / name).read_text())  # behind (MBs at 50 clients)
+                        Path(tmp).write_text(json.dumps({k: record[k] for k in ("run_info", "meta_info")
+                                                         if k in record}, indent=2))
+                    else:
+                        shutil.copyfile(source / name, tmp)
     write_table2(dest, found)
     return dest
