@@ -154,6 +154,22 @@ class Interrupts:
         return False
 
 
+def run_recipe(main, argv: list[str], name: str, *, resumes: bool = True) -> int:
+    """A study recipe's ``main(argv)``, ended by Ctrl-C (SIGINT) or SIGTERM with one line and 128 + the signal
+    instead of a traceback. A sweep resumes its finished points when rerun (``resumes``): the line says so and
+    gives the command as it was typed."""
+    with Interrupts() as interrupts:
+        try:
+            return main(argv)
+        except KeyboardInterrupt:
+            interrupts.signum = interrupts.signum or signal.SIGINT
+            again = shlex.join(["python", *sys.argv]) if sys.argv and sys.argv[0] else f"{name} again"
+            print(f"{name}: interrupted; " + (f"rerun {again} to continue: finished runs and seeds are reused"
+                                              if resumes else "nothing to resume, run it again"),
+                  file=sys.stderr, flush=True)
+            return 128 + interrupts.signum
+
+
 def interrupted_message(cfg) -> str:
     """The line an interrupted run ends with: the command that resumes it from its own ``config.yaml`` (a run
     writes it into its output folder before any work), or what to do when nothing of it was saved."""

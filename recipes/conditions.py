@@ -12,7 +12,7 @@ conditions.md, conditions.parquet, conditions.png. Exit status 1 if a condition 
 import sys
 from pathlib import Path
 
-from hf_lpft.cli import setup_logging
+from hf_lpft.cli import run_recipe, setup_logging
 from hf_lpft.studies.conditions import load_conditions, run_conditions, write_conditions
 from hf_lpft.studies.sweep import sweep_output, sweep_parser
 
@@ -35,4 +35,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_recipe(main, sys.argv[1:], "conditions"))

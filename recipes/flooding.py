@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from hf_lpft.cli import setup_logging
+from hf_lpft.cli import run_recipe, setup_logging
 from hf_lpft.config import ConfigError, load_config
 from hf_lpft.studies.flooding import flooding_configs, run_flooding, write_flooding
 
@@ -50,4 +50,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_recipe(main, sys.argv[1:], "flooding", resumes=False))

@@ -14,7 +14,7 @@ results in <output_dir>/fedavg_cache/, and regime_map.md / .parquet / .png plus 
 import sys
 from pathlib import Path
 
-from hf_lpft.cli import setup_logging
+from hf_lpft.cli import run_recipe, setup_logging
 from hf_lpft.studies.regime_map import (
     collect_cells,
     load_cells,
@@ -57,4 +57,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_recipe(main, sys.argv[1:], "regime_map"))

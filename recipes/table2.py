@@ -14,7 +14,7 @@ and table2.md, table2.parquet, table2_<block>.png. Blocks and the one PFT regime
 import sys
 from pathlib import Path
 
-from hf_lpft.cli import setup_logging
+from hf_lpft.cli import run_recipe, setup_logging
 from hf_lpft.studies.sweep import sweep_output, sweep_parser
 from hf_lpft.studies.table2 import (
     collect_blocks,
@@ -54,4 +54,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_recipe(main, sys.argv[1:], "table2"))

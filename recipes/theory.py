@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 
+from hf_lpft.cli import run_recipe
 from hf_lpft.studies.theory import GLOBAL_TARGETS, TheoryConfig
 from hf_lpft.studies.theory_report import analyse, render_report, save_report
 
@@ -56,4 +57,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_recipe(main, sys.argv[1:], "theory", resumes=False))

@@ -110,3 +110,45 @@ def test_interrupts_outside_training_are_one_line(tmp_path, monkeypatch, capsys)
     (out / "config.yaml").write_text(cfg.to_yaml())
     assert cli.interrupted_message(cfg) == \
         f"hf-lpft: interrupted; resume with: hf-lpft run --config '{out}/config.yaml' --run.resume true"
+
+
+def test_ctrl_c_in_a_sweep_recipe_is_one_line_naming_the_rerun(tmp_path, tiny_ds_path):
+    """Ctrl-C during a Table 2 block's PFT: one line that gives the command to rerun (the sweep resumes), exit
+    130, no traceback (a sweep point runs with run.resume on: sweep_config in studies/sweep.py)."""
+    folder = tmp_path / "blocks"
+    folder.mkdir()
+    (folder / "base.yaml").write_text(f"data: {{dataset: {tiny_ds_path}, num_classes: 4}}\n"
+                                      "fedavg: {rounds: 1, batch_size: 16}\n"
+                                      "pft: {strategies: [ft], epochs: 1, batch_size: 16}\n"
+                                      "run: {seeds: [0], num_threads: 1}\n")
+    (folder / "blocks.yaml").write_text("blocks:\n  tiny: {config: {}}\n")
+    cmd = ["recipes/table2.py", "--folder", str(folder), "--output_dir", str(tmp_path / "out"), "--log_level", "WARNING"]
+    env = child_env(tmp_path) | {"HF_LPFT_KILL_AT": "personalize_epoch:1:pause", "HF_HUB_OFFLINE": "1"}
+    log = tmp_path / "run.log"
+    with log.open("w") as f:
+        proc = subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env=env, stdout=f, stderr=f,
+                                start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 240
+        while PAUSE_MARK not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert code == 130, text
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
+    last = text.replace("\r", "\n").strip().splitlines()[-1]
+    assert last == f"table2: interrupted; rerun python {' '.join(cmd)} to continue: finished runs and seeds are reused"
+
+
+def test_run_recipe_without_resume_says_so(capsys):
+    from hf_lpft.cli import run_recipe
+
+    def stop(argv):
+        raise KeyboardInterrupt
+    assert run_recipe(stop, [], "theory", resumes=False) == 130
+    assert capsys.readouterr().err == "theory: interrupted; nothing to resume, run it again\n"
+    assert run_recipe(lambda argv: 7, ["x"], "theory") == 7
