@@ -1,7 +1,7 @@
 """Where does LP-FT help on our data? LP-FT − FT over normalization x fine-tuning dose x shift (3 seeds).
 
     python recipes/regime_map.py                              # the whole map (long: 32 cells x 3 seeds)
-    python recipes/regime_map.py --quick                      # 1 seed, a third of the FedAvg rounds
+    python recipes/regime_map.py --quick                      # 1 seed, a third of the FedAvg rounds (est. <= 87 min)
     python recipes/regime_map.py --cells 'groupnorm/*' --run.num_threads 1   # a part (e.g. one per process)
     python recipes/regime_map.py --collect                    # tabulate the saved cells, run nothing
     python recipes/regime_map.py --collect --cells '*/spurious_correlation/*' \
