@@ -22,8 +22,25 @@ from hf_lpft.hub import HubPushError
 WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)  # disk full, permissions
 
 
+class _ProgressAwareHandler(logging.StreamHandler):
+    """Writes log lines through ``tqdm.write``: a line logged while a progress bar is drawn goes above the bar
+    instead of being glued to its end, and the bar is redrawn below it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging's own contract: never raise from emit
+            self.handleError(record)
+
+
 def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    """Log lines ``LEVEL name: message`` on stderr (hf_lpft at ``level``, other libraries at WARNING), written
+    so that they do not break the progress bars."""
+    handler = _ProgressAwareHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     logging.getLogger("hf_lpft").setLevel(level)
 
 

@@ -152,3 +152,29 @@ def test_run_recipe_without_resume_says_so(capsys):
     assert run_recipe(stop, [], "theory", resumes=False) == 130
     assert capsys.readouterr().err == "theory: interrupted; nothing to resume, run it again\n"
     assert run_recipe(lambda argv: 7, ["x"], "theory") == 7
+
+
+def test_log_lines_do_not_break_progress_bars():
+    """A line logged while a bar is drawn is a line of its own (a plain StreamHandler glues it to the bar)."""
+    import io
+    import logging
+
+    from tqdm import tqdm
+
+    from hf_lpft import cli
+
+    out = io.StringIO()
+    handler = cli._ProgressAwareHandler(out)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("hf_lpft.test_bars")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        with tqdm(total=2, file=out, desc="FedAvg") as bar:
+            logger.warning("phase finetune")
+            bar.update(2)
+    finally:
+        logger.removeHandler(handler)
+    lines = [line.strip() for line in out.getvalue().replace("\r", "\n").splitlines()]
+    assert "WARNING hf_lpft.test_bars: phase finetune" in lines, lines
+    assert any(line.startswith("FedAvg: 100%") for line in lines), lines
