@@ -97,7 +97,9 @@ def run_from_args(argv: list[str], *, defaults: dict | None = None, description:
 
     if not PartialState().is_main_process:  # several processes: the main one prints the table
         return 0
-    print(f"\nResults ({len(cfg.run.seeds)} seed(s)), accuracy %, mean (std over seeds):\n")
+    seeds = len(cfg.run.seeds)
+    print(f"\nResults ({seeds} seeds), accuracy %, mean (std over seeds):\n" if seeds > 1 else
+          "\nResults (1 seed), accuracy %:\n")
     print(result.markdown)
     print(f"\nOutputs written to {result.output_dir}")
     return 0

@@ -22,6 +22,7 @@ metadata makes the folder loadable with ``load_dataset``), ``<experiment>/client
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -205,10 +206,25 @@ def write_results_folder(info: RunInfo, dst: Path, *, repo_id: str | None, model
     """Fill ``dst`` with the results dataset repository (loadable with ``load_dataset(str(dst), <config>)``)."""
     for (config, ds), split in zip(results_datasets(info).items(), (CLIENTS_SPLIT, SUMMARY_SPLIT)):
         (dst / config).mkdir(parents=True, exist_ok=True)
-        ds.to_parquet(str(dst / config / f"{split}-00000-of-00001.parquet"))
+        with quiet_datasets():  # a one-batch write: its "Creating parquet" bar says nothing
+            ds.to_parquet(str(dst / config / f"{split}-00000-of-00001.parquet"))
     card = results_card(info, repo_id=repo_id, model_repo_id=model_repo_id, endpoint=endpoint,
                         metadata={"configs": dataset_configs(info.experiment)}, repo_ref=ref)
     card.save(dst / "README.md")
+
+
+@contextlib.contextmanager
+def quiet_datasets():
+    """``datasets``' progress bars off within the block, restored after (unless they were off already)."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_off = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_off:
+            enable_progress_bars()
 
 
 def default_results_repo(repo_id: str | None) -> str | None:
