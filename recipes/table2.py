@@ -2,6 +2,7 @@
 
     python recipes/table2.py                                   # every block (long; resumes where it stopped)
     python recipes/table2.py --blocks feature_shift,label_shift # some blocks (e.g. one per process)
+    python recipes/table2.py --blocks text_label_shift --seeds 0  # one seed part (joined by --collect)
     python recipes/table2.py --collect                         # tabulate the saved blocks, run nothing
     python recipes/table2.py --collect --publish benchmarks/table2  # ... and keep their small files in git
     python recipes/table2.py --collect --output_dir benchmarks/table2  # tabulate what was published
@@ -33,6 +34,8 @@ def main(argv: list[str]) -> int:
                           name="table2", collect_help="Run nothing: tabulate the blocks already run (blocks "
                           "without results are left out, with a warning).")
     parser.add_argument("--blocks", default=None, help="Comma-separated block names (default: all).")
+    parser.add_argument("--seeds", default=None, help="Comma-separated seeds of the blocks to run, each as its own "
+                        "seed part <block>/seed_<s>/ (e.g. one per process or session); --collect joins the parts.")
     parser.add_argument("--publish", default=None, help="Also copy the finished blocks' results, curves, config and "
                         "run record, and the table, into this folder (e.g. benchmarks/table2, committed).")
     args, overrides = parser.parse_known_args(argv)
@@ -41,16 +44,30 @@ def main(argv: list[str]) -> int:
     try:
         blocks = select_blocks(load_blocks(args.folder, output_dir=out, quick=args.quick, overrides=overrides),
                                args.blocks)
+        seeds = parse_seeds(args.seeds)
         if not args.collect:
-            run_blocks(blocks)
-        finished = collect_blocks(blocks, allow_missing=args.collect)
-    except ValueError as err:  # a bad block file, name or config
+            run_blocks(blocks, seeds=seeds)
+        finished = collect_blocks(blocks, allow_missing=args.collect or seeds is not None)
+    except ValueError as err:  # a bad block file, name, seed or config
         print(f"table2: {err}", file=sys.stderr)
         return 2
     print(write_table2(out, finished))
-    if args.publish:
-        publish_blocks(finished, args.publish)
+    if args.publish:  # the published table covers every block published there so far, not only these
+        dest = publish_blocks(finished, args.publish)
+        everything = load_blocks(args.folder, output_dir=dest, quick=args.quick, overrides=overrides)
+        write_table2(dest, collect_blocks(everything, allow_missing=True))
+        print(f"published to {dest}")
     return 0
+
+
+def parse_seeds(text: str | None) -> list[int] | None:
+    """``--seeds 0,2`` as a list of ints (None when not given)."""
+    if text is None:
+        return None
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1") from None
 
 
 if __name__ == "__main__":

@@ -128,4 +128,64 @@ def test_publish_keeps_a_folder_that_collect_reads_again(tmp_path):
     again = T.collect_blocks(T.load_blocks(FOLDER, output_dir=tmp_path / "published")[:1])
     assert "train_info" not in (tmp_path / "published" / "feature_shift" / "run_record.json").read_text()
     assert again[0].seconds == 120.0 and again[0].results.equals(pd.read_parquet(run / "results.parquet"))
-    assert "### feature_shift" in (tmp_path / "published" / "table2.md").read_text()
+
+
+def _fake_run(folder: Path, seed: int = 0) -> None:
+    folder.mkdir(parents=True)
+    results = _results({"global_model": [0.5, 0.6], "ft": [0.9, 0.8], "lp_ft": [0.9, 0.9]},
+                       {"global_model": [0.5, 0.6], "ft": [0.3, 0.4], "lp_ft": [0.4, 0.4]}, seed=seed)
+    results["acc_by_client"] = [[a, b] for a, b in zip(results.local_acc, results.global_acc)]
+    results.to_parquet(folder / "results.parquet")
+    (folder / "run_record.json").write_text('{"run_info": {"timings_seconds": {"total": 60.0}}}')
+
+
+def test_recipe_publish_tabulates_every_block_published_so_far(tmp_path, monkeypatch):
+    """Publishing one block after another (e.g. in two sessions) keeps the earlier block in the published table."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("table2_recipe", FOLDER.parents[1] / "table2.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    published = tmp_path / "published"
+    _fake_run(tmp_path / "session1" / "feature_shift")
+    _fake_run(tmp_path / "session2" / "label_shift")
+    for session in ("session1", "session2"):
+        assert recipe.main(["--collect", "--output_dir", str(tmp_path / session), "--publish", str(published),
+                            "--log_level", "WARNING"]) == 0
+    table = (published / "table2.md").read_text()
+    assert "### feature_shift" in table and "### label_shift" in table
+    assert recipe.main(["--seeds", "0,x", "--collect"]) == 2
+
+
+def test_seed_parts_join_to_the_whole_run(tmp_path, tiny_ds_path):
+    """A block run seed by seed (``--seeds``: one seed part a process or session) gives, joined, the rows of
+    the same block run over all its seeds at once; a missing part is named; published parts tabulate again."""
+    folder = tmp_path / "blocks"
+    folder.mkdir()
+    (folder / "base.yaml").write_text(f"data: {{dataset: {tiny_ds_path}, num_classes: 4}}\n"
+                                      "fedavg: {rounds: 1, batch_size: 16}\n"
+                                      "pft: {strategies: [ft, lp_ft], epochs: 2, batch_size: 16, eval_every: 1,"
+                                      " strategy_args: {lp_ft: {lp_epochs: 1}}}\n"
+                                      "run: {seeds: [0, 1], num_threads: 1}\n")
+    (folder / "blocks.yaml").write_text("blocks:\n  tiny: {config: {}}\n")
+    whole = T.load_blocks(folder, output_dir=tmp_path / "whole")
+    T.run_blocks(whole)
+    parts = T.load_blocks(folder, output_dir=tmp_path / "parts")
+    T.run_blocks(parts, seeds=[1])
+    with pytest.raises(ValueError, match=r"seed part\(s\) \[0\] not run yet"):
+        T.collect_blocks(parts)
+    assert sorted(T.collect_blocks(parts, allow_missing=True)[0].results.seed.unique()) == [1]
+    assert "1 of the 2 planned" in T.write_table2(tmp_path / "parts", T.collect_blocks(parts, allow_missing=True))
+    T.run_blocks(parts, seeds=[0])
+    joined, one = T.collect_blocks(parts)[0], T.collect_blocks(whole)[0]
+    cols = ["seed", "strategy", "client_id", "local_acc", "global_acc"]
+    order = ["seed", "strategy", "client_id"]
+    pd.testing.assert_frame_equal(joined.results[cols].sort_values(order).reset_index(drop=True),
+                                  one.results[cols].sort_values(order).reset_index(drop=True))
+    assert len(joined.curves) == len(one.curves)
+    T.publish_blocks([joined], tmp_path / "published")
+    assert sorted(p.name for p in (tmp_path / "published" / "tiny").iterdir()) == ["seed_0", "seed_1"]
+    again = T.collect_blocks(T.load_blocks(folder, output_dir=tmp_path / "published"))[0]
+    assert again.results.equals(joined.results)
+    with pytest.raises(ValueError, match="has seeds \\[0, 1\\]; got 5"):
+        T.run_blocks(parts, seeds=[5])

@@ -12,6 +12,7 @@ less training.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -35,6 +36,19 @@ class Block:
     name: str
     config: ExperimentConfig
     paper: list[str] = field(default_factory=list)
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.config.run.output_dir)
+
+    def seed_config(self, seed: int) -> ExperimentConfig:
+        """The block run for one of its seeds alone, in ``<block>/seed_<seed>/`` (a *seed part*): a seed's
+        results do not depend on the other seeds of a run, so a block too long for one session or process can
+        run seed by seed and be tabulated from its parts (:func:`read_block`)."""
+        if seed not in self.config.run.seeds:
+            raise ValueError(f"--seeds: block {self.name!r} has seeds {list(self.config.run.seeds)}; got {seed}")
+        run = dataclasses.replace(self.config.run, seeds=[seed], output_dir=str(self.folder / f"seed_{seed}"))
+        return dataclasses.replace(self.config, run=run)
 
 
 def load_blocks(folder: str | Path, *, output_dir: str | Path, quick: bool = False,
@@ -68,13 +82,16 @@ def select_blocks(blocks: list[Block], names: str | None) -> list[Block]:
     return [b for b in blocks if b.name in wanted]
 
 
-def run_blocks(blocks: list[Block], *, accelerator=None) -> dict[str, float]:
-    """Run every block (resumable: an interrupted block continues from its last finished unit); wall seconds."""
+def run_blocks(blocks: list[Block], *, seeds: list[int] | None = None, accelerator=None) -> dict[str, float]:
+    """Run every block (resumable: an interrupted block continues from its last finished unit); wall seconds.
+    With ``seeds``, each of those seeds runs as its own seed part of the block (:meth:`Block.seed_config`)."""
     seconds = {}
     for block in blocks:
-        logger.info("table 2 block %s -> %s", block.name, block.config.run.output_dir)
+        cfgs = [block.seed_config(s) for s in seeds] if seeds else [block.config]
         start = time.perf_counter()
-        run_point(block.config, accelerator=accelerator)
+        for cfg in cfgs:
+            logger.info("table 2 block %s -> %s", block.name, cfg.run.output_dir)
+            run_point(cfg, accelerator=accelerator)
         seconds[block.name] = time.perf_counter() - start
     return seconds
 
@@ -94,19 +111,45 @@ def collect_blocks(blocks: list[Block], *, allow_missing: bool = False) -> list[
     ``allow_missing``, is left out and logged)."""
     found, missing = [], []
     for block in blocks:
-        out = Path(block.config.run.output_dir)
-        if not (out / "results.parquet").is_file():
+        read = read_block(block)
+        if read is None:
             missing.append(block.name)
             continue
-        record = json.loads((out / "run_record.json").read_text())
-        curves = pd.read_parquet(out / "curves.parquet") if (out / "curves.parquet").is_file() else None
-        found.append(BlockResults(block, pd.read_parquet(out / "results.parquet"), curves,
-                                  float(record["run_info"]["timings_seconds"].get("total", float("nan")))))
+        found.append(read)
+        whole = (block.folder / "results.parquet").is_file()  # one run over all seeds, not seed parts
+        absent = [] if whole else sorted(set(block.config.run.seeds) - set(read.results.seed.unique()))
+        if absent and not allow_missing:
+            raise ValueError(f"block {block.name}: seed part(s) {absent} not run yet; run them with --seeds")
+        if absent:
+            logger.warning("table 2: block %s has results for seeds %s only (of %s)", block.name,
+                           sorted(read.results.seed.unique()), list(block.config.run.seeds))
     if missing and not allow_missing:
         raise ValueError(f"blocks not run yet (no results.parquet): {missing}; run them first")
     for name in missing:
         logger.warning("table 2: block %s has no results yet; left out", name)
     return found
+
+
+def run_folders(block: Block) -> list[Path]:
+    """The finished run folders of a block: the block's own (one run over all its seeds), else its finished
+    seed parts ``seed_<s>/`` in seed order."""
+    if (block.folder / "results.parquet").is_file():
+        return [block.folder]
+    return [block.folder / f"seed_{s}" for s in block.config.run.seeds
+            if (block.folder / f"seed_{s}" / "results.parquet").is_file()]
+
+
+def read_block(block: Block) -> BlockResults | None:
+    """A block's saved results, from its own run or its seed parts joined (wall seconds added); None when
+    nothing finished."""
+    folders = run_folders(block)
+    if not folders:
+        return None
+    results = pd.concat([pd.read_parquet(f / "results.parquet") for f in folders], ignore_index=True)
+    curves = [pd.read_parquet(f / "curves.parquet") for f in folders if (f / "curves.parquet").is_file()]
+    seconds = sum(float(json.loads((f / "run_record.json").read_text())["run_info"]["timings_seconds"]
+                        .get("total", float("nan"))) for f in folders)
+    return BlockResults(block, results, pd.concat(curves, ignore_index=True) if curves else None, seconds)
 
 
 # The paper's Table 2 (arXiv 2511.12695), accuracy %: FT and LP-FT (Local, Global) and the best other method on
@@ -222,10 +265,13 @@ def format_block(table: pd.DataFrame, found: BlockResults) -> str:
 
     se = global_standard_error(found.results)
     seeds = sorted(found.results.seed.unique())
+    planned = list(found.block.config.run.seeds)
+    partial = f" (**{len(seeds)} of the {len(planned)} planned: {', '.join(map(str, planned))}**)" \
+        if set(planned) - set(seeds) else ""
     lines = [f"### {found.block.name}", "",
              f"{se['clients']} clients, {se['test_per_client']:.0f} test examples a client (mean); seeds "
-             f"{', '.join(map(str, seeds))}; wall {found.seconds / 60:.1f} min (recorded). One client's Global "
-             f"is read on {se['n_other']:.0f} test examples: standard error {100 * se['se_max']:.2f} points at "
+             f"{', '.join(map(str, seeds))}{partial}; wall {found.seconds / 60:.1f} min (recorded). One client's "
+             f"Global is read on {se['n_other']:.0f} test examples: standard error {100 * se['se_max']:.2f} points at "
              f"p = 0.5 ({100 * se['se_global_model']:.2f} at the global model's Global), so 2 SE = "
              f"{200 * se['se_max']:.2f} points.", "",
              "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
@@ -354,27 +400,27 @@ PUBLISHED = ("results.parquet", "curves.parquet", "config.yaml", "run_record.jso
 
 def publish_blocks(found: list[BlockResults], dest: str | Path) -> Path:
     """Copy each finished block's small files (:data:`PUBLISHED`; of the run record its ``run_info`` and
-    ``meta_info``) into ``dest/<block>/`` and write the table
-    there: a folder that ``--collect --output_dir dest`` tabulates again, e.g. committed so that a study spread
-    over several sessions keeps its finished blocks (the run folders themselves, with models, stay out of git)."""
+    ``meta_info``) into ``dest/<block>/`` (a seed part's into ``dest/<block>/seed_<s>/``): a folder that
+    ``--collect --output_dir dest`` tabulates, e.g. committed so that a study spread over several sessions keeps
+    its finished blocks and seed parts (the run folders themselves, with models, stay out of git)."""
     import shutil
 
     from hf_lpft.io import atomic_path
 
     dest = Path(dest)
     for f in found:
-        source = Path(f.block.config.run.output_dir)
-        if source.resolve() == (dest / f.block.name).resolve():
+        if f.block.folder.resolve() == (dest / f.block.name).resolve():
             continue  # already there
-        for name in PUBLISHED:
-            if (source / name).is_file():
-                (dest / f.block.name).mkdir(parents=True, exist_ok=True)
-                with atomic_path(dest / f.block.name / name) as tmp:
-                    if name == "run_record.json":  # run_info and meta_info; train_info's per-phase losses stay
-                        record = json.loads((source / name).read_text())  # behind (MBs at 50 clients)
-                        Path(tmp).write_text(json.dumps({k: record[k] for k in ("run_info", "meta_info")
-                                                         if k in record}, indent=2))
-                    else:
-                        shutil.copyfile(source / name, tmp)
-    write_table2(dest, found)
+        for source in run_folders(f.block):
+            target = dest / f.block.name / source.relative_to(f.block.folder)
+            target.mkdir(parents=True, exist_ok=True)
+            for name in PUBLISHED:
+                if (source / name).is_file():
+                    with atomic_path(target / name) as tmp:
+                        if name == "run_record.json":  # run_info and meta_info; train_info's per-phase losses
+                            record = json.loads((source / name).read_text())  # stay behind (MBs at 50 clients)
+                            Path(tmp).write_text(json.dumps({k: record[k] for k in ("run_info", "meta_info")
+                                                             if k in record}, indent=2))
+                        else:
+                            shutil.copyfile(source / name, tmp)
     return dest
