@@ -1,14 +1,16 @@
 """The Flower App on a real (local) deployment and general-FL strategies other than FedAvg.
 
-The deployment test starts a SuperLink and two SuperNodes as processes on 127.0.0.1 (insecure, free ports,
-each in its own session), submits the study with ``flwr run``, compares the output folder with the
-built-in engine's, and stops every process it started by its pid (process group) in a ``finally``.
+The deployment test runs the README's one-machine trial as written (its bash block: a SuperLink and two
+SuperNodes on 127.0.0.1, insecure, free ports, ``flwr run --stream``), checks the stream's progress lines,
+compares the output folder with the built-in engine's, and stops every process it started by its pid (and the
+trial's session) in a ``finally``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -28,6 +30,7 @@ from hf_lpft.pipeline import run
 
 pytest.importorskip("flwr", reason="Flower is not installed: pip install 'hf-lpft[flower]'")
 
+ROOT = Path(__file__).resolve().parents[1]
 STUDY = {"fedavg": {"rounds": 2, "batch_size": 16, "client_fraction": 0.67},
          "pft": {"strategies": ["lp", "ft"], "epochs": 2, "batch_size": 16}, "run": {"num_threads": 1}}
 
@@ -88,43 +91,78 @@ def _flower_env(tmp_path: Path, port: int) -> dict:
                          "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
 
 
-@pytest.mark.distributed
-@pytest.mark.slow  # 150-230 s on 2 busy cores (load 6-11): every message round starts a Python process per node (Flower's design)
-def test_flwr_run_on_superlink_and_supernodes_equals_the_builtin_engine(tmp_path):
-    from hf_lpft.flower_app import APP_DIR
+def readme_trial() -> str:
+    """The first bash block of the README's "Run on a real federation" section: the one-machine trial, as written."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Run on a real federation"):]
+    section = section[:section.find("\n## ", 1) if "\n## " in section[1:] else len(section)]
+    block = re.search(r"```bash\n(.*?)```", section, re.S)
+    assert block, "README.md: no bash block in the section 'Run on a real federation'"
+    return block.group(1)
 
-    # two clients (two domains of 40 images): each message round starts one process per node
-    tiny_ds_path = str(tmp_path / "data")
-    datasets.DatasetDict({"train": make_image_dataset(40, domains=("a", "b"))}).save_to_disk(tiny_ds_path)
-    study = STUDY | {"fedavg": STUDY["fedavg"] | {"client_fraction": 0.5}}  # 1 of 2 clients a round
-    builtin = run(load_config(None, study | {"data": {"dataset": tiny_ds_path, "num_classes": 4},
-                                             "run": {"num_threads": 1, "output_dir": str(tmp_path / "builtin")}}))
-    manifest = builtin.output_dir / "federation" / "manifest.json"
-    port = _free_port()
-    env, bin_dir = _flower_env(tmp_path, port), Path(sys.executable).parent
-    procs: list[subprocess.Popen] = []
+
+def _free_ports(n: int) -> int:
+    """A port p with p .. p + n - 1 all free (the trial's SuperLink and its SuperNodes' local APIs)."""
+    for _ in range(50):
+        p = _free_port()
+        if p + n < 65536 and all(_bindable(p + k) for k in range(n)):
+            return p
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _stop_trial(shell: subprocess.Popen, fed: Path) -> None:
+    """Stop every process the trial started: the pids it saved, then its whole session (the shell's group)."""
+    for pid_file in fed.glob("*.pid"):
+        try:
+            os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
+        except (ValueError, ProcessLookupError):
+            pass
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(shell.pid, sig)
+        except ProcessLookupError:
+            break
+        time.sleep(2)
+    shell.wait(timeout=10)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow  # 356 s at load 6-7 on 2 cores: each message round starts a Python process per node (Flower)
+def test_readme_federation_trial_on_superlink_equals_the_builtin_engine(tmp_path):
+    """The README's one-machine trial AS WRITTEN (its bash block; only $FED and $LINK_PORT set, to a temporary
+    folder and free ports): a SuperLink, two SuperNodes with partition-id alone (embedded digits5 built on each
+    node), ``flwr run --stream``; the stream shows every stage and the output folder, which equals the built-in
+    engine's run of the same study."""
+    fed, port = tmp_path / "fed", _free_ports(3)
+    env = os.environ | {"FED": str(fed), "LINK_PORT": str(port), "FLWR_TELEMETRY_ENABLED": "0",
+                        "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONPATH": os.pathsep.join(sys.path),
+                        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    log = tmp_path / "trial.log"
+    shell = subprocess.Popen(["bash", "-c", readme_trial()], cwd=ROOT, env=env, stdout=log.open("w"),
+                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        link_log = tmp_path / "superlink.log"
-        procs.append(_superlink(bin_dir, port, link_log, env))
-        _wait_port(port, procs[0], link_log)
-        for i in range(2):
-            node_config = (f'partition-id={i} manifest="{manifest}" dataset="{tiny_ds_path}" '
-                           f'cache-dir="{tmp_path / f"cache_{i}"}"')
-            procs.append(_start([str(bin_dir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
-                                 "--port", str(_free_port()), "--node-config", node_config],
-                                tmp_path / f"supernode_{i}.log", env))
-        run_config = tmp_path / "run_config.toml"
-        run_config.write_text(f'overrides = "{_overrides(study)} --data.dataset {tiny_ds_path} --data.num_classes 4"\n'
-                              f'output-dir = "{tmp_path / "flower"}"\nnum-nodes = 2\ntimeout = 600.0\n')
-        done = subprocess.run([str(bin_dir / "flwr"), "run", str(APP_DIR), "test", "--stream", "--run-config",
-                               str(run_config)], env=env, capture_output=True, text=True, timeout=900)
-        logs = done.stdout + done.stderr
-        assert done.returncode == 0 and (tmp_path / "flower" / "run_record.json").is_file(), logs[-4000:]
+        shell.wait(timeout=900)
     finally:
-        _stop(procs)
-    assert all(p.poll() is not None for p in procs)
-    out = tmp_path / "flower"
-    # the personalized models came back to the server as their exported folders; Global came from the nodes
+        _stop_trial(shell, fed)
+    stream, out = log.read_text(), fed / "out"
+    assert shell.returncode == 0 and (out / "results.parquet").is_file(), stream[-4000:]
+    for line in ("2 node(s) ready", "general FL round 1/2 done", "general FL round 2/2 done",
+                 "PFT done on client_00", "PFT done on client_01", "scoring done on client_00",
+                 "scoring done on client_01", "| LP-FT |", f"Outputs written to {out}"):
+        assert line in stream, (line, stream[-4000:])
+    assert "n_per_domain" not in stream  # the study YAML is summarised, not printed per config record
+    builtin = run(load_config(str(ROOT / "recipes" / "configs" / "federation_study.yaml"),
+                              ["--run.output_dir", str(tmp_path / "builtin")]))
+    # Global came from the nodes' scores of each other's exported models: the same numbers as in one process
     pd.testing.assert_frame_equal(pd.read_parquet(out / "results.parquet"), builtin.results, rtol=1e-5)
     pd.testing.assert_frame_equal(pd.read_parquet(out / "cross_client.parquet"),
                                   pd.read_parquet(builtin.output_dir / "cross_client.parquet"), rtol=1e-5)
@@ -136,9 +174,8 @@ def test_flwr_run_on_superlink_and_supernodes_equals_the_builtin_engine(tmp_path
     built = json.loads((builtin.output_dir / "run_record.json").read_text())
     assert record["train_info"]["fedavg_history"] == built["train_info"]["fedavg_history"]
     assert record["run_info"]["general_fl"]["name"] == "fedavg"
-    assert [n["client_id"] for n in record["run_info"]["engine"]["nodes"]] == ["a", "b"]
-    assert all(list((tmp_path / f"cache_{i}").glob("*.pt")) for i in range(2))  # decoded once per node
-    assert (out / "clients" / "ft" / "b" / "model.safetensors").is_file()
+    assert [n["client_id"] for n in record["run_info"]["engine"]["nodes"]] == ["client_00", "client_01"]
+    assert (out / "clients" / "lp_ft" / "client_01" / "model.safetensors").is_file()
     assert (out / "hub" / "model" / "README.md").is_file()
 
 

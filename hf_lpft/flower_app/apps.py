@@ -31,8 +31,11 @@ _NODES: dict[tuple, tuple[Node, Accelerator, torch.nn.Module]] = {}
 
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
+    import datasets
+
     from hf_lpft.flower_app.server import run_study, study_config
 
+    datasets.disable_progress_bars()  # the ServerApp's output is the run's log stream: no progress bars in it
     rc = context.run_config
     run_study(grid, study_config(rc), num_nodes=int(rc.get("num-nodes", 0)), timeout=float(rc.get("timeout", 3600)))
 

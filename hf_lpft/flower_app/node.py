@@ -54,8 +54,10 @@ class Node:
 
 def study_of(conf: ConfigRecord) -> tuple[ExperimentConfig, int]:
     """The study config (YAML sent by the server) and the seed of a message; the server's own
-    ``data.manifest`` path means nothing on a node (its node config names its data)."""
-    values = yaml.safe_load(str(conf["study"]))
+    ``data.manifest`` path means nothing on a node (its node config names its data). The YAML travels as
+    bytes (Flower's strategy log prints ``<bytes>`` instead of the whole study); text is read too."""
+    study = conf["study"]
+    values = yaml.safe_load(study.decode() if isinstance(study, bytes) else str(study))
     values["data"]["manifest"] = None
     return load_config(None, values), int(conf["seed"])
 

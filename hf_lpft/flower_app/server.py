@@ -11,6 +11,10 @@ Stages (arXiv 2511.12695, Sec. 3: general FL, then post-hoc PFT on every client,
    (models travel, data does not); the server fills the cross-client matrix.
 5. The usual output folder: ``results.parquet``, ``cross_client.parquet``, ``summary.md``, ``global/``,
    ``clients/``, ``run_record.json``, report and the Hub-ready folder (the pipeline's writers).
+
+Progress goes to Flower's logger (``flwr.common.logger``): the ServerApp's stdout and stderr are what
+``flwr run --stream`` shows, so the stream gets a line per stage, per general-FL round and per node's reply,
+then the results table and the output folder.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ import hashlib
 import json
 import shlex
 import time
+from logging import INFO
 from pathlib import Path
 from types import SimpleNamespace
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from hf_lpft.checkpoint import Checkpoints
@@ -68,13 +74,36 @@ def study_config(run_config: dict) -> ExperimentConfig:
     return cfg
 
 
-def _send(grid: Grid, messages: list[Message], what: str, timeout: float) -> list[RecordDict]:
-    """One message round; every node must answer (contents in client order)."""
-    return _valid(grid.send_and_receive(messages, timeout=timeout), what)
+def _send(grid: Grid, messages: list[Message], what: str, timeout: float, on_reply=None) -> list[RecordDict]:
+    """One message round; every node must answer (contents in client order). ``on_reply(content, done, total)``
+    runs as each valid reply arrives (the stream's line per node)."""
+    pending, replies = set(grid.push_messages(messages)), []
+    total, deadline = len(pending), time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        new = list(grid.pull_messages(pending))
+        pending -= {m.metadata.reply_to_message_id for m in new}
+        replies += new
+        for m in new:
+            if on_reply is not None and not m.has_error():
+                on_reply(m.content, len(replies), total)
+        if pending:
+            time.sleep(0.5)
+    if pending:
+        raise RuntimeError(f"{what}: {len(pending)} of {total} node(s) did not reply within timeout={timeout:g} s")
+    return _valid(replies, what)
 
 
 def _study_record(cfg: ExperimentConfig, seed: int) -> ConfigRecord:
-    return ConfigRecord({"study": cfg.to_yaml(), "seed": seed})
+    # bytes: Flower's strategy log prints <bytes>, not the whole YAML once per config record
+    return ConfigRecord({"study": cfg.to_yaml().encode(), "seed": seed})
+
+
+def describe_study(cfg: ExperimentConfig, out: Path) -> str:
+    """The study in one line, for the stream (the whole config is ``config.yaml`` in the output folder)."""
+    d, f, p = cfg.data, cfg.fedavg, cfg.pft
+    return (f"study: {d.dataset} ({d.scheme}), general FL {f.fl_strategy} x {f.rounds} rounds "
+            f"(client_fraction {f.client_fraction:g}), PFT {', '.join(p.strategies)} x {p.epochs} epochs, "
+            f"seeds {list(cfg.run.seeds)}; config and results in {out}")
 
 
 def map_clients(grid: Grid, cfg: ExperimentConfig, *, num_nodes: int, timeout: float) -> tuple[SeededNodes, list]:
@@ -97,6 +126,8 @@ def map_clients(grid: Grid, cfg: ExperimentConfig, *, num_nodes: int, timeout: f
     if len({json.dumps(c.class_names) for c in clients}) != 1:
         raise ConfigError(f"nodes disagree on the class names: {[c.class_names for c in clients]} (class i must "
                           "mean the same on every node)")
+    log(INFO, "%d node(s) ready: %s", n, ", ".join(f"{c.client_id} ({c.n_train} train / {c.n_test} test)"
+                                                  for c in clients))
     return mapper, clients
 
 
@@ -118,10 +149,16 @@ def general_fl(grid: Grid, cfg: ExperimentConfig, node_of: dict, clients: list, 
                                  round_offset=len(saved[1]) if saved else 0, rounds=cfg.fedavg.rounds,
                                  eval_every=cfg.fedavg.eval_every)
     strategy.node_of = dict(node_of)
+
+    def round_end(rnd: int, s: dict, h: list[dict]) -> None:
+        ckpt.save_round(seed, s, h)
+        acc = h[-1].get("global_test_acc")
+        log(INFO, "general FL round %d/%d done (seed %d)%s", rnd, cfg.fedavg.rounds, seed,
+            "" if acc is None else f": global model's test accuracy {100 * acc:.2f}% (mean over clients)")
+
     state, history = run_rounds(grid, strategy, model.state_dict(), rounds=cfg.fedavg.rounds,
                                 start_round=strategy.round_offset, history=saved[1] if saved else None,
-                                on_round_end=lambda r, s, h: ckpt.save_round(seed, s, h), timeout=timeout,
-                                train_config=_study_record(cfg, seed))
+                                on_round_end=round_end, timeout=timeout, train_config=_study_record(cfg, seed))
     model.load_state_dict(state)
     save_model(model, RunLayout(out, cfg.run.seeds).global_dir(seed))
     if cfg.fedavg.rounds == 0 or not history:
@@ -129,12 +166,31 @@ def general_fl(grid: Grid, cfg: ExperimentConfig, node_of: dict, clients: list, 
     return model.state_dict(), history
 
 
-def personalize_nodes(grid: Grid, cfg: ExperimentConfig, node_of: dict, state: dict, *, seed: int,
+def _own_accuracy(record: dict) -> str:
+    row = record["row"]
+    return "failed" if row["error"] else f"{100 * row['acc_by_client'][0]:.2f}%"
+
+
+def _pft_line(clients: list, seed: int):
+    """The stream's line per node whose PFT finished: each strategy's accuracy on the node's own test split."""
+    def on_reply(content: RecordDict, done: int, total: int) -> None:
+        records = json.loads(str(content["records"]["records"]))
+        own = ", ".join(f"{name} {_own_accuracy(r)}" for name, r in records.items())
+        log(INFO, "PFT done on %s (%d/%d nodes, seed %d): own test accuracy %s (global model %.2f%%)",
+            clients[int(content["metrics"]["client-index"])].client_id, done, total, seed, own,
+            100 * float(content["metrics"]["global-acc"]))
+    return on_reply
+
+
+def personalize_nodes(grid: Grid, cfg: ExperimentConfig, node_of: dict, state: dict, clients: list, *, seed: int,
                       timeout: float) -> list[RecordDict]:
     """Stage 3: PFT on every node; replies in client order."""
+    log(INFO, "PFT (seed %d): %s x %d epochs on each of %d node(s)", seed, ", ".join(cfg.pft.strategies),
+        cfg.pft.epochs, len(node_of))
     arrays = to_arrays(state)
     return _send(grid, [Message(RecordDict({"arrays": arrays, "config": _study_record(cfg, seed)}), dst_node_id=n,
-                                message_type=PFT) for _, n in sorted(node_of.items())], "personalization", timeout)
+                                message_type=PFT) for _, n in sorted(node_of.items())], "personalization", timeout,
+                 _pft_line(clients, seed))
 
 
 def cross_evaluate(grid: Grid, cfg: ExperimentConfig, node_of: dict, state: dict, pft: list[RecordDict], clients: list,
@@ -157,7 +213,14 @@ def cross_evaluate(grid: Grid, cfg: ExperimentConfig, node_of: dict, state: dict
                                 message_type=CROSS))
         asked.append(wanted)
     index = {c.client_id: i for i, c in enumerate(clients)}
-    replies = _send(grid, messages, "cross-client evaluation", timeout)
+    log(INFO, "scoring (seed %d): each node scores the other clients' personalized models on its test split", seed)
+
+    def on_reply(content: RecordDict, done: int, total: int) -> None:
+        j = int(content["metrics"]["client-index"])
+        log(INFO, "scoring done on %s (%d/%d nodes, seed %d): %d model(s) scored", clients[j].client_id, done, total,
+            seed, len(asked[j]))
+
+    replies = _send(grid, messages, "cross-client evaluation", timeout, on_reply)
     return {(s, index[cid], j): score for j, (wanted, reply) in enumerate(zip(asked, replies))
             for (s, cid), score in zip(wanted, json.loads(str(reply["scores"]["scores"])))}
 
@@ -225,8 +288,8 @@ def write_study(cfg: ExperimentConfig, out: Path, records: list[dict], strategie
                 timings: dict, digest: str) -> None:
     """Results, cross-client matrix, run record, report and Hub-ready folder: the pipeline's writers."""
     layout = RunLayout(out, cfg.run.seeds)
-    results, _, _ = write_results(layout, [r["row"] for r in records],
-                                  strategies={n: s.describe() for n, s in strategies.items()})
+    results, _, markdown = write_results(layout, [r["row"] for r in records],
+                                         strategies={n: s.describe() for n, s in strategies.items()})
     write_cross_client(layout, results)
     write_json(layout.record, {
         "run_info": {"seeds": cfg.run.seeds, "timings_seconds": timings, "manifest_sha256": digest,
@@ -238,6 +301,11 @@ def write_study(cfg: ExperimentConfig, out: Path, records: list[dict], strategie
         "train_info": train_info(records), "meta_info": meta_info()})
     write_report(out)
     publish_run(cfg, out)
+    log(INFO, "Results (%d seed(s)), accuracy %%, mean (std over seeds):", len(cfg.run.seeds))
+    for line in markdown.splitlines():
+        if line.startswith("|"):  # the table; its legend is in summary.md
+            log(INFO, "%s", line)
+    log(INFO, "Outputs written to %s (results.parquet, summary.md with the legend, run_record.json)", out.resolve())
 
 
 def run_study(grid: Grid, cfg: ExperimentConfig, *, num_nodes: int = 0, timeout: float = 3600.0) -> Path:
@@ -248,6 +316,7 @@ def run_study(grid: Grid, cfg: ExperimentConfig, *, num_nodes: int = 0, timeout:
     layout = RunLayout.of(cfg)
     out = layout.prepare(cfg)
     write_text(layout.config, cfg.to_yaml())
+    log(INFO, "%s", describe_study(cfg, out.resolve()))
     t0, timings, records = time.perf_counter(), {}, []
     mapper, clients = map_clients(grid, cfg, num_nodes=num_nodes, timeout=timeout)
     digest = write_federation(out, clients)
@@ -256,7 +325,7 @@ def run_study(grid: Grid, cfg: ExperimentConfig, *, num_nodes: int = 0, timeout:
         t = time.perf_counter()
         state, history = general_fl(grid, cfg, mapper.node_of, clients, seed=seed, out=out, timeout=timeout)
         timings[f"fedavg_seed_{seed}"], t = time.perf_counter() - t, time.perf_counter()
-        pft = personalize_nodes(grid, cfg, mapper.node_of, state, seed=seed, timeout=timeout)
+        pft = personalize_nodes(grid, cfg, mapper.node_of, state, clients, seed=seed, timeout=timeout)
         save_client_models(out, cfg, pft, clients, seed=seed)
         timings[f"personalize_seed_{seed}"], t = time.perf_counter() - t, time.perf_counter()
         scores = cross_evaluate(grid, cfg, mapper.node_of, state, pft, clients, seed=seed, timeout=timeout)
