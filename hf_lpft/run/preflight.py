@@ -28,7 +28,7 @@ import datasets
 import numpy as np
 import torch
 
-from hf_lpft.config import ConfigError, ExperimentConfig, given_keys
+from hf_lpft.config import ONE_CLIENT, ConfigError, ExperimentConfig, given_keys
 from hf_lpft.data.federate import (
     Federation,
     FederationError,
@@ -112,9 +112,9 @@ def check_sizes(cfg: ExperimentConfig) -> None:
                           f"{d.dataset!r}; " + (f"choose one of {allowed}" if allowed else "it has none: remove it"))
     if d.scheme == "natural" and builder_takes(d.dataset, "num_clients") and "num_clients" in given_keys(cfg, "data"):
         limit, why = BUILTIN_CLIENTS_MAX[d.dataset]
-        if not 1 <= d.num_clients <= limit:
+        if not 2 <= d.num_clients <= limit:
             raise ConfigError(f"data.num_clients={d.num_clients!r} is out of range for the embedded dataset "
-                              f"{d.dataset!r}: choose 1..{limit} ({why})")
+                              f"{d.dataset!r}: choose 2..{limit} ({why})")
     if "n_per_domain" not in inspect.signature(BUILTIN_DATASETS[d.dataset]).parameters:
         if "n_per_domain" in given_keys(cfg, "data"):
             raise ConfigError(f"data.n_per_domain={d.n_per_domain!r} does not apply to the embedded dataset "
@@ -495,5 +495,28 @@ def federation_checked(cfg: ExperimentConfig, *, for_training: bool = True
             raise
         raise ConfigError(f"data.manifest={d.manifest!r} is not a manifest written by hf_lpft "
                           f"({type(err).__name__}: {err})") from err
+    check_clients(cfg, fed)
     seconds["partition"] = time.perf_counter() - t - seconds["data_load"]
     return shifted, fed, seconds
+
+
+def check_clients(cfg: ExperimentConfig, fed: Federation) -> None:
+    """A federation of one client is refused, naming what made it one client (the manifest, the partition
+    column's single value, the client count)."""
+    if len(fed.clients) >= 2:
+        return
+    d, only = cfg.data, fed.clients[0].client_id if fed.clients else None
+    if d.manifest:
+        cause = f"data.manifest={d.manifest!r} holds the single client {only!r}"
+    elif d.scheme in ("natural", "natural+dirichlet") and not builder_takes(d.dataset, "num_clients"):
+        column = fed.params.get("partition_by") or d.partition_by or d.domain_column
+        role = "data.partition_by" if d.partition_by else "data.domain_column"
+        cause = f"{role}={column!r} has a single value in this dataset"
+        if d.domain_level is not None and not d.partition_by:
+            cause += f" (data.domain_level={d.domain_level}: that folder level below data.data_dir holds one folder)"
+        if d.scheme == "natural+dirichlet":
+            cause += f" and data.clients_per_domain={d.clients_per_domain}"
+    else:
+        cause = f"data.num_clients={d.num_clients!r} gives the single client {only!r}"
+    raise ConfigError(f"{cause}; {ONE_CLIENT}: give data with two or more domains, or another scheme (e.g. "
+                      "--data.scheme iid --data.num_clients 4)")
