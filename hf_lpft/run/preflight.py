@@ -407,10 +407,34 @@ def load_dataset_checked(cfg: ExperimentConfig) -> datasets.Dataset:
         if hub_id and hub_offline():
             raise ConfigError(f"data.dataset={d.dataset!r} needs the Hugging Face Hub, but HF_HUB_OFFLINE=1 and it "
                               f"is not in the HF cache ({type(err).__name__}); to work offline: give {local}") from err
+        if Path(d.dataset).is_dir() and (damaged := damaged_file(Path(d.dataset))) is not None:
+            raise ConfigError(f"data.dataset={d.dataset!r} cannot be loaded: {damaged}; write it again with "
+                              "Dataset.save_to_disk (or copy the whole folder again)") from err
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"data.dataset={d.dataset!r} cannot be loaded ({first}); use an embedded dataset "
                           f"{sorted(BUILTIN_DATASETS)}, a folder written by save_to_disk, or a Hub dataset id "
                           "(needs the network or the HF cache)") from err
+
+
+def damaged_file(folder: Path) -> str | None:
+    """The first file of a ``save_to_disk`` folder that does not read (a JSON file that does not parse, an Arrow
+    file whose record batches do not), said as ``the file <path> is damaged or incomplete (<why>)``; only
+    looked for after loading failed, so a good folder pays nothing."""
+    import json
+
+    import pyarrow as pa
+
+    for f in sorted(p for p in folder.rglob("*") if p.suffix in (".json", ".arrow")):
+        try:
+            if f.suffix == ".json":
+                json.loads(f.read_text(encoding="utf-8"))
+            else:
+                with pa.memory_map(str(f)) as source:
+                    pa.ipc.open_stream(source).read_all()
+        except (OSError, ValueError, pa.ArrowException) as err:
+            why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            return f"the file {str(f)!r} is damaged or incomplete ({why})"
+    return None
 
 
 def check_dataset(cfg: ExperimentConfig, ds: datasets.Dataset, *, for_training: bool = True) -> None:
