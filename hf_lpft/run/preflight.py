@@ -5,9 +5,12 @@ chosen scheme, sizes the embedded builders cannot provide, the strategies and th
 (name; weights that need the network), the launch (tracker, FedAvg engine and its options, fp16 on CPU, a given
 model with FedBN), the output folder (read only)
 and, with ``--push_to_hub``, the Hub (token, repos writable). ``federation_checked(cfg)`` then loads the
-dataset (network), checks its columns and labels and partitions it in memory (a saved manifest must match
-the dataset and have its indices in range). The pipeline creates the output folder only after both, so a
-run rejected here leaves the file system as it was. Types, finiteness and ranges of single values are
+dataset (network; a damaged ``save_to_disk`` file is named), checks its columns and labels and partitions it in
+memory (a saved manifest must match the dataset and have its indices in range; one client is refused). The
+pipeline creates the output folder only after both, the given global model's check
+(``hf_lpft.run.given_model.check_global_model``) and the decoding of every client's inputs
+(``hf_lpft.run.federation.federation_inputs``: a damaged image is named), so a run rejected by any of them
+leaves the file system as it was. Types, finiteness and ranges of single values are
 checked by the config dataclasses themselves (``hf_lpft.config``).
 
 The pipeline is that of Chen et al., arXiv 2511.12695 (Sec. 3): FedAvg, then personalized fine-tuning.
