@@ -172,6 +172,8 @@ CASES = [
      ["model.backbone='timm:not_a_model'", "not a timm model", "timm.list_models()"]),
     ("unloadable_hf_backbone", lambda c: ["--model.backbone", f"hf:{c.tmp / 'no_model'}"],
      ["model.backbone='hf:", "no_model", "cannot be loaded", "a local folder with a config.json"]),
+    ("hf_backbone_not_installed_offline", lambda c: ["--model.backbone", "hf:no-such-model"],
+     ["model.backbone='hf:no-such-model' cannot be loaded (", "); use a local folder with a config.json"]),
     ("missing_checkpoint", lambda c: ["--model.checkpoint", str(c.tmp / "none.safetensors")],
      ["model.checkpoint=", "none.safetensors", "is not a file"]),
     # the dataset, its columns and labels

@@ -163,7 +163,8 @@ def check_backbone(cfg: ExperimentConfig) -> None:
         try:
             hf_backbone_config(cfg.model.backbone, image_size=cfg.data.image_size)
         except (OSError, ValueError) as err:
-            raise ConfigError(f"model.backbone={cfg.model.backbone!r} cannot be loaded ({err}); use a local folder "
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"model.backbone={cfg.model.backbone!r} cannot be loaded ({first}); use a local folder "
                               f"with a config.json, an installed model {sorted(INSTALLED_ALIASES)}, or a Hub id "
                               "(needs the network or the HF cache)") from err
 
