@@ -112,6 +112,11 @@ def check_field_types(obj: Any, section: str) -> None:
             object.__setattr__(obj, f.name, checked)
 
 
+# Why a federation needs two clients (DataConfig, hf_lpft.run.preflight.check_clients).
+ONE_CLIENT = ("a federation needs at least 2 clients: PFT's Global accuracy is measured on the other clients' "
+              "test splits")
+
+
 @dataclass
 class DataConfig:
     """Which dataset to federate and how."""
@@ -196,7 +201,7 @@ class DataConfig:
                f"data.corruption_severities={self.corruption_severities!r} must be a non-empty list of values in 1..5")
         _check(self.label_permutation == 0 or self.label_permutation >= 2,
                f"data.label_permutation={self.label_permutation!r} must be 0 (off) or >= 2 classes")
-        _check(self.num_clients >= 1, f"data.num_clients={self.num_clients!r} must be >= 1")
+        _check(self.num_clients >= 2, f"data.num_clients={self.num_clients!r} must be >= 2 ({ONE_CLIENT})")
         _check_positive("data.alpha", self.alpha)
         _check(self.min_partition_size >= 0, f"data.min_partition_size={self.min_partition_size!r} must be >= 0")
         _check(0.0 < self.test_fraction < 1.0, f"data.test_fraction={self.test_fraction!r} must be in (0, 1)")

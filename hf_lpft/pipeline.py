@@ -55,7 +55,8 @@ from hf_lpft.evaluation.report import write_report
 from hf_lpft.hub.push import publish_run
 from hf_lpft.io import meta_info, write_json, write_text
 from hf_lpft.layout import RunLayout
-from hf_lpft.run.federation import build_federation
+from hf_lpft.run.federation import build_federation, federation_inputs
+from hf_lpft.run.given_model import check_global_model
 from hf_lpft.run.preflight import federation_checked, preflight
 from hf_lpft.run.pretrain import obtain_global_model
 from hf_lpft.run.tracking import check_precision, cpu_only_launch, finish_trackers, make_accelerator
@@ -164,6 +165,8 @@ def run(cfg: ExperimentConfig, *, accelerator: Accelerator | None = None) -> Run
     main = PartialState(cpu=cpu_only_launch()).is_main_process  # only the main process prepares the folder
     t0 = time.perf_counter()
     federated = federation_checked(cfg)  # dataset, labels, manifest, partition: in memory, before the folder
+    check_global_model(cfg, federated[1].num_classes)  # a given model's files, kind and head, before the folder
+    inputs = federation_inputs(cfg, federated)  # every image decoded: a damaged file fails before the folder
     layout = RunLayout.of(cfg)
     out = layout.prepare(cfg) if main else layout.root
     if main:  # first, so that an interrupted run can always be resumed from its own config.yaml
@@ -174,7 +177,7 @@ def run(cfg: ExperimentConfig, *, accelerator: Accelerator | None = None) -> Run
     accelerator.wait_for_everyone()
     torch.set_num_threads(resolve_num_threads(cfg.run.num_threads))  # measured default: hf_lpft.speed
     timings = {}
-    fed, clients = build_federation(cfg, out, timings, write=accelerator.is_main_process, federated=federated)
+    fed, clients = build_federation(cfg, out, timings, write=accelerator.is_main_process, inputs=inputs)
     if cfg.run.resume and accelerator.is_main_process:  # one line: what the interrupted run left that is reused
         logger.info(resume_summary(layout, rounds=None if cfg.model.global_model else cfg.fedavg.rounds,
                                    strategies=list(strategies), client_ids=fed.client_ids))

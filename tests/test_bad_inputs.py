@@ -11,10 +11,13 @@ import errno
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
+import datasets
 import pandas as pd
 import pytest
+from test_own_data import make_image_folder
 
 from hf_lpft import cli
 from hf_lpft.config import load_config
@@ -49,6 +52,50 @@ class Ctx:
         self.resumable.mkdir()
         saved = load_config(None, [*RUN[:-2], "--data.dataset", data, "--run.output_dir", str(self.resumable)])
         (self.resumable / "config.yaml").write_text(saved.to_yaml())
+        self.damaged_data(tiny_ds)
+        self.model_folders()
+
+    def damaged_data(self, tiny_ds) -> None:
+        """Your own data with one damaged file, a federation of one client."""
+        self.images = make_image_folder(self.tmp / "images", per_class=4)
+        self.bad_png = self.images / "clinic_b" / "dog" / "2.png"
+        self.bad_png.write_bytes(self.bad_png.read_bytes()[:100])  # truncated inside the image data
+        self.one_domain = make_image_folder(self.tmp / "one_domain", domains=("clinic_a",), per_class=4)
+        self.bad_arrow = self.tmp / "bad_arrow"
+        datasets.DatasetDict({"train": tiny_ds}).save_to_disk(str(self.bad_arrow))
+        arrow = next((self.bad_arrow / "train").glob("*.arrow"))
+        arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+        self.bad_row = self.tmp / "bad_row"  # row 5 holds bytes that are no image
+        rows = tiny_ds.cast_column("image", datasets.Image(decode=False)).to_dict()
+        rows["image"][5] = {"bytes": b"no image here", "path": "scan_5.png"}
+        datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows, features=tiny_ds.features)}).save_to_disk(
+            str(self.bad_row))
+        self.one_value = self.tmp / "one_value"  # the domain column holds one value
+        datasets.DatasetDict({"train": tiny_ds.filter(lambda d: d == "a", input_columns="domain")}).save_to_disk(
+            str(self.one_value))
+
+    def model_folders(self) -> None:
+        """Global model folders: damaged copies of a good one, one for other classes, and a LoRA client's export."""
+        from hf_lpft.models.backbone import build_model
+
+        self.good_model = self.tmp / "models" / "good"
+        build_model("timm:test_resnet", num_classes=4, image_size=32).save_pretrained(self.good_model)
+        build_model("timm:test_resnet", num_classes=3, image_size=32).save_pretrained(self.tmp / "models" / "three")
+        for name in ("no_config", "bad_json", "no_weights", "cut_weights"):
+            shutil.copytree(self.good_model, self.tmp / "models" / name)
+        (self.tmp / "models" / "no_config" / "config.json").unlink()
+        (self.tmp / "models" / "bad_json" / "config.json").write_text('{"backbone": "timm:test_resnet",')
+        (self.tmp / "models" / "no_weights" / "model.safetensors").unlink()
+        cut = self.tmp / "models" / "cut_weights" / "model.safetensors"
+        cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+        self.adapter = self.tmp / "models" / "clients" / "lora" / "a"  # what the lora strategy exports
+        self.adapter.mkdir(parents=True)
+        (self.adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA",
+                                                                      "base_model_name_or_path": str(self.good_model)}))
+        (self.adapter / "adapter_model.safetensors").write_bytes(b"")
+
+    def model(self, name: str) -> str:
+        return str(self.tmp / "models" / name)
 
 
 def unwritable_output_dir(tmp: Path) -> Path:
@@ -125,6 +172,8 @@ CASES = [
      ["model.backbone='timm:not_a_model'", "not a timm model", "timm.list_models()"]),
     ("unloadable_hf_backbone", lambda c: ["--model.backbone", f"hf:{c.tmp / 'no_model'}"],
      ["model.backbone='hf:", "no_model", "cannot be loaded", "a local folder with a config.json"]),
+    ("hf_backbone_not_installed_offline", lambda c: ["--model.backbone", "hf:no-such-model"],
+     ["model.backbone='hf:no-such-model' cannot be loaded (", "); use a local folder with a config.json"]),
     ("missing_checkpoint", lambda c: ["--model.checkpoint", str(c.tmp / "none.safetensors")],
      ["model.checkpoint=", "none.safetensors", "is not a file"]),
     # the dataset, its columns and labels
@@ -155,6 +204,40 @@ CASES = [
      ["other_size.json", "was made for 100 rows; this dataset has 72"]),
     ("manifest_not_json", lambda c: ["--data.manifest", str(c.not_json)],
      ["data.manifest=", "not_json.json", "is not a manifest written by hf_lpft", "JSONDecodeError"]),
+    # your own data: a damaged file, a federation of one client
+    ("imagefolder_truncated_png", lambda c: [*own_images(c.images)],
+     ["data.dataset='imagefolder': the image file", "clinic_b/dog/2.png", "cannot be read as an image",
+      "image file is truncated", "replace or remove the file"]),
+    ("saved_dataset_truncated_arrow", lambda c: ["--data.dataset", str(c.bad_arrow)],
+     ["data.dataset=", "cannot be loaded: the file", "bad_arrow/train/data-00000-of-00001.arrow",
+      "is damaged or incomplete", "save_to_disk"]),
+    ("saved_dataset_row_not_an_image", lambda c: ["--data.dataset", str(c.bad_row)],
+     ["the image in row 5 of column 'image' (stored from 'scan_5.png') cannot be read as an image",
+      "not an image format PIL knows", "drop or replace that row"]),
+    ("imagefolder_of_one_domain", lambda c: [*own_images(c.one_domain)],
+     ["data.domain_column='domain' has a single value", "data.domain_level=0",
+      "a federation needs at least 2 clients", "--data.scheme iid"]),
+    ("partition_column_of_one_value", lambda c: ["--data.dataset", str(c.one_value), "--data.partition_by", "domain"],
+     ["data.partition_by='domain' has a single value in this dataset", "a federation needs at least 2 clients"]),
+    ("one_client", lambda c: ["--data.scheme", "iid", "--data.num_clients", "1"],
+     ["data.num_clients=1 must be >= 2", "a federation needs at least 2 clients"]),
+    # a given global model: malformed, not a full model, not fitting the config
+    ("global_model_without_config", lambda c: ["--model.global_model", c.model("no_config")],
+     ["model.global_model=", "no_config", "has no config.json", "a run's global/ folder"]),
+    ("global_model_config_not_json", lambda c: ["--model.global_model", c.model("bad_json")],
+     ["model.global_model=", "bad_json", "its config.json is not valid JSON", "copy or save it again"]),
+    ("global_model_without_weights", lambda c: ["--model.global_model", c.model("no_weights")],
+     ["model.global_model=", "no_weights", "has no weights file (model.safetensors or pytorch_model.bin)"]),
+    ("global_model_truncated_weights", lambda c: ["--model.global_model", c.model("cut_weights")],
+     ["model.global_model=", "cut_weights", "model.safetensors is damaged or incomplete"]),
+    ("global_model_is_a_lora_adapter", lambda c: ["--model.global_model", str(c.adapter)],
+     ["model.global_model=", "clients/lora/a", "is a peft adapter folder", "not a full model",
+      "pass its base model --model.global_model", "models/good", "hf_lpft.load_personalized("]),
+    ("global_model_other_backbone", lambda c: ["--model.global_model", c.model("good"), "--model.backbone",
+                                               "timm:test_vit"],
+     ["has backbone 'timm:test_resnet' but model.backbone='timm:test_vit'"]),
+    ("global_model_other_classes", lambda c: ["--model.global_model", c.model("three")],
+     ["has a head for 3 classes but the federation has 4"]),
     # the output folder
     ("output_dir_is_a_file", lambda c: ["--run.output_dir", str(c.a_file)],
      ["run.output_dir=", "a_file.txt", "exists and is not a folder"]),
@@ -166,6 +249,12 @@ CASES = [
     ("output_dir_unwritable", lambda c: ["--run.output_dir", str(unwritable_output_dir(c.tmp))],
      ["run.output_dir=", "is not writable", "choose a folder you can create and write files in"]),
 ]
+
+
+def own_images(folder: Path) -> list[str]:
+    """The README's "Your own data" options for an image folder of domains (2 classes: cat, dog)."""
+    return ["--data.dataset", "imagefolder", "--data.data_dir", str(folder), "--data.domain_level", "0",
+            "--data.num_classes", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +269,14 @@ def tripwire(monkeypatch):
         raise AssertionError("heavy work started before the bad input was rejected")
     monkeypatch.setattr("hf_lpft.run.pretrain.run_fedavg", boom)
     monkeypatch.setattr("hf_lpft.run.units.personalize", boom)
+
+
+PROGRESS_BAR = re.compile(r"^.*\r.*(it/s|examples/s|files/s)\]$")  # tqdm's, when a bad input is found after reading
+
+
+def without_progress_bars(err: str) -> str:
+    """stderr without the progress bars of reading your own files and partitioning them (datasets, flwr-datasets)."""
+    return "".join(f"{line}\n" for line in err.split("\n")[:-1] if not PROGRESS_BAR.match(line)) + err.split("\n")[-1]
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -201,14 +298,65 @@ def test_bad_input_is_rejected_before_heavy_work(ctx, tripwire, capsys, request,
     args = extra(ctx)
     before = {p: snapshot(p) for p in (ctx.non_empty, ctx.resumable)}
     code = cli.main(["run", "--data.dataset", ctx.data, "--run.output_dir", str(fresh), *RUN, *args])
-    err = capsys.readouterr().err
+    err = without_progress_bars(capsys.readouterr().err)
     assert code == 2, err
-    assert err.startswith("hf-lpft: configuration error: "), err
+    assert err.startswith("hf-lpft: configuration error: ") and err.count("\n") == 1, err
     for text in expected:
         assert text in err, f"{text!r} not in the message: {err}"
     assert not fresh.exists(), "a rejected run created its output folder"
     assert {p: snapshot(p) for p in before} == before, "a rejected run changed an existing folder"
     assert not temp_leftovers(ctx.tmp)
+
+
+PERSONALIZE = [("bad_json", lambda c: c.model("bad_json"), ["its config.json is not valid JSON"]),
+               ("cut_weights", lambda c: c.model("cut_weights"), ["model.safetensors is damaged or incomplete"]),
+               ("lora_adapter", lambda c: str(c.adapter), ["is a peft adapter folder", "models/good"])]
+
+
+@pytest.mark.parametrize(("model", "expected"), [c[1:] for c in PERSONALIZE], ids=[c[0] for c in PERSONALIZE])
+def test_personalize_refuses_a_malformed_or_adapter_global_model(ctx, tripwire, capsys, request, model, expected):
+    """``hf-lpft personalize --global_model X``: the same one line, exit 2 and no output folder."""
+    fresh = ctx.tmp / f"out_personalize_{request.node.callspec.id}"
+    code = cli.main(["personalize", "--global_model", model(ctx), "--data.dataset", ctx.data, "--run.output_dir",
+                     str(fresh), *RUN[2:]])
+    err = without_progress_bars(capsys.readouterr().err)
+    assert code == 2 and err.startswith("hf-lpft: configuration error: model.global_model=") and \
+        err.count("\n") == 1, err
+    assert all(text in err for text in expected), err
+    assert not fresh.exists()
+
+
+def test_partition_preview_refuses_a_damaged_sample_image_before_writing(ctx, tmp_path, capsys):
+    """The preview decodes only its sample images (a run decodes all of them before its output folder exists);
+    one of them damaged: one line naming the file, and no half-written federation/ folder."""
+    images = make_image_folder(tmp_path / "images", per_class=4)
+    for f in (images / "clinic_a" / "cat").iterdir():  # every cat of clinic_a: one of them is in the sample
+        f.write_bytes(f.read_bytes()[:100])
+    out = tmp_path / "preview"
+    code = cli.main(["partition", *own_images(images), "--output_dir", str(out), "--log_level", "WARNING"])
+    err = without_progress_bars(capsys.readouterr().err)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "hf-lpft: configuration error: the image file" in err and "clinic_a/cat/" in err, err
+    assert not out.exists()
+
+
+def test_adapter_folder_where_a_run_or_a_full_model_is_expected(ctx):
+    """load_personalized wants the run folder, SplitModel.from_pretrained a full model: each says what to call."""
+    import hf_lpft
+    from hf_lpft.models.backbone import SplitModel
+
+    (ctx.tmp / "models" / "run_record.json").write_text("{}")  # models/ plays the run folder of the adapter
+    try:
+        with pytest.raises(FileNotFoundError, match=r"is a peft adapter folder \(a LoRA client\), not a run folder.*"
+                           r"call load_personalized\('.*models', client_id='a', strategy='lora'\)"):
+            hf_lpft.load_personalized(ctx.adapter, "a", "lora")
+    finally:
+        (ctx.tmp / "models" / "run_record.json").unlink()
+    with pytest.raises(FileNotFoundError, match="is a model folder, not a run folder.*SplitModel.from_pretrained"):
+        hf_lpft.load_personalized(ctx.good_model, "a", "lora")
+    with pytest.raises(FileNotFoundError, match="is a peft adapter folder .*, not a full model; load it with "
+                                                r"PeftModel.from_pretrained\(SplitModel.from_pretrained"):
+        SplitModel.from_pretrained(ctx.adapter)
 
 
 def test_unwritable_existing_output_dir(tmp_path, tiny_ds_path, tripwire, capsys):

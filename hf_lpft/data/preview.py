@@ -28,8 +28,8 @@ def preview_federation(data, output_dir: str | Path, *, builtin_kwargs: dict | N
         ds = load_from_config(data, builtin_kwargs=kwargs)
         shifted, fed = federate_from_config(ds, data)
     folder = Path(output_dir) / "federation"
-    save_manifest(fed, folder / "manifest.json")
-    if not getattr(data, "text_column", None):
+    if not getattr(data, "text_column", None):  # first: a sample image that cannot be decoded fails before any file
         plot_client_samples(shifted, fed, folder / "client_samples.png", image_column=data.image_column,
                             image_size=data.image_size, label_column=data.label_column)
+    save_manifest(fed, folder / "manifest.json")
     return fed

@@ -141,9 +141,13 @@ def plot_client_samples(ds, fed, path: str | Path, *, image_column: str, image_s
     """A grid of training images of each client (as the clients see them, shifts applied): one row per
     client, labelled with its id, spread over the classes it holds (:func:`spread_samples`), each image
     titled with its class name (the federation's, else the index)."""
+    from datasets import Image
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from hf_lpft.data.load import decode_image
+
+    feature = ds.features[image_column]
     clients = fed.clients[:max_clients]
     names = fed.label_names()
     all_labels = list(ds[label_column]) if label_column in ds.column_names else None
@@ -153,13 +157,14 @@ def plot_client_samples(ds, fed, path: str | Path, *, image_column: str, image_s
         train = list(c.train_indices)
         chosen = (spread_samples(train, [all_labels[i] for i in train], per_client) if all_labels is not None
                   else train[:per_client])
-        rows = ds.select(chosen)
+        rows = ds.select(chosen).select_columns([image_column]).cast_column(image_column, Image(decode=False))
         labels = [all_labels[i] for i in chosen] if all_labels is not None else [None] * len(rows)
         for k, ax in enumerate(row):
             ax.set_xticks([])
             ax.set_yticks([])
             if k < len(rows):
-                ax.imshow(np.asarray(rows[k][image_column].convert("RGB").resize((image_size, image_size))))
+                image = decode_image(feature, rows[k][image_column], row=chosen[k], column=image_column)
+                ax.imshow(np.asarray(image.convert("RGB").resize((image_size, image_size))))
                 label = labels[k]
                 name = names[label] if isinstance(label, int) and 0 <= label < len(names) else label
                 ax.set_title(str(name)[:12], fontsize=7, pad=2)

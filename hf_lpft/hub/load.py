@@ -48,6 +48,24 @@ def _check_source(repo_or_dir: str | Path) -> None:
                                 "Hub repo id 'namespace/name'")
 
 
+def _check_run_folder(folder: Path) -> None:
+    """A local folder without ``run_record.json`` fails with what it is instead: one model of a run (an adapter,
+    a client or the global model: the call that loads it) or something else."""
+    if RunLayout(folder).record.is_file():
+        return
+    what = "a peft adapter folder (a LoRA client)" if (folder / "adapter_config.json").is_file() else \
+        "a model folder" if (folder / "config.json").is_file() else "a folder"
+    run = next((p for p in folder.absolute().parents if RunLayout(p).record.is_file()), None)
+    parts = folder.absolute().relative_to(run).parts if run is not None else ()
+    if len(parts) >= 3 and parts[0] == "clients":
+        hint = f"call load_personalized({str(run)!r}, client_id={parts[2]!r}, strategy={parts[1]!r})"
+    elif what == "a model folder":
+        hint = "load a model folder itself with hf_lpft.models.backbone.SplitModel.from_pretrained(folder)"
+    else:
+        hint = "give a run output folder, its hub/model folder, or a Hub repo id 'namespace/name'"
+    raise FileNotFoundError(f"{str(folder)!r} is {what}, not a run folder (it has no run_record.json); {hint}")
+
+
 def _fetch(repo_id: str, patterns: list[str], *, revision: str | None, token: str | bool | None) -> Path:
     from huggingface_hub import snapshot_download
 
@@ -72,6 +90,7 @@ def load_personalized(repo_or_dir: str | Path, client_id: str, strategy: str, se
     _check_source(repo_or_dir)
     if local.is_dir():
         root = _local_root(local)
+        _check_run_folder(root)
         record = json.loads(RunLayout(root).record.read_text())
         rel, seed = _client_rel(record, strategy, client_id, seed)
     else:

@@ -284,7 +284,13 @@ class SplitModel(nn.Module, PyTorchModelHubMixin, library_name="hf_lpft", tags=[
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision: str | None = None, **kwargs) -> SplitModel:
         """The mixin's loader; a text model then tokenizes with the tokenizer files saved beside it (a local
-        folder's, or the repo's: ``AutoTokenizer`` fetches them, or finds them in the cache offline)."""
+        folder's, or the repo's: ``AutoTokenizer`` fetches them, or finds them in the cache offline); a local peft
+        adapter folder (a LoRA client) fails saying so."""
+        folder = Path(model_id)
+        if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{model_id!r} is a peft adapter folder (a LoRA client), not a full model; load it "
+                                    "with PeftModel.from_pretrained(SplitModel.from_pretrained(<its base_model_name_or_"
+                                    "path>), folder), or hf_lpft.load_personalized(<run folder>, client_id, strategy)")
         model = super()._from_pretrained(model_id=model_id, revision=revision, **kwargs)
         if model.is_text and not model.use_tokenizer_from(model_id) and not os.path.isdir(model_id):
             if _repo_has_tokenizer(model_id, revision=revision, token=kwargs.get("token"),

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import datasets
 
-from hf_lpft.config import ExperimentConfig
-from hf_lpft.data.federate import Federation, save_manifest
+from hf_lpft.config import ConfigError, ExperimentConfig
+from hf_lpft.data.federate import Federation, FederationError, save_manifest
 from hf_lpft.data.load import client_tensors, client_text_tensors
 from hf_lpft.data.preprocess import preprocessing_for
 from hf_lpft.data.tensors import ClientData
@@ -27,17 +27,33 @@ def client_inputs(cfg: ExperimentConfig, ds: datasets.Dataset, fed: Federation) 
                           preprocessing=preprocessing_for(cfg))
 
 
-def build_federation(cfg: ExperimentConfig, out: Path, timings: dict | None = None, *, write: bool = True,
-                     federated: tuple | None = None) -> tuple[Federation, list[ClientData]]:
-    """The checked federation (``federated``, from ``federation_checked``, or computed now), its manifest
-    written (``write``: False on all but the main process) and every client's decoded tensors; seconds of
-    each step into ``timings``: data_load, partition, decode_inputs."""
-    ds, fed, stage_seconds = federated if federated is not None else federation_checked(cfg)
+def federation_inputs(cfg: ExperimentConfig, federated: tuple | None = None
+                      ) -> tuple[Federation, list[ClientData], dict[str, float]]:
+    """The checked federation (``federated``, from ``federation_checked``, or computed now) and every client's
+    decoded tensors, with the seconds of each step (data_load, partition, decode_inputs); writes nothing, so the
+    pipeline runs it before the output folder exists.
+
+    Raises:
+        ConfigError: also for an image that cannot be decoded, naming its file (or row).
+    """
+    ds, fed, seconds = federated if federated is not None else federation_checked(cfg)
     t = time.perf_counter()
+    try:
+        clients = client_inputs(cfg, ds, fed)
+    except FederationError as err:
+        raise ConfigError(f"data.dataset={cfg.data.dataset!r}: {err}") from err
+    seconds["decode_inputs"] = time.perf_counter() - t
+    return fed, clients, seconds
+
+
+def build_federation(cfg: ExperimentConfig, out: Path, timings: dict | None = None, *, write: bool = True,
+                     inputs: tuple | None = None) -> tuple[Federation, list[ClientData]]:
+    """The federation and its clients' tensors (``inputs``, from :func:`federation_inputs`, or computed now),
+    its manifest written (``write``: False on all but the main process); the seconds of each step into
+    ``timings``."""
+    fed, clients, seconds = inputs if inputs is not None else federation_inputs(cfg)
     if write:
         save_manifest(fed, RunLayout(out).manifest)
-    clients = client_inputs(cfg, ds, fed)
-    stage_seconds["decode_inputs"] = time.perf_counter() - t
     if timings is not None:
-        timings.update(stage_seconds)
+        timings.update(seconds)
     return fed, clients

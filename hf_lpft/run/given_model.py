@@ -21,6 +21,7 @@ trained head); otherwise the head is new, ``nn.Linear``'s default initialisation
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import torch
@@ -48,15 +49,21 @@ def resolve_source(value: str) -> Path:
                           f"from the Hub ({type(err).__name__}: {err})") from err
 
 
+ANY_MODEL = ("give a run's global/ folder, a timm folder (save_for_hf), a transformers model folder or a timm "
+             "checkpoint file")
+# The weights a model folder may hold (hf_lpft and timm: model.safetensors; transformers also shards or .bin).
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
 def model_kind(path: Path, value: str) -> tuple[str, dict]:
-    """(kind, its ``config.json``) of a global model folder or checkpoint file (see :data:`KINDS`)."""
+    """(kind, its ``config.json``) of a global model folder or checkpoint file (see :data:`KINDS`); a peft adapter
+    folder (a LoRA client) and a missing, unreadable or invalid ``config.json`` are ConfigErrors naming the folder."""
     if path.is_file():
         return "timm_checkpoint", {}
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise ConfigError(f"model.global_model={value!r} has no config.json; give a run's global/ folder, a timm "
-                          "folder (save_for_hf), a transformers model folder or a timm checkpoint file")
-    config = json.loads(config_file.read_text())
+    if (path / "adapter_config.json").is_file():
+        raise ConfigError(adapter_message(path, value))
+    config = read_config(path, value)
     if str(config.get("backbone", "")).partition(":")[0] in BACKBONE_PREFIXES and "num_classes" in config:
         return "hf_lpft", config
     if "architecture" in config:
@@ -65,6 +72,91 @@ def model_kind(path: Path, value: str) -> tuple[str, dict]:
         return "transformers", config
     raise ConfigError(f"model.global_model={value!r}: its config.json is neither hf_lpft's (backbone), timm's "
                       "(architecture) nor a transformers config (model_type)")
+
+
+def read_config(path: Path, value: str) -> dict:
+    """The folder's ``config.json`` as a dict; ConfigError when it is missing, unreadable or not a JSON object."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"model.global_model={value!r} has no config.json; {ANY_MODEL}")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ConfigError(f"model.global_model={value!r}: its config.json is not valid JSON ({err}); the folder is "
+                          "damaged or incomplete: copy or save it again") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"model.global_model={value!r}: its config.json holds a {type(config).__name__}, not a "
+                          f"JSON object; {ANY_MODEL}")
+    return config
+
+
+def adapter_message(path: Path, value: str) -> str:
+    """What to say when a peft adapter folder (a LoRA client's export) is given where a full model is expected."""
+    try:
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        base = None
+    instead = f"pass its base model --model.global_model {base}" if base else "pass the run's global/ folder"
+    return (f"model.global_model={value!r} is a peft adapter folder (adapter_config.json: a LoRA client's export), "
+            f"not a full model; {instead} (the global model it was trained from), or load the client itself with "
+            "hf_lpft.load_personalized(<run folder>, client_id, strategy)")
+
+
+def check_weights(path: Path, value: str) -> None:
+    """A model folder holds a weights file, and every safetensors file (and zip-format torch file) is complete: a
+    missing or truncated copy fails in milliseconds (headers only), not when the model is loaded."""
+    from safetensors import SafetensorError, safe_open
+
+    if path.is_dir() and not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise ConfigError(f"model.global_model={value!r} has no weights file ({' or '.join(WEIGHT_FILES[::2])}); "
+                          "the folder is incomplete: copy or save it again")
+    for f in [path] if path.is_file() else sorted(path.iterdir()):
+        try:
+            if f.suffix == ".safetensors":
+                with safe_open(str(f), framework="pt"):
+                    pass
+            elif f.suffix in (".bin", ".pth", ".pt") and _starts_with(f, b"PK\x03\x04"):
+                zipfile.ZipFile(f).close()  # torch.save's zip format: a truncated file has no central directory
+        except (OSError, SafetensorError, zipfile.BadZipFile) as err:
+            raise ConfigError(f"model.global_model={value!r}: {f.name} is damaged or incomplete ({err}); copy or "
+                              "save the model again") from None
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(magic)) == magic
+
+
+def check_global_model(cfg: ExperimentConfig, num_classes: int) -> None:
+    """Before the output folder exists: the given ``model.global_model`` is a full model of a known kind that fits
+    the config (:func:`check_fits`) and its files are complete (:func:`check_weights`)."""
+    if cfg.model.global_model is None:
+        return
+    path = resolve_source(cfg.model.global_model)
+    kind, config = model_kind(path, cfg.model.global_model)
+    check_fits(cfg, kind, config, num_classes)
+    check_weights(path, cfg.model.global_model)
+
+
+def check_fits(cfg: ExperimentConfig, kind: str, config: dict, num_classes: int) -> None:
+    """The given model fits the config: its backbone (and an hf_lpft model's image size and head) match
+    ``model.backbone`` (``data.image_size``, the federation's class count)."""
+    value, prefix = cfg.model.global_model, cfg.model.backbone.partition(":")[0]
+    if kind == "hf_lpft":
+        _must_match(value, "backbone", config["backbone"], cfg.model.backbone, "model.backbone")
+        _must_match(value, "image size", config.get("image_size"), cfg.data.image_size, "data.image_size")
+        if config["num_classes"] != num_classes:
+            raise ConfigError(f"model.global_model={value!r} has a head for {config['num_classes']} classes but the "
+                              f"federation has {num_classes}; personalize it on data with {config['num_classes']} "
+                              "classes")
+    elif kind == "transformers" and prefix != "hf":
+        raise ConfigError(f"model.global_model={value!r} is a transformers model but model.backbone="
+                          f"{cfg.model.backbone!r}; set --model.backbone hf:{value}")
+    elif kind == "timm":
+        _must_match(value, "backbone", f"timm:{config['architecture']}", cfg.model.backbone, "model.backbone")
+    elif kind == "timm_checkpoint" and prefix != "timm":
+        raise ConfigError(f"model.global_model={value!r} is a checkpoint file; it needs model.backbone "
+                          f"timm:<architecture>, not {cfg.model.backbone!r}")
 
 
 def backbone_of(value: str) -> dict:
@@ -97,22 +189,19 @@ def load_global_model(cfg: ExperimentConfig, num_classes: int, *, seed: int) -> 
     kind, config = model_kind(path, value)
     head_seed = derive_seed(seed, "init") % 2**31
     info = {"source": "given", "global_model": value, "kind": kind}
-    if kind == "hf_lpft":
-        _must_match(value, "backbone", config["backbone"], cfg.model.backbone, "model.backbone")
-        _must_match(value, "image size", config["image_size"], cfg.data.image_size, "data.image_size")
-        if config["num_classes"] != num_classes:
-            raise ConfigError(f"model.global_model={value!r} has a head for {config['num_classes']} classes but the "
-                              f"federation has {num_classes}; personalize it on data with {config['num_classes']} "
-                              "classes")
-        return SplitModel.from_pretrained(path), info | {"head": "the global model's own"}
-    if kind == "transformers":
-        if not cfg.model.backbone.startswith("hf:"):
-            raise ConfigError(f"model.global_model={value!r} is a transformers model but model.backbone="
-                              f"{cfg.model.backbone!r}; set --model.backbone hf:{value}")
-        model = build_model(f"hf:{path}", num_classes=num_classes, image_size=cfg.data.image_size, pretrained=True,
-                            pooling=cfg.model.pooling, dropout=cfg.model.dropout, seed=head_seed)
-        return model, info | {"head": f"new (nn.Linear default init, torch seed {head_seed})"}
-    return timm_global_model(cfg, path, kind, config, num_classes=num_classes, head_seed=head_seed, info=info)
+    check_fits(cfg, kind, config, num_classes)
+    try:
+        if kind == "hf_lpft":
+            return SplitModel.from_pretrained(path), info | {"head": "the global model's own"}
+        if kind == "transformers":
+            model = build_model(f"hf:{path}", num_classes=num_classes, image_size=cfg.data.image_size,
+                                pretrained=True, pooling=cfg.model.pooling, dropout=cfg.model.dropout, seed=head_seed)
+            return model, info | {"head": f"new (nn.Linear default init, torch seed {head_seed})"}
+        return timm_global_model(cfg, path, kind, config, num_classes=num_classes, head_seed=head_seed, info=info)
+    except (OSError, RuntimeError, ValueError, KeyError) as err:  # weights that do not fit or do not load
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ConfigError(f"model.global_model={value!r} cannot be loaded ({type(err).__name__}: {first}); "
+                          f"{ANY_MODEL}") from err
 
 
 def _create_full_timm(name: str, *, image_size: int, **kwargs) -> nn.Module:
@@ -130,16 +219,11 @@ def timm_global_model(cfg: ExperimentConfig, path: Path, kind: str, config: dict
     """A timm folder or checkpoint file as a SplitModel; its classifier becomes the head when it fits."""
     from timm.models import get_pretrained_cfg_value, load_state_dict
 
-    value = cfg.model.global_model
     if kind == "timm":
         arch = config["architecture"]
-        _must_match(value, "backbone", f"timm:{arch}", cfg.model.backbone, "model.backbone")
         full = _create_full_timm(f"local-dir:{path}", image_size=cfg.data.image_size)
     else:
-        prefix, _, arch = cfg.model.backbone.partition(":")
-        if prefix != "timm":
-            raise ConfigError(f"model.global_model={value!r} is a checkpoint file; it needs model.backbone "
-                              f"timm:<architecture>, not {cfg.model.backbone!r}")
+        arch = cfg.model.backbone.partition(":")[2]
         weight = f"{get_pretrained_cfg_value(arch, 'classifier') or 'head'}.weight"
         state = load_state_dict(str(path))
         n = int(state[weight].shape[0]) if weight in state else 0

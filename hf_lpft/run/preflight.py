@@ -5,9 +5,12 @@ chosen scheme, sizes the embedded builders cannot provide, the strategies and th
 (name; weights that need the network), the launch (tracker, FedAvg engine and its options, fp16 on CPU, a given
 model with FedBN), the output folder (read only)
 and, with ``--push_to_hub``, the Hub (token, repos writable). ``federation_checked(cfg)`` then loads the
-dataset (network), checks its columns and labels and partitions it in memory (a saved manifest must match
-the dataset and have its indices in range). The pipeline creates the output folder only after both, so a
-run rejected here leaves the file system as it was. Types, finiteness and ranges of single values are
+dataset (network; a damaged ``save_to_disk`` file is named), checks its columns and labels and partitions it in
+memory (a saved manifest must match the dataset and have its indices in range; one client is refused). The
+pipeline creates the output folder only after both, the given global model's check
+(``hf_lpft.run.given_model.check_global_model``) and the decoding of every client's inputs
+(``hf_lpft.run.federation.federation_inputs``: a damaged image is named), so a run rejected by any of them
+leaves the file system as it was. Types, finiteness and ranges of single values are
 checked by the config dataclasses themselves (``hf_lpft.config``).
 
 The pipeline is that of Chen et al., arXiv 2511.12695 (Sec. 3): FedAvg, then personalized fine-tuning.
@@ -28,7 +31,7 @@ import datasets
 import numpy as np
 import torch
 
-from hf_lpft.config import ConfigError, ExperimentConfig, given_keys
+from hf_lpft.config import ONE_CLIENT, ConfigError, ExperimentConfig, given_keys
 from hf_lpft.data.federate import (
     Federation,
     FederationError,
@@ -112,9 +115,9 @@ def check_sizes(cfg: ExperimentConfig) -> None:
                           f"{d.dataset!r}; " + (f"choose one of {allowed}" if allowed else "it has none: remove it"))
     if d.scheme == "natural" and builder_takes(d.dataset, "num_clients") and "num_clients" in given_keys(cfg, "data"):
         limit, why = BUILTIN_CLIENTS_MAX[d.dataset]
-        if not 1 <= d.num_clients <= limit:
+        if not 2 <= d.num_clients <= limit:
             raise ConfigError(f"data.num_clients={d.num_clients!r} is out of range for the embedded dataset "
-                              f"{d.dataset!r}: choose 1..{limit} ({why})")
+                              f"{d.dataset!r}: choose 2..{limit} ({why})")
     if "n_per_domain" not in inspect.signature(BUILTIN_DATASETS[d.dataset]).parameters:
         if "n_per_domain" in given_keys(cfg, "data"):
             raise ConfigError(f"data.n_per_domain={d.n_per_domain!r} does not apply to the embedded dataset "
@@ -160,7 +163,8 @@ def check_backbone(cfg: ExperimentConfig) -> None:
         try:
             hf_backbone_config(cfg.model.backbone, image_size=cfg.data.image_size)
         except (OSError, ValueError) as err:
-            raise ConfigError(f"model.backbone={cfg.model.backbone!r} cannot be loaded ({err}); use a local folder "
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"model.backbone={cfg.model.backbone!r} cannot be loaded ({first}); use a local folder "
                               f"with a config.json, an installed model {sorted(INSTALLED_ALIASES)}, or a Hub id "
                               "(needs the network or the HF cache)") from err
 
@@ -407,10 +411,34 @@ def load_dataset_checked(cfg: ExperimentConfig) -> datasets.Dataset:
         if hub_id and hub_offline():
             raise ConfigError(f"data.dataset={d.dataset!r} needs the Hugging Face Hub, but HF_HUB_OFFLINE=1 and it "
                               f"is not in the HF cache ({type(err).__name__}); to work offline: give {local}") from err
+        if Path(d.dataset).is_dir() and (damaged := damaged_file(Path(d.dataset))) is not None:
+            raise ConfigError(f"data.dataset={d.dataset!r} cannot be loaded: {damaged}; write it again with "
+                              "Dataset.save_to_disk (or copy the whole folder again)") from err
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"data.dataset={d.dataset!r} cannot be loaded ({first}); use an embedded dataset "
                           f"{sorted(BUILTIN_DATASETS)}, a folder written by save_to_disk, or a Hub dataset id "
                           "(needs the network or the HF cache)") from err
+
+
+def damaged_file(folder: Path) -> str | None:
+    """The first file of a ``save_to_disk`` folder that does not read (a JSON file that does not parse, an Arrow
+    file whose record batches do not), said as ``the file <path> is damaged or incomplete (<why>)``; only
+    looked for after loading failed, so a good folder pays nothing."""
+    import json
+
+    import pyarrow as pa
+
+    for f in sorted(p for p in folder.rglob("*") if p.suffix in (".json", ".arrow")):
+        try:
+            if f.suffix == ".json":
+                json.loads(f.read_text(encoding="utf-8"))
+            else:
+                with pa.memory_map(str(f)) as source:
+                    pa.ipc.open_stream(source).read_all()
+        except (OSError, ValueError, pa.ArrowException) as err:
+            why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            return f"the file {str(f)!r} is damaged or incomplete ({why})"
+    return None
 
 
 def check_dataset(cfg: ExperimentConfig, ds: datasets.Dataset, *, for_training: bool = True) -> None:
@@ -495,5 +523,28 @@ def federation_checked(cfg: ExperimentConfig, *, for_training: bool = True
             raise
         raise ConfigError(f"data.manifest={d.manifest!r} is not a manifest written by hf_lpft "
                           f"({type(err).__name__}: {err})") from err
+    check_clients(cfg, fed)
     seconds["partition"] = time.perf_counter() - t - seconds["data_load"]
     return shifted, fed, seconds
+
+
+def check_clients(cfg: ExperimentConfig, fed: Federation) -> None:
+    """A federation of one client is refused, naming what made it one client (the manifest, the partition
+    column's single value, the client count)."""
+    if len(fed.clients) >= 2:
+        return
+    d, only = cfg.data, fed.clients[0].client_id if fed.clients else None
+    if d.manifest:
+        cause = f"data.manifest={d.manifest!r} holds the single client {only!r}"
+    elif d.scheme in ("natural", "natural+dirichlet") and not builder_takes(d.dataset, "num_clients"):
+        column = fed.params.get("partition_by") or d.partition_by or d.domain_column
+        role = "data.partition_by" if d.partition_by else "data.domain_column"
+        cause = f"{role}={column!r} has a single value in this dataset"
+        if d.domain_level is not None and not d.partition_by:
+            cause += f" (data.domain_level={d.domain_level}: that folder level below data.data_dir holds one folder)"
+        if d.scheme == "natural+dirichlet":
+            cause += f" and data.clients_per_domain={d.clients_per_domain}"
+    else:
+        cause = f"data.num_clients={d.num_clients!r} gives the single client {only!r}"
+    raise ConfigError(f"{cause}; {ONE_CLIENT}: give data with two or more domains, or another scheme (e.g. "
+                      "--data.scheme iid --data.num_clients 4)")
