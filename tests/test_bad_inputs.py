@@ -433,3 +433,15 @@ def test_no_unsafe_loading_in_the_package(pattern, what):
     hits = [f"{p.relative_to(root)}:{text.count(chr(10), 0, m.start()) + 1}"
             for p in sources for text in [p.read_text()] for m in re.finditer(pattern, text)]
     assert not hits, f"{what} at {hits}"
+
+
+def test_a_last_batch_of_one_example_under_batchnorm_is_one_line(ctx, capsys):
+    """Two examples a client leave one to train on: BatchNorm cannot normalise a batch of one. The run has
+    started (its folder stays, resumable), but it ends with one line naming the client, not a traceback."""
+    out = ctx.tmp / "out_batch_of_one"
+    code = cli.main(["run", "--data.dataset", ctx.data, "--run.output_dir", str(out), *RUN,
+                     "--data.max_examples_per_client", "2"])
+    err = without_progress_bars(capsys.readouterr().err)
+    assert code == 2, err
+    assert err.startswith("hf-lpft: configuration error: client ") and err.count("\n") == 1, err
+    assert "leave a last batch of 1 example, which cannot train the model's BatchNorm" in err, err

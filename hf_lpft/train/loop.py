@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
+from hf_lpft.config import ConfigError
 from hf_lpft.data.tensors import ClientData, iterate_batches
 from hf_lpft.train.freeze import (
     apply_phase,
@@ -133,7 +134,15 @@ def _batch(forward: nn.Module, xb: torch.Tensor, yb: torch.Tensor, *, data: Clie
            accelerator: Accelerator, flood: float | None, step, scheduler) -> float:
     """One optimizer step on a batch; returns its plain cross-entropy (a non-finite one stops the run)."""
     with accelerator.autocast():  # accelerate's mixed precision (bf16 / fp16); a no-op in fp32
-        loss = nn.functional.cross_entropy(forward(xb).float(), yb)
+        try:
+            loss = nn.functional.cross_entropy(forward(xb).float(), yb)
+        except ValueError as err:  # BatchNorm in train mode cannot normalise a batch of one example
+            if len(yb) != 1 or "Expected more than 1 value per channel" not in str(err):
+                raise
+            raise ConfigError(f"client {data.client_id}: its {data.n_train} training examples leave a last batch of "
+                              f"1 example, which cannot train the model's BatchNorm (phase {phase.name!r}); choose a "
+                              "batch size that leaves more than 1 example over (or divides the count), or give the "
+                              "client more examples") from None
     value = loss.item()
     if not math.isfinite(value):
         raise NonFiniteLossError(f"client {data.client_id}: loss is {value} in phase "
