@@ -18,6 +18,8 @@ from typing import Any, Union
 
 import yaml
 
+from hf_lpft.spec import BackboneSpec
+
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range."""
@@ -256,19 +258,18 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self, "model")
-        prefix = self.backbone.split(":", 1)[0]
-        _check(":" in self.backbone and prefix in ("timm", "hf", "hf-config") and self.backbone.split(":", 1)[1] != "",
+        _check(BackboneSpec.is_spec(self.backbone),
                f"model.backbone={self.backbone!r} must look like 'timm:<model name>', 'hf:<model id or path>' "
                "or 'hf-config:<preset or config path>'")
         _check_choice("model.pooling", self.pooling, ("mean", "cls"))
         if self.checkpoint is not None:
-            _check(prefix == "timm", f"model.checkpoint={self.checkpoint!r} is for timm backbones; for "
+            _check(self.spec.is_timm, f"model.checkpoint={self.checkpoint!r} is for timm backbones; for "
                    f"{self.backbone!r} point hf: at a local folder instead")
             _check(Path(self.checkpoint).is_file(), f"model.checkpoint={self.checkpoint!r} is not a file")
-        _check(not (self.pretrained and prefix == "hf-config"), f"model.pretrained=true but {self.backbone!r} "
-               "has no weights (hf-config: builds an architecture only); use hf:<model id or path>")
+        _check(not (self.pretrained and self.spec.kind == "hf-config"), f"model.pretrained=true but "
+               f"{self.backbone!r} has no weights (hf-config: builds an architecture only); use hf:<model id or path>")
         if self.dropout is not None:
-            _check(prefix != "timm",
+            _check(not self.spec.is_timm,
                    f"model.dropout={self.dropout!r} applies to hf: backbones only, not {self.backbone!r}")
             _check(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout!r} must be in [0, 1)")
         if self.global_model is not None:
@@ -276,6 +277,11 @@ class ModelConfig:
                    f"model.global_model={self.global_model!r} is neither an existing folder or file nor a Hub repo id "
                    "('namespace/name'); give a run's global/ folder, a timm or transformers model folder, a timm "
                    "checkpoint file, or a Hub model id")
+
+    @property
+    def spec(self) -> BackboneSpec:
+        """``backbone`` parsed (validated in ``__post_init__``): what the layers below take."""
+        return BackboneSpec.parse(self.backbone)
 
 
 OPTIMIZERS = ("sgd", "adam", "adamw")  # = hf_lpft.train.optim (config stays free of torch imports)

@@ -74,3 +74,19 @@ def test_shipped_configs_load():
     root = Path(__file__).resolve().parents[1] / "recipes" / "configs"
     for path in root.glob("*.yaml"):
         load_config(path)
+
+
+def test_backbone_spec_is_parsed_in_one_place():
+    """model.backbone is parsed by BackboneSpec alone: its parts, its string form, and the config's own spec."""
+    from hf_lpft.spec import BackboneSpec
+
+    spec = BackboneSpec.parse("hf:org/model:v2")  # only the first ':' separates the kind
+    assert (spec.kind, spec.name, str(spec)) == ("hf", "org/model:v2", "hf:org/model:v2")
+    assert BackboneSpec.parse(spec) is spec and spec.is_transformers and not spec.is_timm
+    assert BackboneSpec.parse("timm:test_resnet").is_timm
+    for bad in ("resnet18", "torch:resnet18", "hf:", "", None):
+        assert not BackboneSpec.is_spec(bad)
+        with pytest.raises(ValueError, match="must look like 'timm:<model name>'"):
+            BackboneSpec.parse(bad)
+    cfg = load_config(None, ["--model.backbone", "hf-config:vit-test"])
+    assert cfg.model.spec == BackboneSpec("hf-config", "vit-test")

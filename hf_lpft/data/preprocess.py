@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from hf_lpft.spec import BackboneSpec
+
 SCRATCH_MEAN = SCRATCH_STD = (0.5, 0.5, 0.5)
 INTERPOLATIONS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 SOURCES = ("scratch", "timm_pretrained_cfg", "image_processor", "tokenizer")
@@ -144,13 +146,14 @@ def hf_image_preprocessing(source: str, *, image_size: int) -> Preprocessing | N
                          interpolation=names.get(int(resample), "bicubic"), source="image_processor")
 
 
-def resolve_preprocessing(backbone: str, *, image_size: int, pretrained: bool = False,
+def resolve_preprocessing(backbone: str | BackboneSpec, *, image_size: int, pretrained: bool = False,
                           checkpoint: str | None = None, is_text: bool = False,
                           max_length: int | None = None) -> Preprocessing:
     """The preprocessing of a backbone as hf_lpft builds it (see the module docstring for the rules)."""
-    prefix, _, name = backbone.partition(":")
+    spec = BackboneSpec.parse(backbone)
+    prefix, name = spec.kind, spec.name
     if is_text:
-        return Preprocessing(kind="text", image_size=image_size, source="tokenizer", tokenizer=backbone,
+        return Preprocessing(kind="text", image_size=image_size, source="tokenizer", tokenizer=str(spec),
                              max_length=max_length)
     if prefix == "timm" and (pretrained or checkpoint is not None):
         return timm_preprocessing(name, image_size=image_size)
@@ -166,6 +169,6 @@ def resolve_preprocessing(backbone: str, *, image_size: int, pretrained: bool = 
 def preprocessing_for(cfg) -> Preprocessing:
     """The preprocessing an experiment's models carry and its data pipeline uses (``cfg``: an ExperimentConfig):
     from scratch [-1, 1], a pretrained timm backbone its own pretrained_cfg, text the backbone's tokenizer."""
-    return resolve_preprocessing(cfg.model.backbone, image_size=cfg.data.image_size, pretrained=cfg.model.pretrained,
+    return resolve_preprocessing(cfg.model.spec, image_size=cfg.data.image_size, pretrained=cfg.model.pretrained,
                                  checkpoint=cfg.model.checkpoint, is_text=bool(cfg.data.text_column),
                                  max_length=cfg.data.max_seq_len)

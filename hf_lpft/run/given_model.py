@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from hf_lpft.config import ConfigError, ExperimentConfig
-from hf_lpft.models.backbone import BACKBONE_PREFIXES, SplitModel, build_model
+from hf_lpft.models.backbone import SplitModel, build_model
+from hf_lpft.spec import BackboneSpec
 from hf_lpft.train.loop import derive_seed
 
 KINDS = ("hf_lpft", "timm", "timm_checkpoint", "transformers")
@@ -64,7 +65,7 @@ def model_kind(path: Path, value: str) -> tuple[str, dict]:
     if (path / "adapter_config.json").is_file():
         raise ConfigError(adapter_message(path, value))
     config = read_config(path, value)
-    if str(config.get("backbone", "")).partition(":")[0] in BACKBONE_PREFIXES and "num_classes" in config:
+    if BackboneSpec.is_spec(config.get("backbone")) and "num_classes" in config:
         return "hf_lpft", config
     if "architecture" in config:
         return "timm", config
@@ -141,7 +142,7 @@ def check_global_model(cfg: ExperimentConfig, num_classes: int) -> None:
 def check_fits(cfg: ExperimentConfig, kind: str, config: dict, num_classes: int) -> None:
     """The given model fits the config: its backbone (and an hf_lpft model's image size and head) match
     ``model.backbone`` (``data.image_size``, the federation's class count)."""
-    value, prefix = cfg.model.global_model, cfg.model.backbone.partition(":")[0]
+    value, prefix = cfg.model.global_model, cfg.model.spec.kind
     if kind == "hf_lpft":
         _must_match(value, "backbone", config["backbone"], cfg.model.backbone, "model.backbone")
         _must_match(value, "image size", config.get("image_size"), cfg.data.image_size, "data.image_size")
@@ -223,7 +224,7 @@ def timm_global_model(cfg: ExperimentConfig, path: Path, kind: str, config: dict
         arch = config["architecture"]
         full = _create_full_timm(f"local-dir:{path}", image_size=cfg.data.image_size)
     else:
-        arch = cfg.model.backbone.partition(":")[2]
+        arch = cfg.model.spec.name
         weight = f"{get_pretrained_cfg_value(arch, 'classifier') or 'head'}.weight"
         state = load_state_dict(str(path))
         n = int(state[weight].shape[0]) if weight in state else 0

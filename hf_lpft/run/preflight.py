@@ -42,6 +42,7 @@ from hf_lpft.data.federate import (
 from hf_lpft.data.load import builtin_options, load_from_config
 from hf_lpft.layout import RunLayout
 from hf_lpft.run.tracking import check_precision, cpu_only_launch, launch_precision
+from hf_lpft.spec import BackboneSpec
 from hf_lpft.strategies import Budget, Strategy, build_strategy
 
 logger = logging.getLogger(__name__)
@@ -151,15 +152,15 @@ def check_backbone(cfg: ExperimentConfig) -> None:
 
     from hf_lpft.models.backbone import INSTALLED_ALIASES, hf_backbone_config
 
-    prefix, _, name = cfg.model.backbone.partition(":")
-    if prefix == "timm" and not timm.is_model(name):
-        raise ConfigError(f"model.backbone={cfg.model.backbone!r}: {name!r} is not a timm model; choose a name from "
-                          "timm.list_models(), e.g. 'timm:test_resnet', 'timm:test_vit', 'timm:resnet18'")
-    if prefix == "timm" and cfg.model.pretrained and cfg.model.checkpoint is None:
-        check_timm_weights(cfg.model.backbone)
-    if prefix in ("hf", "hf-config"):
-        if prefix == "hf":
-            check_hf_model(cfg.model.backbone)
+    spec = cfg.model.spec
+    if spec.is_timm and not timm.is_model(spec.name):
+        raise ConfigError(f"model.backbone={cfg.model.backbone!r}: {spec.name!r} is not a timm model; choose a name "
+                          "from timm.list_models(), e.g. 'timm:test_resnet', 'timm:test_vit', 'timm:resnet18'")
+    if spec.is_timm and cfg.model.pretrained and cfg.model.checkpoint is None:
+        check_timm_weights(spec)
+    if spec.is_transformers:
+        if spec.kind == "hf":
+            check_hf_model(spec)
         try:
             hf_backbone_config(cfg.model.backbone, image_size=cfg.data.image_size)
         except (OSError, ValueError) as err:
@@ -270,12 +271,12 @@ def require_hub(what: str, *, cached: bool, offline_fixes: str) -> None:
                           f"to work offline: {offline_fixes}")
 
 
-def check_timm_weights(backbone: str) -> None:
+def check_timm_weights(spec: BackboneSpec) -> None:
     """Pretrained timm weights come from the Hub (or a URL) unless cached; no network fails now."""
     from huggingface_hub import try_to_load_from_cache
     from timm.models import get_pretrained_cfg
 
-    name = backbone.partition(":")[2]
+    backbone, name = str(spec), spec.name
     pcfg = get_pretrained_cfg(name)
     fixes = ("give --model.checkpoint <a local weights file>, set HF_HUB_OFFLINE=1 with the weights in the HF "
              "cache, or --model.pretrained false")
@@ -292,14 +293,14 @@ def check_timm_weights(backbone: str) -> None:
                               f"{reason or 'HF_HUB_OFFLINE=1'}); to work offline: {fixes}")
 
 
-def check_hf_model(backbone: str) -> None:
+def check_hf_model(spec: BackboneSpec) -> None:
     """``hf:<Hub id>`` that is neither a local folder nor an installed alias needs the Hub unless cached."""
     from huggingface_hub import try_to_load_from_cache
 
     from hf_lpft.config import REPO_ID
     from hf_lpft.models.backbone import INSTALLED_ALIASES
 
-    name = backbone.partition(":")[2]
+    backbone, name = str(spec), spec.name
     if name in INSTALLED_ALIASES or Path(name).exists() or not REPO_ID.match(name):
         return  # a folder, an installed model, or not a Hub id: hf_backbone_config reports what is wrong
     require_hub(f"model.backbone={backbone!r}", cached=isinstance(try_to_load_from_cache(name, "config.json"), str),
@@ -494,7 +495,7 @@ def check_text_inputs(cfg: ExperimentConfig, ds: datasets.Dataset, *, for_traini
         strings = [c for c, f in ds.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
         raise ConfigError(f"data.text_column={cfg.data.text_column!r} is not a string column; string columns: "
                           f"{strings}")
-    if for_training and not cfg.model.backbone.startswith("hf:"):
+    if for_training and cfg.model.spec.kind != "hf":
         raise ConfigError(f"data.text_column={cfg.data.text_column!r} needs a text backbone with a tokenizer, "
                           f"'hf:<model id or path>'; got model.backbone={cfg.model.backbone!r}")
 
