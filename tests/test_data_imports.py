@@ -20,7 +20,8 @@ def _imports(path: Path) -> set[str]:
 def test_no_import_circle_in_data():
     modules = {p.stem for p in DATA.glob("*.py")} - {"__init__"}
     graph = {m: _imports(DATA / f"{m}.py") & modules - {m} for m in modules}
-    assert graph["builtin"] >= {"shift_builtin"} and graph["stats"] == set()  # the graph is really read
+    assert graph["builtin"] >= {"shift_builtin"} and graph["stats"] == {"images"}  # the graph is really read
+    assert graph["images"] == set()  # decoding images sits below federate, load and stats
     done: set[str] = set()
 
     def visit(module: str, path: tuple[str, ...]) -> None:

@@ -41,6 +41,7 @@ import datasets
 import numpy as np
 from sklearn.model_selection import train_test_split
 
+from hf_lpft.data.images import FederationError  # noqa: F401 - defined below data's other modules
 from hf_lpft.io import write_text
 
 logger = logging.getLogger(__name__)
@@ -53,10 +54,6 @@ _ROW = "__hf_lpft_row__"
 _KEY = "__hf_lpft_key__"
 _MAX_ATTEMPTS = 10
 _TOLD_UNNAMED: set[str] = set()  # label columns already reported as unnamed (said once a process)
-
-
-class FederationError(ValueError):
-    """The dataset cannot be federated as asked."""
 
 
 @dataclass

@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hf_lpft.data.federate import Federation, FederationError, check_columns
+from hf_lpft.data.images import decode_image
 from hf_lpft.data.preprocess import Preprocessing
 from hf_lpft.data.tensors import ClientData, TextInputs
 
@@ -120,27 +121,6 @@ def images_to_tensor(ds: datasets.Dataset, rows: list[int], *, image_column: str
     for i, example in enumerate(tqdm(stored, desc="decode images", leave=False, disable=len(rows) < 5000)):
         out[i] = np.asarray(prep.pil(decode_image(feature, example[image_column], row=rows[i], column=image_column)))
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
-
-
-def decode_image(feature: datasets.Image, stored: dict, *, row: int, column: str):
-    """One stored image (``{"path", "bytes"}``) as a loaded PIL image; a file or row that is not a readable image
-    (not an image, truncated, missing) is a FederationError naming it, not a PIL traceback."""
-    from PIL import Image
-
-    try:
-        image = feature.decode_example(stored)
-        image.load()
-        return image
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        path = stored.get("path")
-        reason = "not an image format PIL knows" if isinstance(err, Image.UnidentifiedImageError) else \
-            f"{type(err).__name__}: {err}"
-        if stored.get("bytes") is None and path:
-            where, fix = f"the image file {path!r}", "replace or remove the file"
-        else:
-            where = f"the image in row {row} of column {column!r}" + (f" (stored from {path!r})" if path else "")
-            fix = "drop or replace that row (Dataset.filter) and save the dataset again"
-        raise FederationError(f"{where} cannot be read as an image ({reason}); {fix}") from None
 
 
 def client_tensors(ds: datasets.Dataset, federation: Federation, *, image_column: str, label_column: str,

@@ -145,7 +145,7 @@ def plot_client_samples(ds, fed, path: str | Path, *, image_column: str, image_s
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from hf_lpft.data.load import decode_image
+    from hf_lpft.data.images import decode_image
 
     feature = ds.features[image_column]
     clients = fed.clients[:max_clients]

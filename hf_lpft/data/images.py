@@ -1,0 +1,31 @@
+"""Reading stored images, below every other data module (federate, load and stats all decode images): a file
+or row that is not a readable image is a :class:`FederationError` naming it."""
+
+from __future__ import annotations
+
+import datasets
+
+
+class FederationError(ValueError):
+    """The dataset cannot be federated as asked."""
+
+
+def decode_image(feature: datasets.Image, stored: dict, *, row: int, column: str):
+    """One stored image (``{"path", "bytes"}``) as a loaded PIL image; a file or row that is not a readable image
+    (not an image, truncated, missing) is a FederationError naming it, not a PIL traceback."""
+    from PIL import Image
+
+    try:
+        image = feature.decode_example(stored)
+        image.load()
+        return image
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        path = stored.get("path")
+        reason = "not an image format PIL knows" if isinstance(err, Image.UnidentifiedImageError) else \
+            f"{type(err).__name__}: {err}"
+        if stored.get("bytes") is None and path:
+            where, fix = f"the image file {path!r}", "replace or remove the file"
+        else:
+            where = f"the image in row {row} of column {column!r}" + (f" (stored from {path!r})" if path else "")
+            fix = "drop or replace that row (Dataset.filter) and save the dataset again"
+        raise FederationError(f"{where} cannot be read as an image ({reason}); {fix}") from None
