@@ -58,9 +58,17 @@ def test_ctrl_c_under_accelerate_launch_is_one_line_and_exit_130(tmp_path, tiny_
     args = ["--data.dataset", tiny_ds_path, "--data.num_classes", "4", "--fedavg.rounds", "1", "--fedavg.batch_size",
             "16", "--pft.strategies", "ft", "--pft.epochs", "1", "--pft.batch_size", "16", "--run.num_threads", "1",
             "--run.output_dir", str(out), "--log_level", "WARNING"]
-    with log.open("w") as f:  # a session of its own, SIGINT not ignored: like a command typed in a terminal
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "accelerate"), "launch", "-q", "-m", "hf_lpft.cli",
-                                 "run", *args], cwd=tmp_path, env=env, stdout=f, stderr=f, start_new_session=True,
+    last = ctrl_c_when_paused([str(Path(sys.executable).parent / "accelerate"), "launch", "-q", "-m", "hf_lpft.cli",
+                               "run", *args], cwd=tmp_path, env=env, log=log)
+    assert last == f"hf-lpft: interrupted; resume with: hf-lpft run --config {out / 'config.yaml'} --run.resume true"
+
+
+def ctrl_c_when_paused(cmd: list[str], *, cwd: Path, env: dict, log: Path) -> str:
+    """Start ``cmd`` in a session of its own with SIGINT not ignored (like a command typed in a terminal), send
+    SIGINT to its process group once it pauses at the fault point (as Ctrl-C does), and return its last output
+    line after checking it exited with 130 and no traceback."""
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=f, start_new_session=True,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 240
@@ -74,8 +82,7 @@ def test_ctrl_c_under_accelerate_launch_is_one_line_and_exit_130(tmp_path, tiny_
     text = log.read_text()
     assert code == 130, text
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
-    last = text.replace("\r", "\n").strip().splitlines()[-1]
-    assert last == f"hf-lpft: interrupted; resume with: hf-lpft run --config {out / 'config.yaml'} --run.resume true"
+    return text.replace("\r", "\n").strip().splitlines()[-1]
 
 
 def write_basic_config_for(tmp_path: Path) -> None:
@@ -124,23 +131,7 @@ def test_ctrl_c_in_a_sweep_recipe_is_one_line_naming_the_rerun(tmp_path, tiny_ds
     (folder / "blocks.yaml").write_text("blocks:\n  tiny: {config: {}}\n")
     cmd = ["recipes/table2.py", "--folder", str(folder), "--output_dir", str(tmp_path / "out"), "--log_level", "WARNING"]
     env = child_env(tmp_path) | {"HF_LPFT_KILL_AT": "personalize_epoch:1:pause", "HF_HUB_OFFLINE": "1"}
-    log = tmp_path / "run.log"
-    with log.open("w") as f:
-        proc = subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env=env, stdout=f, stderr=f,
-                                start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        deadline = time.monotonic() + 240
-        while PAUSE_MARK not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGINT)
-        code = proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    text = log.read_text()
-    assert code == 130, text
-    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
-    last = text.replace("\r", "\n").strip().splitlines()[-1]
+    last = ctrl_c_when_paused([sys.executable, *cmd], cwd=ROOT, env=env, log=tmp_path / "run.log")
     assert last == f"table2: interrupted; rerun python {' '.join(cmd)} to continue: finished runs and seeds are reused"
 
 
