@@ -8,21 +8,27 @@ same personalization step of the pipeline.
 The apps reuse hf_lpft's pieces, so both engines train the same thing:
 
 * ClientApp ``train``: the client with ``partition-id`` i (node config) loads the global arrays, trains one
-  ``fedavg_local`` phase with the seed ``derive_seed(seed, "fedavg", round, client_id)``, and replies its
-  weights with ``num-examples`` = its train size. ``evaluate``: accuracy of the global model on its test split.
-* ServerApp: :class:`ExampleWeightedFedAvg`, Flower's FedAvg with hf_lpft's sampling (``sample_clients``
-  seeded by (seed, round), mapped to nodes through a QUERY for each node's partition id) and aggregation
-  (float64 example-weighted sums in client order, integer buffers from the first sampled client), and an
+  ``fedavg_local`` phase (with the algorithm's local term) with the seed ``derive_seed(seed, "fedavg", round,
+  client_id)``, and replies its weights with ``num-examples`` = its train size. ``evaluate``: accuracy of the
+  global model on its test split.
+* ServerApp: :class:`AlgorithmStrategy` (FedAvg by default), Flower's FedAvg with hf_lpft's sampling
+  (``sample_clients`` seeded by (seed, round), mapped to nodes through a QUERY for each node's partition id)
+  and aggregation (float64 example-weighted sums in client order, integer buffers from the first sampled
+  client), and an
   unweighted mean over clients of their test accuracy as the round's ``global_test_acc``.
 
 Hence, given the same config and seed, the Flower global model equals the built-in engine's (same local
 seeds, same sampling, same summation order; tested). FedBN (``fedavg.bn: local``) is built-in only.
 
-Other general-FL methods (``fedavg.fl_strategy``): Flower's own strategies (FedProx, FedAdam, FedAvgM, ...,
-:data:`FLOWER_STRATEGIES`) with their options (``fedavg.fl_strategy_args``, checked against the class's
-signature), driven through :class:`SeededNodes` so sampling and node mapping stay hf_lpft's; their
-aggregation is Flower's. The paper presents post-hoc PFT as plug-and-play after any general FL method
-(arXiv 2511.12695, Sec. 3); the Flower App (``hf_lpft.flower_app``) runs PFT after any of them.
+General-FL algorithms (``fedavg.fl_strategy``, ``hf_lpft.federated.algorithms``): a registered algorithm
+(FedAvg, FedProx, SCAFFOLD, ...) runs as :class:`AlgorithmStrategy`: TRAIN messages carry its name and options
+(``fl-algorithm``), its server state (``server-state``) and the client's own state (``client-state``), replies
+the client's ``upload`` and new ``client-state``; the ClientApp runs the same ``client_update`` as the built-in
+engine and the server the same sums and ``aggregate``, so both engines give the same global model. Flower's
+own strategies (FedAdam, FedAvgM, Krum, ...) are adapters with their options (``fedavg.fl_strategy_args``,
+checked against the class's signature), driven through :class:`SeededNodes` so sampling and node mapping stay
+hf_lpft's; their aggregation is Flower's. The paper presents post-hoc PFT as plug-and-play after any general FL
+method (arXiv 2511.12695, Sec. 3); the Flower App (``hf_lpft.flower_app``) runs PFT after any of them.
 """
 
 from __future__ import annotations
