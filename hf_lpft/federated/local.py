@@ -31,7 +31,7 @@ def client_update(algorithm: GeneralFL, model: nn.Module, client: ClientData, *,
     """Train ``model`` (holding the weights the client starts from) for one ``phase`` with the algorithm's
     local term, then let the algorithm say what the client sends and keeps."""
     needs_start = type(algorithm).client_result is not GeneralFL.client_result
-    start = {k: v.detach().clone() for k, v in model.state_dict().items()} if needs_start else {}
+    start = {n: p.detach().clone() for n, p in model.named_parameters()} if needs_start else {}
     extra = algorithm.local_objective(model, server_state=server_state, client_state=client_state)
     record = train_phase(model, phase, client, settings=settings, accelerator=accelerator, seed=seed,
                          extra_loss=extra)

@@ -109,8 +109,9 @@ class GeneralFL:
 
     def client_result(self, *, start: dict, trained: dict, server_state: dict, client_state: dict, steps: int,
                       lr: float) -> tuple[dict, dict | None]:
-        """(upload, new client state) after local training from ``start`` to ``trained`` in ``steps`` optimizer
-        steps of learning rate ``lr``; uploads are summed over the round's clients; None = keep no state."""
+        """(upload, new client state) after local training in ``steps`` optimizer steps of learning rate ``lr``:
+        ``start`` holds the model's parameters (by name) before it, ``trained`` the state dict after it. Uploads
+        are summed over the round's clients (keys and shapes as :meth:`upload_template`); None = keep no state."""
         return {}, None
 
     def upload_template(self, model: nn.Module) -> dict:
