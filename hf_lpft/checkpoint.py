@@ -29,15 +29,23 @@ class Checkpoints:
     def _fedavg_dir(self, seed: int) -> Path:
         return self.layout.fedavg_checkpoint(seed)
 
-    def save_round(self, seed: int, state: dict, history: list[dict], *, client_bn: dict | None = None) -> None:
+    def save_round(self, seed: int, state: dict, history: list[dict], *, client_bn: dict | None = None,
+                   fl_state=None) -> None:
         """Overwrite the seed's FedAvg checkpoint with the global state after ``len(history)`` rounds, and
-        with FedBN the clients' own BatchNorm tensors (``{client_id: state}``) in the same atomic folder."""
+        with FedBN the clients' own BatchNorm tensors (``{client_id: state}``), and with a stateful general-FL
+        algorithm its server and client state (``FLState``, e.g. SCAFFOLD's control variates) in the same
+        atomic folder."""
         with atomic_path(self._fedavg_dir(seed), directory=True) as tmp:
             save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / "state.safetensors"))
             if client_bn is not None:
                 flat = {f"{cid}{_SEP}{k}": v.detach().contiguous().cpu() for cid, s in client_bn.items() for k,
                         v in s.items()}
                 save_file(flat, str(tmp / "client_bn.safetensors"))
+            if fl_state is not None:
+                flat = {f"server{_SEP}{k}": v for k, v in fl_state.server.items()}
+                flat |= {f"client{_SEP}{cid}{_SEP}{k}": v for cid, s in fl_state.clients.items() for k, v in s.items()}
+                save_file({k: v.detach().contiguous().cpu() for k, v in flat.items()},
+                          str(tmp / "fl_state.safetensors"))
             (tmp / "history.json").write_text(json.dumps(history))
 
     def load_round(self, seed: int) -> tuple[dict[str, torch.Tensor], list[dict]] | None:
@@ -61,6 +69,23 @@ class Checkpoints:
         for name, tensor in load_file(str(path)).items():
             cid, _, key = name.rpartition(_SEP)  # state keys never hold the separator; client ids might
             out.setdefault(cid, {})[key] = tensor
+        return out
+
+    def load_fl_state(self, seed: int):
+        """The general-FL algorithm's state saved with the latest round (``FLState``), or None."""
+        from hf_lpft.federated.algorithms.base import FLState
+
+        path = self._fedavg_dir(seed) / "fl_state.safetensors"
+        if not path.is_file():
+            return None
+        out = FLState()
+        for name, tensor in load_file(str(path)).items():
+            kind, _, rest = name.partition(_SEP)
+            if kind == "server":
+                out.server[rest] = tensor
+            else:  # client::<id>::<key>: state keys never hold the separator; client ids might
+                cid, _, key = rest.rpartition(_SEP)
+                out.clients.setdefault(cid, {})[key] = tensor
         return out
 
     def _unit_path(self, seed: int, strategy: str, client_id: str) -> Path:

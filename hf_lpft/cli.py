@@ -230,7 +230,21 @@ def list_strategies() -> int:
         defaults = dataclasses.asdict(cls.config_cls())  # also resolves default_factory fields
         print(f"{name:12s} {cls.display_name} ({export_text(cls())}): {cls.description}\n"
               f"{'':12s} defaults: {defaults}")
+    list_general_fl()
     return 0
+
+
+def list_general_fl() -> None:
+    """Print every registered general-FL algorithm (``fedavg.fl_strategy``): engines, description, defaults."""
+    from hf_lpft.federated.algorithms import ALGORITHMS
+    from hf_lpft.federated.algorithms.flower_adapters import FlowerAdapter
+
+    print("\ngeneral-FL algorithms (--fedavg.fl_strategy, options in --fedavg.fl_strategy_args):")
+    for name, cls in sorted(ALGORITHMS.items()):
+        options = ("Flower's constructor arguments" if issubclass(cls, FlowerAdapter)
+                   else dataclasses.asdict(cls.config_cls()))
+        print(f"{name:14s} {cls.display_name} (engine {' or '.join(cls.engines)}): {cls.description}\n"
+              f"{'':14s} defaults: {options}")
 
 
 def partition_from_args(argv: list[str]) -> int:
@@ -323,7 +337,8 @@ PERSONALIZE_HELP = ("Personalize a given global model (--global_model: a run's g
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"run": "run a study from a config", "strategies": "list the registered PFT strategies",
+    commands = {"run": "run a study from a config",
+                "strategies": "list the registered PFT strategies and general-FL algorithms",
                 "personalize": "personalize a given global model (no FedAvg): PFT, evaluation, export",
                 "partition": "preview a federation (manifest, stats, heatmap) without training",
                 "push": "publish a finished run folder to the Hub (or rewrite its Hub-ready folder)"}

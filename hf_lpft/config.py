@@ -290,11 +290,6 @@ REPORT_TO = ("none", "tensorboard", "trackio", "wandb")
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 FEDAVG_BN_MODES = ("averaged", "local")
 FEDAVG_ENGINES = ("builtin", "flower")
-# general-FL methods of the Flower engine (hf_lpft.federated.flower.FLOWER_STRATEGIES maps them to classes)
-FL_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedadagrad", "fedyogi", "fedavgm", "fedmedian", "fedtrimmedavg",
-                 "krum", "multikrum", "bulyan", "qfedavg")
-
-
 @dataclass
 class FedAvgConfig:
     """General federated learning (FedAvg) that produces the global model."""
@@ -321,12 +316,12 @@ class FedAvgConfig:
         "Flower ServerApp/ClientApp in Flower's local simulation; pip install 'hf-lpft[flower]'; one process; the "
         "same global model as builtin).")})
     fl_strategy: str = field(default="fedavg", metadata={"help": (
-        "General-FL method of the Flower engine and the Flower App: fedavg (hf_lpft's FedAvg, equal to builtin) or a "
-        "Flower strategy: fedprox, fedadam, fedadagrad, fedyogi, fedavgm, fedmedian, fedtrimmedavg, krum, multikrum, "
-        "bulyan, qfedavg (clients sampled as fedavg.client_fraction says). builtin runs fedavg only.")})
+        "General-FL algorithm (registry: hf_lpft/federated/algorithms/): fedavg, fedprox, scaffold on either engine; "
+        "Flower's fedadam, fedadagrad, fedyogi, fedavgm, fedmedian, fedtrimmedavg, krum, multikrum, bulyan, qfedavg "
+        "on fedavg.engine flower (clients sampled as fedavg.client_fraction says).")})
     fl_strategy_args: dict[str, Any] = field(default_factory=dict, metadata={"help": (
-        "Options of the Flower strategy, checked against its constructor, e.g. {proximal_mu: 0.1} for fedprox or "
-        "{eta: 0.01, tau: 0.001} for fedadam; sampling and message keys are hf_lpft's.")})
+        "Options of the algorithm, e.g. {proximal_mu: 0.1} for fedprox, {server_lr: 1.0, weighting: uniform} for "
+        "scaffold, {eta: 0.01, tau: 0.001} for fedadam (a Flower strategy's are checked against its constructor).")})
     eval_every: int = field(default=5, metadata={"help": (
         "Evaluate the global model on every client's test split after every k-th round and after the last one (the "
         "FedAvg curve in the run record); 0 = never during FedAvg (the pipeline still evaluates the final global "
@@ -347,9 +342,7 @@ class FedAvgConfig:
         _check(0.0 <= self.momentum < 1.0, f"fedavg.momentum={self.momentum!r} must be in [0, 1)")
         _check_positive("fedavg.weight_decay", self.weight_decay, allow_zero=True)
         _check(self.batch_size >= 1, f"fedavg.batch_size={self.batch_size!r} must be >= 1")
-        _check_choice("fedavg.fl_strategy", self.fl_strategy, FL_STRATEGIES)
-        _check(self.fl_strategy == "fedavg" or self.engine == "flower", f"fedavg.fl_strategy={self.fl_strategy!r} "
-               "is a Flower strategy; it needs fedavg.engine='flower' (builtin runs fedavg only)")
+        # the name, the engine and the options are checked against the registry in preflight (hf_lpft.run.general_fl)
         _check(isinstance(self.fl_strategy_args, dict), f"fedavg.fl_strategy_args={self.fl_strategy_args!r} must be "
                "a mapping of options")
         _check(self.eval_every >= 0,

@@ -56,6 +56,7 @@ from hf_lpft.hub.push import publish_run
 from hf_lpft.io import meta_info, write_json, write_text
 from hf_lpft.layout import RunLayout
 from hf_lpft.run.federation import build_federation, federation_inputs
+from hf_lpft.run.general_fl import describe_general_fl
 from hf_lpft.run.given_model import check_global_model
 from hf_lpft.run.preflight import federation_checked, preflight
 from hf_lpft.run.pretrain import obtain_global_model
@@ -131,6 +132,7 @@ def run_record(cfg: ExperimentConfig, strategies: dict[str, Strategy], fed: Fede
                      "num_processes": accelerator.num_processes,
                      "strategies": {n: s.describe() for n, s in strategies.items()},
                      "batchnorm": batchnorm_record(cfg, strategies),
+                     "general_fl": describe_general_fl(cfg),
                      "global_model": {r["row"]["seed"]: r["global_source"] for r in records if r.get("global_source")},
                      "preprocessing": preprocessing_for(cfg).to_dict(),
                      "mixed_precision": accelerator.mixed_precision,

@@ -3,9 +3,10 @@
 Tolerance: local training, sampling and seeds never depend on the rank; only the order of the float64
 additions in the FedAvg all-reduce differs, which can move an element of the float32 global weights by
 1 ulp (~6e-8 relative; in practice they come out bit-identical). Results are compared with rtol 1e-5.
-One torchrun launch runs three studies (process start-up dominates on this machine): plain FedAvg with
+One torchrun launch runs four studies (process start-up dominates on this machine): plain FedAvg with
 3 of 3 clients a round (2 on rank 0, 1 on rank 1), FedBN with 1 client a round (rank 1 idle, BatchNorm
-shared across ranks), and the resume of a 1-process run whose last units were lost.
+shared across ranks), SCAFFOLD with 1 client a round (uploads all-reduced, control variates shared), and the
+resume of a 1-process run whose last units were lost.
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ def test_two_processes_equal_one_process(tmp_path, tiny_ds_path):
         "plain": {},  # every client every round
         "fedbn": {"fedavg": {"rounds": 2, "batch_size": 16, "bn": "local", "client_fraction": 0.34},
                   "pft": {"strategies": ["lp", "ft"]}},
+        # a stateful general-FL algorithm: 1 client a round (rank 1 idle, adds zeros to the all-reduce of the
+        # uploads), its control variate shared across ranks for the round it is next sampled
+        "scaffold": {"fedavg": {"rounds": 3, "batch_size": 16, "fl_strategy": "scaffold", "client_fraction": 0.34},
+                     "pft": {"strategies": ["lp"]}},
     }
     for name, extra in studies.items():  # the 1-process references, in this process
         run(load_config(None, _overrides(tiny_ds_path, tmp_path / f"{name}_1", **extra)))

@@ -236,23 +236,33 @@ def test_fedprox_general_fl_then_personalization(tmp_path, tiny_ds_path):
     a = load_file(str(prox.output_dir / "global" / "model.safetensors"))
     b = load_file(str(avg.output_dir / "global" / "model.safetensors"))
     assert max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point()) > 1e-4
+    # FedProx is a registered algorithm (hf_lpft.federated.algorithms.fedprox): the built-in engine runs it too,
+    # with the same proximal term and aggregation, so the same global model
+    builtin = run(_cfg(tmp_path, "fedprox_builtin", tiny_ds_path, engine="builtin", fl_strategy="fedprox",
+                       fl_strategy_args={"proximal_mu": 1.0}))
+    c = load_file(str(builtin.output_dir / "global" / "model.safetensors"))
+    for k in a:
+        np.testing.assert_allclose(a[k].double().numpy(), c[k].double().numpy(), rtol=1e-6, atol=1e-7, err_msg=k)
 
 
 @pytest.mark.parametrize("fedavg, match", [
     ({"fl_strategy": "fedfoo"}, "fedavg.fl_strategy='fedfoo' is not allowed"),
-    ({"fl_strategy": "fedprox", "engine": "builtin"}, "needs fedavg.engine='flower'"),
+    ({"fl_strategy": "fedadam", "engine": "builtin"}, "needs fedavg.engine='flower'"),
 ])
 def test_fl_strategy_config_errors(tmp_path, tiny_ds_path, fedavg, match):
-    with pytest.raises(ConfigError, match=match):
-        _cfg(tmp_path, "x", tiny_ds_path, **fedavg)
+    from hf_lpft.run.preflight import preflight
+
+    with pytest.raises(ConfigError, match=match):  # the registry's check, before any work
+        preflight(_cfg(tmp_path, "x", tiny_ds_path, **fedavg))
 
 
 def test_fl_strategy_options_are_checked_against_flower():
-    from hf_lpft.config import FL_STRATEGIES
-    from hf_lpft.federated.flower import FLOWER_STRATEGIES, build_fl_strategy
+    from hf_lpft.federated.algorithms import ALGORITHMS
+    from hf_lpft.federated.algorithms.flower_adapters import FLOWER_CLASSES
+    from hf_lpft.federated.flower import AlgorithmStrategy, build_fl_strategy
     from hf_lpft.run.flower_engine import check_fl_strategy
 
-    assert tuple(FLOWER_STRATEGIES) == FL_STRATEGIES
+    assert set(FLOWER_CLASSES) <= set(ALGORITHMS) and {"fedavg", "fedprox", "scaffold"} <= set(ALGORITHMS)
     assert check_fl_strategy("fedadam", {"eta": "0.01", "tau": 1}) == {"eta": 0.01, "tau": 1.0}
     with pytest.raises(ConfigError, match=r"unknown option\(s\) \['mu'\] for 'fedprox'; allowed: \['proximal_mu'\]"):
         check_fl_strategy("fedprox", {"mu": 0.1})
@@ -262,10 +272,11 @@ def test_fl_strategy_options_are_checked_against_flower():
         check_fl_strategy("fedavgm", {"server_momentum": "x"})
     with pytest.raises(ConfigError, match=r"'qfedavg' needs option\(s\) \['client_learning_rate'\]"):
         check_fl_strategy("qfedavg", {})
-    for name in FL_STRATEGIES:  # every listed strategy builds (with its defaults where it has them)
+    for name in ALGORITHMS:  # every registered algorithm builds (with its defaults where it has them)
         args = {"client_learning_rate": 0.1} if name == "qfedavg" else None
         strategy = build_fl_strategy(name, args, n_clients=3, client_fraction=1.0, seed=0)
         assert strategy.n_clients == 3 and hasattr(strategy, "aggregate_train")
+        assert isinstance(strategy, AlgorithmStrategy) == (name not in FLOWER_CLASSES)
 
 
 def test_flower_app_config_and_refusals(tmp_path):

@@ -1,4 +1,7 @@
-"""FedAvg (McMahan et al. 2017): example-weighted averaging and the round driver.
+"""The built-in engine's round driver, and FedAvg's (McMahan et al. 2017) example-weighted averaging.
+
+A round runs any registered general-FL algorithm (``hf_lpft.federated.algorithms``; FedAvg by default): its
+local term in each client's training, its client weights and summed uploads, its aggregation.
 
 The maths are the pure functions on state dicts of ``hf_lpft.train.averaging`` (shared with the soups):
 only floating-point tensors are averaged; integer buffers (e.g. BatchNorm's ``num_batches_tracked``) are
@@ -31,8 +34,11 @@ from tqdm.auto import tqdm
 
 from hf_lpft._faults import fault_point
 from hf_lpft.data.tensors import ClientData, to_float
-from hf_lpft.train.averaging import accumulate, average_state_dicts, finish
-from hf_lpft.train.loop import OptimSettings, accuracy, derive_seed, train_phase
+from hf_lpft.federated.algorithms.base import FLState, GeneralFL, WeightedSums
+from hf_lpft.federated.algorithms.fedavg import FedAvg
+from hf_lpft.federated.local import client_update
+from hf_lpft.train.averaging import accumulate, average_state_dicts
+from hf_lpft.train.loop import OptimSettings, accuracy, derive_seed
 from hf_lpft.train.optim import round_lr
 from hf_lpft.train.phase import Phase
 
@@ -139,34 +145,61 @@ def mean_test_accuracy(model: nn.Module, clients: list[ClientData], *, device, b
 
 def fedavg_round(model: nn.Module, global_state: dict, clients: list[ClientData], *, rnd: int, phase: Phase,
                  client_fraction: float, settings: OptimSettings, accelerator: Accelerator, seed: int,
-                 client_bn: dict[str, dict] | None = None) -> dict:
-    """One FedAvg round from ``global_state``; returns the new global state.
+                 client_bn: dict[str, dict] | None = None, algorithm: GeneralFL | None = None,
+                 fl_state: FLState | None = None) -> dict:
+    """One round of the general-FL ``algorithm`` (default FedAvg) from ``global_state``; returns the new global state.
 
     Client sampling and local seeds derive from (seed, round, client), so a round can be re-run (or
     resumed) on its own and gives the same result. With ``client_bn`` (FedBN) each sampled client starts
     from the global weights plus its own BatchNorm tensors from its last round, and its BatchNorm tensors
     after training are stored back into ``client_bn`` (in place). The returned state's BatchNorm tensors
     are then the average of the clients' local ones: the fallback for a client that never trained.
+    ``fl_state`` (the algorithm's server and client state, e.g. SCAFFOLD's control variates) is updated in place.
     With several processes each trains its share of the sampled clients (module docstring).
     """
+    algorithm = algorithm if algorithm is not None else FedAvg()
+    fl_state = fl_state if fl_state is not None else FLState()
     keys = bn_keys(model) if client_bn is not None else []
     rng = np.random.default_rng(derive_seed(seed, "fedavg-sampling", rnd))
-    acc, total = None, 0.0
-    mine = my_share(sample_clients(len(clients), client_fraction, rng), accelerator)
+    acc, total, uploads = None, 0.0, None
+    sampled = sample_clients(len(clients), client_fraction, rng)
+    mine = my_share(sampled, accelerator)
     for i in mine:
-        with_client_bn(model, global_state, client_bn, clients[i].client_id)  # one model in memory, reset
-        train_phase(model, phase, clients[i], settings=settings, accelerator=accelerator,
-                    seed=derive_seed(seed, "fedavg", rnd, clients[i].client_id))
-        state = model.state_dict()
+        cid = clients[i].client_id
+        with_client_bn(model, global_state, client_bn, cid)  # one model in memory, reset
+        update = client_update(algorithm, model, clients[i], phase=phase, settings=settings, accelerator=accelerator,
+                               seed=derive_seed(seed, "fedavg", rnd, cid), server_state=fl_state.server,
+                               client_state=fl_state.clients.get(cid, {}))
+        state = update.state
         if client_bn is not None:
-            client_bn[clients[i].client_id] = {k: state[k].detach().clone() for k in keys}
-        acc = accumulate(acc, state, float(clients[i].n_train))
-        total += clients[i].n_train
+            client_bn[cid] = {k: state[k].detach().clone() for k in keys}
+        if update.client_state is not None:
+            fl_state.clients[cid] = update.client_state
+        weight = algorithm.client_weight(clients[i].n_train)
+        acc, total = accumulate(acc, state, weight), total + weight
+        if update.upload:
+            uploads = accumulate(uploads, update.upload, 1.0)
         fault_point("fedavg_client")  # test hook (hf_lpft._faults); a no-op in real runs
     acc, total = all_reduce_sums(acc, total, global_state, accelerator)
+    uploads = reduce_uploads(uploads, algorithm.upload_template(model), accelerator)
+    trained = [clients[i].client_id for i in mine]
     if client_bn is not None:
-        share_client_bn(client_bn, [clients[i].client_id for i in mine], accelerator)
-    return finish(acc, total, global_state)
+        share_client_bn(client_bn, trained, accelerator)
+    if algorithm.stateful:
+        share_client_bn(fl_state.clients, trained, accelerator)  # every process holds every client's state
+    new_state, fl_state.server = algorithm.aggregate(global_state, WeightedSums(acc, total), uploads, fl_state.server,
+                                                     n_sampled=len(sampled), n_clients=len(clients))
+    return new_state
+
+
+def reduce_uploads(uploads: dict | None, template: dict, accelerator: Accelerator) -> dict:
+    """The round's clients' uploads summed over every process (a process without clients adds ``template``'s
+    zeros); {} when the algorithm uploads nothing."""
+    if accelerator.num_processes == 1 or not template:
+        return uploads or {}
+    here = {k: v.to(accelerator.device) for k, v in (uploads or template).items()}
+    return all_reduce_sums(here if uploads else None, 0.0, {k: v.to(accelerator.device) for k, v in template.items()},
+                           accelerator)[0]
 
 
 RoundCallback = Callable[[int, dict, list], None]
@@ -190,8 +223,10 @@ def run_fedavg(model: nn.Module, clients: list[ClientData], *, rounds: int, loca
                client_fraction: float, settings: OptimSettings, accelerator: Accelerator, seed: int,
                eval_every: int = 1, start_round: int = 0, history: list[dict] | None = None,
                on_round_end: RoundCallback | None = None,
-               client_bn: dict[str, dict] | None = None) -> tuple[nn.Module, list[dict]]:
-    """Train ``model`` in place with FedAvg; return it and one history row per round.
+               client_bn: dict[str, dict] | None = None, algorithm: GeneralFL | None = None,
+               fl_state: FLState | None = None) -> tuple[nn.Module, list[dict]]:
+    """Train ``model`` in place with the general-FL ``algorithm`` (default FedAvg; ``fedavg.fl_strategy``);
+    return it and one history row per round.
 
     Args:
         eval_every: Evaluate the global model (mean test accuracy over clients, ``global_test_acc``) after
@@ -201,6 +236,8 @@ def run_fedavg(model: nn.Module, clients: list[ClientData], *, rounds: int, loca
         on_round_end: Called as ``(round, global_state, history)`` after every round (e.g. a checkpoint).
         client_bn: FedBN (``fedavg.bn: local``): client id -> that client's BatchNorm tensors, updated in
             place every round (pass the saved one to resume); None = BatchNorm averaged like the rest.
+        fl_state: The algorithm's server and client state, updated in place every round (pass the saved one
+            to resume; ``hf_lpft.federated.algorithms.base``).
     """
     local = dataclasses.replace(settings, schedule="constant")  # a schedule anneals over rounds (round_lr), not within
     clients = with_float_inputs(clients)
@@ -211,7 +248,8 @@ def run_fedavg(model: nn.Module, clients: list[ClientData], *, rounds: int, loca
     for rnd in bar:
         phase = Phase("fedavg_local", "all", local_epochs, round_lr(lr, settings, rnd=rnd, rounds=rounds), bn="train")
         global_state = fedavg_round(model, global_state, clients, rnd=rnd, phase=phase, client_fraction=client_fraction,
-                                    settings=local, accelerator=accelerator, seed=seed, client_bn=client_bn)
+                                    settings=local, accelerator=accelerator, seed=seed, client_bn=client_bn,
+                                    algorithm=algorithm, fl_state=fl_state)
         model.load_state_dict(global_state)
         row = {"round": rnd + 1}
         if eval_every and ((rnd + 1) % eval_every == 0 or rnd + 1 == rounds):

@@ -8,21 +8,27 @@ same personalization step of the pipeline.
 The apps reuse hf_lpft's pieces, so both engines train the same thing:
 
 * ClientApp ``train``: the client with ``partition-id`` i (node config) loads the global arrays, trains one
-  ``fedavg_local`` phase with the seed ``derive_seed(seed, "fedavg", round, client_id)``, and replies its
-  weights with ``num-examples`` = its train size. ``evaluate``: accuracy of the global model on its test split.
-* ServerApp: :class:`ExampleWeightedFedAvg`, Flower's FedAvg with hf_lpft's sampling (``sample_clients``
-  seeded by (seed, round), mapped to nodes through a QUERY for each node's partition id) and aggregation
-  (float64 example-weighted sums in client order, integer buffers from the first sampled client), and an
+  ``fedavg_local`` phase (with the algorithm's local term) with the seed ``derive_seed(seed, "fedavg", round,
+  client_id)``, and replies its weights with ``num-examples`` = its train size. ``evaluate``: accuracy of the
+  global model on its test split.
+* ServerApp: :class:`AlgorithmStrategy` (FedAvg by default), Flower's FedAvg with hf_lpft's sampling
+  (``sample_clients`` seeded by (seed, round), mapped to nodes through a QUERY for each node's partition id)
+  and aggregation (float64 example-weighted sums in client order, integer buffers from the first sampled
+  client), and an
   unweighted mean over clients of their test accuracy as the round's ``global_test_acc``.
 
 Hence, given the same config and seed, the Flower global model equals the built-in engine's (same local
 seeds, same sampling, same summation order; tested). FedBN (``fedavg.bn: local``) is built-in only.
 
-Other general-FL methods (``fedavg.fl_strategy``): Flower's own strategies (FedProx, FedAdam, FedAvgM, ...,
-:data:`FLOWER_STRATEGIES`) with their options (``fedavg.fl_strategy_args``, checked against the class's
-signature), driven through :class:`SeededNodes` so sampling and node mapping stay hf_lpft's; their
-aggregation is Flower's. The paper presents post-hoc PFT as plug-and-play after any general FL method
-(arXiv 2511.12695, Sec. 3); the Flower App (``hf_lpft.flower_app``) runs PFT after any of them.
+General-FL algorithms (``fedavg.fl_strategy``, ``hf_lpft.federated.algorithms``): a registered algorithm
+(FedAvg, FedProx, SCAFFOLD, ...) runs as :class:`AlgorithmStrategy`: TRAIN messages carry its name and options
+(``fl-algorithm``), its server state (``server-state``) and the client's own state (``client-state``), replies
+the client's ``upload`` and new ``client-state``; the ClientApp runs the same ``client_update`` as the built-in
+engine and the server the same sums and ``aggregate``, so both engines give the same global model. Flower's
+own strategies (FedAdam, FedAvgM, Krum, ...) are adapters with their options (``fedavg.fl_strategy_args``,
+checked against the class's signature), driven through :class:`SeededNodes` so sampling and node mapping stay
+hf_lpft's; their aggregation is Flower's. The paper presents post-hoc PFT as plug-and-play after any general FL
+method (arXiv 2511.12695, Sec. 3); the Flower App (``hf_lpft.flower_app``) runs PFT after any of them.
 """
 
 from __future__ import annotations
@@ -46,9 +52,13 @@ from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
 from hf_lpft.data.tensors import ClientData
-from hf_lpft.federated.fedavg import accumulate, finish, sample_clients
+from hf_lpft.federated.algorithms import FLState, GeneralFL, WeightedSums, build_algorithm, from_message
+from hf_lpft.federated.algorithms.fedavg import FedAvg as FedAvgAlgorithm
+from hf_lpft.federated.algorithms.flower_adapters import FlowerAdapter
+from hf_lpft.federated.fedavg import accumulate, sample_clients
+from hf_lpft.federated.local import ClientUpdate, client_update
 from hf_lpft.speed import resolve_num_threads
-from hf_lpft.train.loop import accuracy, derive_seed, train_phase
+from hf_lpft.train.loop import accuracy, derive_seed
 from hf_lpft.train.optim import OptimSettings, round_lr
 from hf_lpft.train.phase import Phase
 
@@ -75,32 +85,35 @@ class LocalTraining:
 
 
 def local_update(model: nn.Module, state: dict, client: ClientData, *, training: LocalTraining, rnd: int, seed: int,
-                 accelerator: Accelerator, proximal_mu: float = 0.0) -> tuple[dict, float]:
-    """One client's local training from ``state``, exactly as the built-in engine's FedAvg does it; with
-    ``proximal_mu`` > 0 (FedProx, Li et al. 2020) plus (mu/2)·||w − w_global||² in the loss.
+                 accelerator: Accelerator, algorithm: GeneralFL | None = None, server_state: dict | None = None,
+                 client_state: dict | None = None) -> tuple[ClientUpdate, float]:
+    """One client's local training from ``state`` under the general-FL ``algorithm`` (default FedAvg), exactly
+    as the built-in engine does it (``hf_lpft.federated.local.client_update``).
 
     Returns:
-        The trained state and the mean loss of the last local epoch (NaN if none).
+        The client's update and the mean loss of its last local epoch (NaN if none).
     """
     f = training
     model.load_state_dict(state)
-    extra = None
-    if proximal_mu > 0:
-        # imported here: the strategies package pulls in peft, which a SuperNode's per-message process
-        # running plain FedAvg does not need
-        from hf_lpft.strategies.proximal import proximal_term
-
-        anchor = {n: p.detach().clone() for n, p in model.named_parameters()}  # detached: the term must not move it
-        extra = lambda m: proximal_term({n: p for n, p in m.named_parameters() if p.requires_grad}, anchor,  # noqa: E731
-                                        proximal_mu)
     settings = f.settings
     lr = round_lr(f.lr, settings, rnd=rnd, rounds=f.rounds)  # rnd is 0-based, as in the built-in engine
-    record = train_phase(model, Phase("fedavg_local", "all", f.local_epochs, lr, bn="train"), client,
-                         settings=dataclasses.replace(settings, schedule="constant"),
-                         accelerator=accelerator, seed=derive_seed(seed, "fedavg", rnd, client.client_id),
-                         extra_loss=extra)
-    losses = record.get("epoch_loss") or [float("nan")]
-    return model.state_dict(), float(losses[-1])
+    update = client_update(algorithm if algorithm is not None else FedAvgAlgorithm(), model, client,
+                           phase=Phase("fedavg_local", "all", f.local_epochs, lr, bn="train"),
+                           settings=dataclasses.replace(settings, schedule="constant"), accelerator=accelerator,
+                           seed=derive_seed(seed, "fedavg", rnd, client.client_id), server_state=server_state or {},
+                           client_state=client_state or {})
+    losses = update.record.get("epoch_loss") or [float("nan")]
+    return update, float(losses[-1])
+
+
+def message_algorithm(conf: ConfigRecord) -> GeneralFL:
+    """The general-FL algorithm a TRAIN message asks for: ``fl-algorithm`` (name and options), else Flower's
+    FedProx key ``proximal-mu``, else FedAvg (Flower's other strategies train clients as FedAvg does)."""
+    if "fl-algorithm" in conf:
+        return from_message(str(conf["fl-algorithm"]))
+    if "proximal-mu" in conf:
+        return build_algorithm("fedprox", {"proximal_mu": float(conf["proximal-mu"])})
+    return FedAvgAlgorithm()
 
 
 def make_client_app(training: LocalTraining, clients: list[ClientData], skeleton: nn.Module, *, seed: int) -> ClientApp:
@@ -142,15 +155,27 @@ def make_client_app(training: LocalTraining, clients: list[ClientData], skeleton
 
 def train_reply(msg: Message, model: nn.Module, client: ClientData, i: int, *, training: LocalTraining, seed: int,
                 accelerator: Accelerator) -> Message:
-    """A TRAIN message answered: local training from the message's arrays (with FedProx's ``proximal-mu``)."""
-    conf = msg.content["config"]
+    """A TRAIN message answered: local training from the message's arrays under the message's algorithm, with
+    its ``server-state`` and the client's own ``client-state`` when it sends them; the reply carries the
+    algorithm's ``upload`` and the client's new ``client-state`` likewise."""
+    content = msg.content
+    conf = content["config"]
     rnd = int(conf["round-offset"]) + int(conf["server-round"]) - 1  # 0-based, as in the built-in engine
-    mu = float(conf["proximal-mu"]) if "proximal-mu" in conf else 0.0
-    state, loss = local_update(model, msg.content["arrays"].to_torch_state_dict(), client, training=training,
-                               rnd=rnd,
-                               seed=seed, accelerator=accelerator, proximal_mu=mu)
+    update, loss = local_update(model, content["arrays"].to_torch_state_dict(), client, training=training, rnd=rnd,
+                                seed=seed, accelerator=accelerator, algorithm=message_algorithm(conf),
+                                server_state=_arrays_or_empty(content, "server-state"),
+                                client_state=_arrays_or_empty(content, "client-state"))
     metrics = MetricRecord({"num-examples": client.n_train, "client-index": i, "train_loss": loss})
-    return Message(RecordDict({"arrays": to_arrays(state), "metrics": metrics}), reply_to=msg)
+    reply = RecordDict({"arrays": to_arrays(update.state), "metrics": metrics})
+    if update.upload:
+        reply["upload"] = to_arrays(update.upload)
+    if update.client_state is not None:
+        reply["client-state"] = to_arrays(update.client_state)
+    return Message(reply, reply_to=msg)
+
+
+def _arrays_or_empty(content: RecordDict, key: str) -> dict:
+    return content[key].to_torch_state_dict() if key in content else {}
 
 
 def evaluate_reply(msg: Message, model: nn.Module, client: ClientData, i: int, *, device) -> Message:
@@ -248,60 +273,93 @@ def _valid_messages(replies, what: str) -> list[Message]:
     return replies
 
 
-class ExampleWeightedFedAvg(SeededNodes, FedAvg):
-    """Flower's FedAvg with hf_lpft's client sampling, aggregation and evaluation (module docstring)."""
+class AlgorithmStrategy(SeededNodes, FedAvg):
+    """A registered general-FL algorithm (``hf_lpft.federated.algorithms``) as a Flower strategy: hf_lpft's
+    client sampling and evaluation (module docstring); TRAIN messages name the algorithm and carry its server
+    state and each client's own state; aggregation is the built-in engine's arithmetic (weighted float64 sums
+    and summed uploads in client order, then the algorithm's ``aggregate``), so both engines agree."""
 
     def __init__(self, *, n_clients: int, client_fraction: float, seed: int, round_offset: int = 0,
-                 rounds: int | None = None, eval_every: int = 1):
+                 rounds: int | None = None, eval_every: int = 1, algorithm: GeneralFL | None = None,
+                 fl_state: FLState | None = None, client_ids: list[str] | None = None):
         super().__init__(fraction_train=1.0, min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
         self.setup_nodes(n_clients=n_clients, client_fraction=client_fraction, seed=seed, round_offset=round_offset,
                          rounds=rounds, eval_every=eval_every)
+        self.algorithm = algorithm if algorithm is not None else FedAvgAlgorithm()
+        self.fl_state = fl_state if fl_state is not None else FLState()
+        self.client_ids = list(client_ids) if client_ids is not None else [str(i) for i in range(n_clients)]
+        self.global_state: dict = {}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        self.global_state = arrays.to_torch_state_dict()
+        config["fl-algorithm"] = self.algorithm.to_message()
+        index_of = {node: i for i, node in self.node_of.items()}
+        messages = []
+        for m in super().configure_train(server_round, arrays, config, grid):
+            content = RecordDict({"arrays": arrays, "config": config})
+            if self.fl_state.server:
+                content["server-state"] = to_arrays(self.fl_state.server)
+            own = self.fl_state.clients.get(self.client_ids[index_of[m.metadata.dst_node_id]])
+            if own:
+                content["client-state"] = to_arrays(own)
+            messages.append(Message(content, dst_node_id=m.metadata.dst_node_id, message_type=MessageType.TRAIN))
+        return messages
 
     def aggregate_train(self, server_round: int, replies):
         contents = _valid(replies, f"round {self.round_offset + server_round}")
-        acc, total = None, 0.0
+        acc, total, uploads, examples = None, 0.0, None, 0
         for c in contents:  # client order, float64 sums: the built-in engine's arithmetic
-            n = float(c["metrics"]["num-examples"])
-            acc, total = accumulate(acc, c["arrays"].to_torch_state_dict(), n), total + n
-        state = finish(acc, total, contents[0]["arrays"].to_torch_state_dict())
-        return to_arrays(state), MetricRecord({"num-examples": int(total)})
+            n = int(c["metrics"]["num-examples"])
+            weight = self.algorithm.client_weight(n)
+            acc, total, examples = accumulate(acc, c["arrays"].to_torch_state_dict(), weight), total + weight, \
+                examples + n
+            if "upload" in c:
+                uploads = accumulate(uploads, c["upload"].to_torch_state_dict(), 1.0)
+            if "client-state" in c:
+                cid = self.client_ids[int(c["metrics"]["client-index"])]
+                self.fl_state.clients[cid] = c["client-state"].to_torch_state_dict()
+        global_state = self.global_state or contents[0]["arrays"].to_torch_state_dict()
+        state, self.fl_state.server = self.algorithm.aggregate(
+            global_state, WeightedSums(acc, total), uploads or {}, self.fl_state.server, n_sampled=len(contents),
+            n_clients=self.n_clients)
+        return to_arrays(state), MetricRecord({"num-examples": examples})
 
 
-# fedavg.fl_strategy -> Flower class name (hf_lpft.config.FL_STRATEGIES lists the same names)
-FLOWER_STRATEGIES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedadam": "FedAdam", "fedadagrad": "FedAdagrad",
-                     "fedyogi": "FedYogi", "fedavgm": "FedAvgM", "fedmedian": "FedMedian",
-                     "fedtrimmedavg": "FedTrimmedAvg", "krum": "Krum", "multikrum": "MultiKrum", "bulyan": "Bulyan",
-                     "qfedavg": "QFedAvg"}
+class ExampleWeightedFedAvg(AlgorithmStrategy):
+    """hf_lpft's FedAvg on Flower: :class:`AlgorithmStrategy` with FedAvg (equal to the built-in engine)."""
+
+
 # constructor arguments hf_lpft sets itself: sampling is SeededNodes', the message layout is the ClientApp's
 MANAGED_ARGS = frozenset({"fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes",
                           "min_available_nodes", "weighted_by_key", "arrayrecord_key", "configrecord_key",
                           "train_metrics_aggr_fn", "evaluate_metrics_aggr_fn", "train_loss_key"})
 
 
-def strategy_options(name: str) -> dict[str, tuple[type, object]]:
-    """The options of Flower strategy ``name`` a user may set: option -> (type, default)."""
-    if name == "fedavg":
-        return {}  # hf_lpft's FedAvg (equal to the built-in engine) has no options beyond fedavg.*
-    cls = getattr(flwr_strategies, FLOWER_STRATEGIES[name])
+def strategy_options(class_name: str) -> dict[str, tuple[type, object]]:
+    """The options of the Flower strategy class ``class_name`` a user may set: option -> (type, default)."""
+    cls = getattr(flwr_strategies, class_name)
     hints = typing.get_type_hints(cls.__init__)
     return {k: (hints.get(k, object), p.default) for k, p in inspect.signature(cls.__init__).parameters.items()
             if k != "self" and k not in MANAGED_ARGS and p.kind is not p.VAR_KEYWORD}
 
 
 def build_fl_strategy(name: str, options: dict | None, *, n_clients: int, client_fraction: float, seed: int,
-                      round_offset: int = 0, rounds: int | None = None, eval_every: int = 1) -> SeededNodes:
-    """The general-FL strategy ``name`` (``fedavg.fl_strategy``) with its ``options``, validated by the caller
-    (``hf_lpft.run.flower_engine.check_fl_strategy``: values coerced to the types :func:`strategy_options` names)."""
-    options = dict(options or {})
-    if name == "fedavg":
-        return ExampleWeightedFedAvg(n_clients=n_clients, client_fraction=client_fraction, seed=seed,
-                                     round_offset=round_offset, rounds=rounds, eval_every=eval_every)
-    base = getattr(flwr_strategies, FLOWER_STRATEGIES[name])
+                      round_offset: int = 0, rounds: int | None = None, eval_every: int = 1,
+                      fl_state: FLState | None = None, client_ids: list[str] | None = None) -> SeededNodes:
+    """The general-FL algorithm ``name`` (``fedavg.fl_strategy``) with its ``options`` (validated here by the
+    registry, ``hf_lpft.federated.algorithms``) as a Flower strategy: a registered algorithm as
+    :class:`AlgorithmStrategy` (its state in ``fl_state``, clients named by ``client_ids``), a Flower
+    adapter as Flower's class driven through :class:`SeededNodes`."""
+    algorithm = build_algorithm(name, options, engine="flower")
+    nodes = {"n_clients": n_clients, "client_fraction": client_fraction, "seed": seed, "round_offset": round_offset,
+             "rounds": rounds, "eval_every": eval_every}
+    if not isinstance(algorithm, FlowerAdapter):
+        return AlgorithmStrategy(**nodes, algorithm=algorithm, fl_state=fl_state, client_ids=client_ids)
+    base = getattr(flwr_strategies, algorithm.flower_class)
     cls = type(f"Seeded{base.__name__}", (SeededNodes, base), {})
     strategy = cls(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=1,
-                   min_available_nodes=1, **options)
-    strategy.setup_nodes(n_clients=n_clients, client_fraction=client_fraction, seed=seed, round_offset=round_offset,
-                         rounds=rounds, eval_every=eval_every)
+                   min_available_nodes=1, **algorithm.config)
+    strategy.setup_nodes(**nodes)
     return strategy
 
 
@@ -344,7 +402,8 @@ def make_server_app(initial_state: dict, *, n_clients: int, rounds: int, client_
                     start_round: int = 0, history: list[dict] | None = None,
                     on_round_end: RoundCallback | None = None, result: dict | None = None,
                     timeout: float = 3600.0, fl_strategy: str = "fedavg",
-                    fl_strategy_options: dict | None = None, eval_every: int = 1) -> ServerApp:
+                    fl_strategy_options: dict | None = None, eval_every: int = 1, fl_state: FLState | None = None,
+                    client_ids: list[str] | None = None) -> ServerApp:
     """A ServerApp running ``rounds - start_round`` rounds of ``fl_strategy`` (default FedAvg) from ``initial_state``.
 
     ``on_round_end(round, state, history)`` runs after every round (e.g. the run's checkpoint, so an
@@ -357,7 +416,7 @@ def make_server_app(initial_state: dict, *, n_clients: int, rounds: int, client_
     def main(grid: Grid, context: Context) -> None:
         strategy = build_fl_strategy(fl_strategy, fl_strategy_options, n_clients=n_clients,
                                      client_fraction=client_fraction, seed=seed, round_offset=start_round,
-                                     rounds=rounds, eval_every=eval_every)
+                                     rounds=rounds, eval_every=eval_every, fl_state=fl_state, client_ids=client_ids)
         strategy.map_nodes(grid, timeout)
         result["state"], result["history"] = run_rounds(grid, strategy, initial_state, rounds=rounds,
                                                         start_round=start_round, history=history,
@@ -370,15 +429,17 @@ def run_flower_fedavg(model: nn.Module, clients: list[ClientData], *, rounds: in
                       client_fraction: float, settings: OptimSettings, seed: int, eval_every: int = 1,
                       fl_strategy: str = "fedavg", fl_strategy_options: dict | None = None,
                       num_threads: int | None = None, start_round: int = 0, history: list[dict] | None = None,
-                      on_round_end: RoundCallback | None = None,
-                      backend_config: dict | None = None) -> tuple[nn.Module, list[dict]]:
-    """FedAvg on Flower's local simulation (one virtual node per client); ``model`` ends with the global weights.
+                      on_round_end: RoundCallback | None = None, backend_config: dict | None = None,
+                      fl_state: FLState | None = None) -> tuple[nn.Module, list[dict]]:
+    """General FL (default FedAvg) on Flower's local simulation (one virtual node per client); ``model`` ends
+    with the global weights.
 
     Args:
         model: The initial global model (the start round's weights when resuming); trained in place.
         rounds, local_epochs, lr, client_fraction, settings, eval_every: as the built-in ``run_fedavg``.
-        fl_strategy, fl_strategy_options: the general-FL method and its validated options
-            (``hf_lpft.run.flower_engine.check_fl_strategy``).
+        fl_strategy, fl_strategy_options: the general-FL algorithm and its options (``fedavg.fl_strategy_args``).
+        fl_state: a stateful algorithm's server and client state (e.g. SCAFFOLD's control variates), updated
+            in place every round (pass the saved one to resume).
         num_threads: torch threads of each virtual client (``run.num_threads``; None = the measured default).
         backend_config: Flower's simulation backend settings; default one CPU per client, no GPU
             (e.g. ``{"client_resources": {"num_cpus": 1, "num_gpus": 0.25}}`` shares a GPU by four).
@@ -395,7 +456,8 @@ def run_flower_fedavg(model: nn.Module, clients: list[ClientData], *, rounds: in
     server = make_server_app({k: v.detach().cpu() for k, v in model.state_dict().items()}, n_clients=len(clients),
                              rounds=rounds, client_fraction=client_fraction, seed=seed,
                              start_round=start_round, history=history, on_round_end=on_round_end, result=result,
-                             fl_strategy=fl_strategy, fl_strategy_options=fl_strategy_options, eval_every=eval_every)
+                             fl_strategy=fl_strategy, fl_strategy_options=fl_strategy_options, eval_every=eval_every,
+                             fl_state=fl_state, client_ids=[c.client_id for c in clients])
     training = LocalTraining(rounds, local_epochs, lr, settings, num_threads)
     client = make_client_app(training, clients, model, seed=seed)
     run_simulation(server_app=server, client_app=client, num_supernodes=len(clients),

@@ -3,7 +3,8 @@
 Stages (arXiv 2511.12695, Sec. 3: general FL, then post-hoc PFT on every client, then Local/Global):
 
 1. QUERY: every node loads its own data and says who it is (client index and id, counts, classes).
-2. General FL: ``fedavg.fl_strategy`` (hf_lpft's FedAvg by default, or a Flower strategy) for
+2. General FL: ``fedavg.fl_strategy`` (hf_lpft's FedAvg by default, a registered algorithm such as
+   FedProx or SCAFFOLD, or a Flower strategy) for
    ``fedavg.rounds`` rounds from the seeded initial model; round checkpoints as the built-in engine writes them.
 3. TRAIN ``pft``: every node personalizes θ_G with every strategy on its own data (the pipeline's
    ``personalize_unit``) and replies its records and exported model folders.
@@ -37,6 +38,7 @@ from hf_lpft.data.preprocess import preprocessing_for
 from hf_lpft.evaluation.clients import NO_DISTORTION, SELF_DISTORTION, result_row, write_cross_client, write_results
 from hf_lpft.evaluation.metrics import local_global
 from hf_lpft.evaluation.report import write_report
+from hf_lpft.federated.algorithms import FLState, build_algorithm
 from hf_lpft.federated.flower import SeededNodes, _valid, build_fl_strategy, run_rounds, to_arrays
 from hf_lpft.hub.push import publish_run
 from hf_lpft.io import atomic_path, meta_info, write_json, write_text
@@ -144,14 +146,17 @@ def general_fl(grid: Grid, cfg: ExperimentConfig, node_of: dict, clients: list, 
     if saved is not None:
         model.load_state_dict(saved[0])
     options = check_fl_strategy(cfg.fedavg.fl_strategy, cfg.fedavg.fl_strategy_args)
+    stateful = build_algorithm(cfg.fedavg.fl_strategy, options, engine="flower").stateful
+    fl_state = ((ckpt.load_fl_state(seed) if saved else None) or FLState()) if stateful else None
     strategy = build_fl_strategy(cfg.fedavg.fl_strategy, options, n_clients=len(clients),
                                  client_fraction=cfg.fedavg.client_fraction, seed=seed,
                                  round_offset=len(saved[1]) if saved else 0, rounds=cfg.fedavg.rounds,
-                                 eval_every=cfg.fedavg.eval_every)
+                                 eval_every=cfg.fedavg.eval_every, fl_state=fl_state,
+                                 client_ids=[c.client_id for c in clients])
     strategy.node_of = dict(node_of)
 
     def round_end(rnd: int, s: dict, h: list[dict]) -> None:
-        ckpt.save_round(seed, s, h)
+        ckpt.save_round(seed, s, h, fl_state=fl_state)
         acc = h[-1].get("global_test_acc")
         log(INFO, "general FL round %d/%d done (seed %d)%s", rnd, cfg.fedavg.rounds, seed,
             "" if acc is None else f": global model's test accuracy {100 * acc:.2f}% (mean over clients)")

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 
-from hf_lpft.config import ConfigError, ExperimentConfig, _coerce
-from hf_lpft.federated.flower import FLOWER_STRATEGIES, LocalTraining, strategy_options
+from hf_lpft.config import ExperimentConfig
+from hf_lpft.federated.algorithms import build_algorithm
+from hf_lpft.federated.flower import LocalTraining
+from hf_lpft.run.general_fl import describe_general_fl
 from hf_lpft.train.optim import settings_from
 
 
@@ -17,38 +19,16 @@ def local_training(cfg: ExperimentConfig) -> LocalTraining:
 
 
 def check_fl_strategy(name: str, args: dict | None) -> dict:
-    """Validated options of ``fedavg.fl_strategy`` (coerced to the declared types).
+    """Validated options of ``fedavg.fl_strategy`` on the Flower engine (coerced to the declared types).
 
     Raises:
-        ConfigError: unknown strategy, unknown or missing option (the error lists the allowed ones) or a bad value.
+        ConfigError: unknown algorithm, one that does not run on Flower, unknown or missing option (the error
+            lists the allowed ones) or a bad value.
     """
-    if name not in FLOWER_STRATEGIES:
-        raise ConfigError(f"fedavg.fl_strategy={name!r} is not allowed; choose one of {list(FLOWER_STRATEGIES)}")
-    options, args = strategy_options(name), dict(args or {})
-    unknown = sorted(set(args) - set(options))
-    if unknown:
-        raise ConfigError(f"fedavg.fl_strategy_args: unknown option(s) {unknown} for {name!r}; allowed: "
-                          f"{sorted(options) or 'none (fedavg is configured by fedavg.*)'}")
-    missing = sorted(k for k, (_, default) in options.items() if default is inspect.Parameter.empty and k not in args)
-    if missing:
-        raise ConfigError(f"fedavg.fl_strategy_args: {name!r} needs option(s) {missing}")
-    out = {}
-    for k, v in args.items():
-        hint = options[k][0]
-        out[k] = _coerce(f"fedavg.fl_strategy_args.{k}", v, hint) if hint in (int, float, bool, str) else v
-        if hint in (int, float, bool, str) and not isinstance(out[k], hint):
-            raise ConfigError(f"fedavg.fl_strategy_args.{k}={v!r} must be a {hint.__name__}")
-    return out
-
-
+    config = build_algorithm(name, args, engine="flower").config
+    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
 
 
 def describe_fl_strategy(cfg: ExperimentConfig) -> dict:
     """The general-FL method of a run, for the run record and the cards."""
-    f = cfg.fedavg
-    options = check_fl_strategy(f.fl_strategy, f.fl_strategy_args)
-    source = "hf_lpft FedAvg (float64 example-weighted, equal to the built-in engine)" if f.fl_strategy == "fedavg" \
-        else f"flwr.serverapp.strategy.{FLOWER_STRATEGIES[f.fl_strategy]}"
-    return {"name": f.fl_strategy, "implementation": source,
-            "options": {k: (d if k not in options else options[k]) for k, (_, d) in
-                        strategy_options(f.fl_strategy).items() if isinstance(d, (int, float, bool, str))}}
+    return describe_general_fl(cfg)

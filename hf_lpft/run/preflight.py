@@ -183,8 +183,9 @@ def check_strategies(cfg: ExperimentConfig, strategies: dict[str, Strategy]) -> 
 
 
 def check_launch(cfg: ExperimentConfig) -> None:
-    """The tracker of ``run.report_to`` is installed; Flower is installed, runs in one process and knows its
-    ``fedavg.fl_strategy`` options; a given global model is not combined with FedBN; fp16 has a GPU."""
+    """The tracker of ``run.report_to`` is installed; Flower is installed and runs in one process;
+    ``fedavg.fl_strategy`` is a registered algorithm that runs on ``fedavg.engine`` with valid options; a given
+    global model is not combined with FedBN; fp16 has a GPU."""
     check_precision_before_launch(cfg)
     if cfg.model.global_model is not None and cfg.fedavg.bn == "local":
         raise ConfigError(f"model.global_model={cfg.model.global_model!r} has no per-client BatchNorm; "
@@ -203,10 +204,10 @@ def check_launch(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"fedavg.engine='flower' runs in one process (Flower's simulation runs the clients in "
                               f"parallel itself), not {n}; launch without accelerate/torchrun or choose "
                               "fedavg.engine builtin")
-        if cfg.model.global_model is None:
-            from hf_lpft.run.flower_engine import check_fl_strategy
+    if cfg.model.global_model is None:  # the general-FL algorithm, its engine and options (the registry's check)
+        from hf_lpft.run.general_fl import algorithm_of
 
-            check_fl_strategy(cfg.fedavg.fl_strategy, cfg.fedavg.fl_strategy_args)
+        algorithm_of(cfg)
 
 
 def check_precision_before_launch(cfg: ExperimentConfig) -> None:

@@ -34,10 +34,12 @@ from hf_lpft.checkpoint import Checkpoints
 from hf_lpft.config import ConfigError, ExperimentConfig
 from hf_lpft.data.preprocess import preprocessing_for
 from hf_lpft.data.tensors import ClientData, TextInputs
+from hf_lpft.federated.algorithms import FLState
 from hf_lpft.federated.fedavg import run_fedavg
 from hf_lpft.io import write_json
 from hf_lpft.layout import RunLayout, save_model
 from hf_lpft.models.backbone import SplitModel, build_model
+from hf_lpft.run.general_fl import algorithm_of
 from hf_lpft.run.given_model import load_global_model
 from hf_lpft.run.tracking import log_scalars
 from hf_lpft.speed import use_memory_format
@@ -237,48 +239,52 @@ def pretrain(cfg: ExperimentConfig, clients: list[ClientData], num_classes: int,
         model.load_state_dict(saved[0])
     settings = settings_from(f)
     client_bn = ((ckpt.load_client_bn(seed) if saved else None) or {}) if f.bn == "local" else None
+    algorithm = algorithm_of(cfg)  # fedavg.fl_strategy (hf_lpft.federated.algorithms)
+    fl_state = ((ckpt.load_fl_state(seed) if saved else None) or FLState()) if algorithm.stateful else None
 
     def round_end(rnd: int, state: dict, hist: list) -> None:
         if accelerator.is_main_process:  # one writer when several processes run
-            ckpt.save_round(seed, state, hist, client_bn=client_bn)
+            ckpt.save_round(seed, state, hist, client_bn=client_bn, fl_state=fl_state)
         log_scalars(accelerator, {f"seed_{seed}/fedavg/{k}": v for k, v in hist[-1].items() if k != "round"}, step=rnd)
     if f.engine == "flower":
         model, history = flower_pretrain(cfg, model, clients, seed=seed, saved=saved, accelerator=accelerator,
-                                         on_round_end=round_end)
+                                         on_round_end=round_end, fl_state=fl_state)
     else:
         model, history = run_fedavg(model, clients, rounds=f.rounds, local_epochs=f.local_epochs, lr=f.lr,
                                     client_fraction=f.client_fraction, settings=settings, accelerator=accelerator,
                                     seed=seed, eval_every=f.eval_every, start_round=len(saved[1]) if saved else 0,
                                     history=saved[1] if saved else None, client_bn=client_bn,
-                                    on_round_end=round_end)
+                                    on_round_end=round_end, algorithm=algorithm, fl_state=fl_state)
     if accelerator.is_main_process:
         save_model(model, done)
         if f.rounds == 0:
-            ckpt.save_round(seed, model.state_dict(), [], client_bn=client_bn)
+            ckpt.save_round(seed, model.state_dict(), [], client_bn=client_bn, fl_state=fl_state)
     accelerator.wait_for_everyone()  # global/ and the FedBN checkpoint are complete before any process reads them
     return model, history
 
 
 def flower_pretrain(cfg: ExperimentConfig, model: SplitModel, clients: list[ClientData], *, seed: int,
-                    saved: tuple | None, accelerator: Accelerator, on_round_end) -> tuple[SplitModel, list[dict]]:
-    """FedAvg on Flower's local simulation (``fedavg.engine: flower``), resumable from a round checkpoint."""
+                    saved: tuple | None, accelerator: Accelerator, on_round_end,
+                    fl_state: FLState | None = None) -> tuple[SplitModel, list[dict]]:
+    """General FL on Flower's local simulation (``fedavg.engine: flower``), resumable from a round checkpoint
+    (with a stateful algorithm's ``fl_state``, updated in place)."""
     if accelerator.num_processes > 1:
         raise ConfigError(f"fedavg.engine='flower' runs in one process (Flower's simulation runs the clients in "
                           f"parallel itself), not {accelerator.num_processes}; launch without accelerate/torchrun "
                           "or choose fedavg.engine builtin")
     try:
         from hf_lpft.federated.flower import run_flower_fedavg
-        from hf_lpft.run.flower_engine import check_fl_strategy
     except ImportError as err:
         raise ConfigError(f"fedavg.engine='flower' needs Flower ({err}); pip install 'hf-lpft[flower]' or choose "
                           "fedavg.engine builtin") from err
     f = cfg.fedavg
-    options = check_fl_strategy(f.fl_strategy, f.fl_strategy_args)  # a ConfigError now, not in the server
+    algorithm_of(cfg)  # a ConfigError now, not in the server
     model, history = run_flower_fedavg(model, clients, rounds=f.rounds, local_epochs=f.local_epochs, lr=f.lr,
                                        client_fraction=f.client_fraction, settings=settings_from(f), seed=seed,
                                        eval_every=f.eval_every, fl_strategy=f.fl_strategy,
-                                       fl_strategy_options=options, num_threads=cfg.run.num_threads,
+                                       fl_strategy_options=f.fl_strategy_args, num_threads=cfg.run.num_threads,
                                        start_round=len(saved[1]) if saved else 0,
-                                       history=saved[1] if saved else None, on_round_end=on_round_end)
+                                       history=saved[1] if saved else None, on_round_end=on_round_end,
+                                       fl_state=fl_state)
     return model.to(accelerator.device), history
 
