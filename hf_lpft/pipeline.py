@@ -192,10 +192,12 @@ def run(cfg: ExperimentConfig, *, accelerator: Accelerator | None = None) -> Run
     if not accelerator.is_main_process:  # every process holds all records; the main process writes them
         results = pd.DataFrame([r["row"] for r in records])
         summary = summary_table(results[results.error.isna()])
+        accelerator.wait_for_everyone()  # return only once the outputs exist: a caller may read them next
         return RunResult(out, results, summary, format_markdown(summary))
     result = write_outputs(cfg, strategies, fed, records, layout=layout, timings=timings, t0=t0,
                            accelerator=accelerator)
     if own_trackers:
         finish_trackers(accelerator)
     publish_run(cfg, out)  # <out>/hub: the Hub-ready folders, pushed when cfg.hub.push_to_hub
+    accelerator.wait_for_everyone()
     return result
