@@ -122,7 +122,7 @@ def collect_blocks(blocks: list[Block], *, allow_missing: bool = False) -> list[
             raise ValueError(f"block {block.name}: seed part(s) {absent} not run yet; run them with --seeds")
         if absent:
             logger.warning("table 2: block %s has results for seeds %s only (of %s)", block.name,
-                           sorted(read.results.seed.unique()), list(block.config.run.seeds))
+                           sorted(int(s) for s in read.results.seed.unique()), list(block.config.run.seeds))
     if missing and not allow_missing:
         raise ValueError(f"blocks not run yet (no results.parquet): {missing}; run them first")
     for name in missing:
@@ -306,7 +306,8 @@ def lpft_vs_ft(found: BlockResults) -> str:
     diff = np.array([matched["lp_ft", s] - matched["ft", s] for s in paired], float)
     m, sd = mean_std(diff)
     at = "-" if np.isnan(m) else f"{100 * m:+.2f} ({100 * sd:.2f})"
-    return (f"LP-FT − FT ({row['seeds']} seeds, points, mean (std)): Local {diff_cell(row, 'local')}, "
+    seeds = f"{row['seeds']} seed{'s' if row['seeds'] != 1 else ''}"
+    return (f"LP-FT − FT ({seeds}, points, mean (std)): Local {diff_cell(row, 'local')}, "
             f"Global {diff_cell(row, 'global')}, Global at matched Local {at}.")
 
 
