@@ -230,7 +230,9 @@ def test_lora_targets_attention_query_and_value(tiny_bert, tmp_path, text_client
     strategy.export(tuned, tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == sorted(targets) and config["modules_to_save"] == ["head"]
-    assert isinstance(PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "adapter"), PeftModel)
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "adapter").eval()
+    x = text_clients[0].test_x
+    assert torch.equal(predict(reloaded, x), predict(tuned.eval(), x))
 
 
 # --- transformers vision backbones -----------------------------------------------------------------------
@@ -307,9 +309,6 @@ def test_pipeline_on_text(text_ds, tiny_bert, tmp_path, text_clients):
     assert set(result.results.strategy) == {"global_model", "ft", "lp_ft", "lora"}
     assert result.results.error.isna().all() and result.results.local_acc.notna().all()
     out = result.output_dir
-    global_model = SplitModel.from_pretrained(out / "global").eval()
-    client = sorted((out / "clients" / "lora").iterdir())[0]
-    assert isinstance(PeftModel.from_pretrained(global_model, client), PeftModel)
     assert SplitModel.from_pretrained(sorted((out / "clients" / "ft").iterdir())[0]).is_text
     # load_personalized gives the same logits from the run folder and from the Hub-ready folder, for every format
     x = text_clients[0].test_x
