@@ -201,7 +201,7 @@ CLASSIFY_TEXT = """
 def test_text_client_tokenizes_from_its_own_folder_offline(tmp_path):
     """FT (full weights) and LoRA (a peft adapter) clients of a tiny BERT whose folder is deleted after the run:
     the tokenizer can only come from the client's own folder."""
-    from test_text import TOPICS, make_text_dataset, save_tiny_bert
+    from conftest import TOPICS, make_text_dataset, save_tiny_bert
 
     backbone = save_tiny_bert(tmp_path / "tiny_bert")
     datasets.DatasetDict({"train": make_text_dataset(192)}).save_to_disk(str(tmp_path / "topics"))
@@ -226,7 +226,7 @@ def test_text_client_tokenizes_from_its_own_folder_offline(tmp_path):
 
 
 def test_a_loaded_text_model_uses_the_tokenizer_saved_beside_it(tmp_path):
-    from test_text import save_tiny_bert
+    from conftest import save_tiny_bert
 
     source = save_tiny_bert(tmp_path / "bert")
     model = build_model(f"hf:{source}", num_classes=4, image_size=32, pretrained=True)
@@ -257,8 +257,8 @@ FROM_HUB = """
 def test_a_text_model_from_a_hub_repo_tokenizes_with_the_repo_files(tmp_path):
     """``SplitModel.from_pretrained("<repo id>")`` (the cards' peft snippet) fetches the tokenizer saved in the repo;
     the backbone's folder is gone."""
+    from conftest import save_tiny_bert
     from hub_server import FakeHub
-    from test_text import save_tiny_bert
 
     source = save_tiny_bert(tmp_path / "bert")
     model = build_model(f"hf:{source}", num_classes=4, image_size=32, pretrained=True)

@@ -47,8 +47,10 @@ def _free_port() -> int:
 
 
 def _start(cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
-    # own session: its pid is also its process group, so stopping it also stops the children it spawns
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    # own session: its pid is also its process group, so stopping it also stops the children it spawns; the
+    # child holds its own copy of the log's descriptor, so ours is closed at once (not left to the garbage collector)
+    with log.open("w") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 def _superlink(bin_dir: Path, port: int, log: Path, env: dict, *, simulation: bool = False) -> subprocess.Popen:
@@ -147,8 +149,9 @@ def test_readme_federation_trial_on_superlink_equals_the_builtin_engine(tmp_path
                         "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONPATH": os.pathsep.join(sys.path),
                         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     log = tmp_path / "trial.log"
-    shell = subprocess.Popen(["bash", "-c", readme_trial()], cwd=ROOT, env=env, stdout=log.open("w"),
-                             stderr=subprocess.STDOUT, start_new_session=True)
+    with log.open("w") as out:
+        shell = subprocess.Popen(["bash", "-c", readme_trial()], cwd=ROOT, env=env, stdout=out,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
         shell.wait(timeout=900)
     finally:

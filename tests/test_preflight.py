@@ -383,8 +383,16 @@ def test_numbers_in_exponent_notation_are_numbers():
     assert cfg.pft.lr == 0.001 and cfg.fedavg.rounds == 10
 
 
-def test_case_count():
-    assert len(CLI_CASES) + len(PY_CASES) + len(HUB_CASES) + len(NETWORK_CASES) + len(PARTITION_CASES) >= 90
+def test_case_tables_name_each_case_once_and_expect_text():
+    """pytest silently suffixes duplicate ids, so a case copied without renaming would run unnoticed under a
+    changed id; a case expecting no text would pass on any error. Every id is unique, every case expects text."""
+    tables = {"CLI": [(f"{c[0]}-{c[1]}", c[3]) for c in CLI_CASES], "PY": [(c[0], [c[2]]) for c in PY_CASES],
+              "HUB": [(c[0], c[3]) for c in HUB_CASES], "NETWORK": [(c[0], c[3]) for c in NETWORK_CASES],
+              "PARTITION": [(c[0], c[2]) for c in PARTITION_CASES]}
+    for table, cases in tables.items():
+        ids = [i for i, _ in cases]
+        assert len(set(ids)) == len(ids), f"{table}: duplicate ids {sorted({i for i in ids if ids.count(i) > 1})}"
+        assert all(expected and all(isinstance(t, str) and t for t in expected) for _, expected in cases), table
 
 
 # -- Python API: the dataclasses check types and finiteness of every field -------------------------------------

@@ -113,6 +113,7 @@ class Runner:
         self.proc.stdin.close()
         self.proc.terminate()  # idle between jobs; its interpreter shutdown would only cost time
         self.proc.wait(timeout=60)
+        self.proc.stdout.close()
 
 
 def study_args(data: str) -> list[str]:

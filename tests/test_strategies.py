@@ -1,5 +1,6 @@
 """The strategy x backbone matrix: exactly the declared parameters change in each phase, the loss falls,
-the exported model reloads and predicts identically."""
+the exported model reloads and predicts identically. The backbones: timm's test ResNet (BatchNorm) and test ViT
+on the toy images, and a tiny BERT (conftest) on the toy sentences."""
 
 import copy
 import dataclasses
@@ -20,11 +21,21 @@ from hf_lpft.train.loop import OptimSettings, predict, train_phase
 
 # Every registered strategy runs with its default options on a budget of 6 epochs.
 MATRIX_BUDGET = Budget(epochs=6, lr=0.05)
+TINY_BERT = "tiny_bert"  # the conftest fixtures tiny_bert (a local hf: folder) and text_clients
+MATRIX_BACKBONES = [*BACKBONES, TINY_BERT]
 
 
-def _global_like(backbone):
+def _clients(backbone, request):
+    """The clients the backbone reads: toy sentences for the tiny BERT, toy images for timm's test models."""
+    return request.getfixturevalue("text_clients" if backbone == TINY_BERT else "tiny_clients")
+
+
+def _global_like(backbone, request=None):
     """A fresh model shaped like a trained global one: timm zero-inits the last BatchNorm weight of each
-    residual block, which a trained model never has and which would block LoRA adapters in that branch."""
+    residual block, which a trained model never has and which would block LoRA adapters in that branch.
+    The tiny BERT is loaded from its saved (pretrained) folder."""
+    if backbone == TINY_BERT:
+        return build_model(request.getfixturevalue("tiny_bert"), num_classes=4, image_size=32, pretrained=True)
     model = build_model(backbone, num_classes=4, image_size=32)
     for m in model.modules():
         if isinstance(m, _BatchNorm) and m.weight is not None:
@@ -37,15 +48,16 @@ def _bn_buffers(model):
             for b, t in m.named_buffers() if b != "num_batches_tracked"}
 
 
-@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("backbone", MATRIX_BACKBONES)
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
-def test_exactly_declared_parameters_change(name, backbone, tiny_clients, accelerator):
+def test_exactly_declared_parameters_change(name, backbone, accelerator, request):
+    clients = _clients(backbone, request)
     strategy = build_strategy(name, budget=MATRIX_BUDGET)
-    model = strategy.prepare(_global_like(backbone))
+    model = strategy.prepare(_global_like(backbone, request))
     for k, phase in enumerate(strategy.phases()):
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         bn_before = _bn_buffers(model)
-        record = run_phase(strategy, model, phase, tiny_clients[0], settings=OptimSettings(batch_size=8),
+        record = run_phase(strategy, model, phase, clients[0], settings=OptimSettings(batch_size=8),
                            accelerator=accelerator, seed=k)
         changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
         declared = trainable_names(model, phase)
@@ -62,6 +74,8 @@ def test_exactly_declared_parameters_change(name, backbone, tiny_clients, accele
             assert all(torch.equal(bn_before[k], bn_after[k]) for k in bn_before)
         elif bn_before:
             assert any(not torch.equal(bn_before[k], bn_after[k]) for k in bn_before)
+        if phase.trainable == "head" and phase.epochs and phase.bn == "frozen":  # every matrix backbone is dropout-free
+            assert record["cached_features"], f"{name}/{phase.name}: probing a frozen backbone should use cached features"
 
 
 def test_lp_trains_head_only_and_ft_everything(tiny_clients):
@@ -103,6 +117,8 @@ def _bn_fitted_to(model, data):
     """Set BatchNorm running statistics to those of ``data`` (as a trained global model's roughly fit its
     clients), so the eval-mode loss measures the weights, not stale statistics of a random init."""
     momenta = {m: m.momentum for m in model.modules() if isinstance(m, _BatchNorm)}
+    if not momenta:  # no BatchNorm (test_vit, BERT): nothing to fit
+        return model.eval()
     for m in momenta:
         m.reset_running_stats()
         m.momentum = None  # cumulative average: exactly this batch's statistics
@@ -113,13 +129,13 @@ def _bn_fitted_to(model, data):
     return model.eval()
 
 
-@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("backbone", MATRIX_BACKBONES)
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
-def test_loss_falls_on_a_fixed_batch(name, backbone, tiny_clients, accelerator):
+def test_loss_falls_on_a_fixed_batch(name, backbone, accelerator, request):
     """The personalized model fits a small fixed batch better than the global model it started from
     (full-batch steps at a small lr: test_vit's loss rises at lr 0.01 with momentum 0.9)."""
-    data = _fixed_batch(tiny_clients[0])
-    global_model = _bn_fitted_to(_global_like(backbone), data)
+    data = _fixed_batch(_clients(backbone, request)[0])
+    global_model = _bn_fitted_to(_global_like(backbone, request), data)
     strategy = build_strategy(name, budget=Budget(epochs=8, lr=0.003))
     if not _trains_weights(strategy):
         pytest.skip(f"{name} trains no weight (it only re-estimates statistics); it does not minimise the loss")
@@ -136,11 +152,11 @@ def load_exported(path, global_model):
     return SplitModel.from_pretrained(path).eval()
 
 
-@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("backbone", MATRIX_BACKBONES)
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
-def test_export_reloads_and_predicts_identically(name, backbone, tiny_clients, accelerator, tmp_path):
-    client = _fixed_batch(tiny_clients[0], n=8)  # one batch an epoch: the test is about the export
-    global_model = _global_like(backbone)
+def test_export_reloads_and_predicts_identically(name, backbone, accelerator, tmp_path, request):
+    client = _fixed_batch(_clients(backbone, request)[0], n=8)  # one batch an epoch: the test is about the export
+    global_model = _global_like(backbone, request)
     strategy = build_strategy(name, budget=MATRIX_BUDGET)
     model, _ = personalize(strategy, global_model, client, settings=OptimSettings(batch_size=8),
                            accelerator=accelerator, seed=0)

@@ -1,13 +1,12 @@
-"""Text end to end on a tiny BERT (built from a BertConfig, tokenizer trained locally): dynamic padding,
-tokenization, the strategy matrix, save / reload, LoRA adapters through peft, the pipeline; plus the
-embedded ``topics`` corpus and transformers vision backbones."""
+"""Text end to end on a tiny BERT (conftest: built from a BertConfig, tokenizer trained locally): dynamic padding,
+tokenization, save / reload, LoRA adapters through peft, the pipeline; plus the embedded ``topics`` corpus and
+transformers vision backbones. The strategy matrix runs the tiny BERT as one of its backbones (test_strategies.py)."""
 
 import copy
 import json
 import shutil
 
 import datasets
-import numpy as np
 import pytest
 import torch
 from peft import PeftModel
@@ -15,85 +14,14 @@ from peft import PeftModel
 import hf_lpft
 from hf_lpft.config import ConfigError, load_config
 from hf_lpft.data.federate import federate
-from hf_lpft.data.load import client_text_tensors, tokenize
+from hf_lpft.data.load import tokenize
 from hf_lpft.data.tensors import TextInputs, collate_text, iterate_batches
-from hf_lpft.layout import save_model
 from hf_lpft.models.backbone import SplitModel, build_model, load_tokenizer, resolve_hf_source
 from hf_lpft.pipeline import run
-from hf_lpft.run.personalize import personalize, run_phase
-from hf_lpft.strategies import STRATEGIES, Budget, build_strategy
+from hf_lpft.run.personalize import personalize
+from hf_lpft.strategies import Budget, build_strategy
 from hf_lpft.strategies.lora import resolve_targets
-from hf_lpft.train.freeze import trainable_names
 from hf_lpft.train.loop import OptimSettings, predict
-
-TOPICS = {  # class -> words; a sentence mixes words of its class with shared filler words
-    "fruit": ["apple", "banana", "cherry", "mango", "pear", "grape"],
-    "sport": ["football", "tennis", "goal", "match", "team", "score"],
-    "weather": ["rain", "sunny", "cloud", "storm", "wind", "snow"],
-    "music": ["guitar", "song", "piano", "melody", "drum", "concert"],
-}
-FILLER = ["the", "a", "is", "very", "today", "i", "like", "my", "we", "see"]
-
-
-def make_text_dataset(n: int = 96, seed: int = 0) -> datasets.Dataset:
-    """Learnable toy sentences of 3-12 words: the topic's words decide the label."""
-    rng = np.random.default_rng(seed)
-    names = list(TOPICS)
-    texts, labels = [], []
-    for i in range(n):
-        k = i % len(names)
-        words = list(rng.choice(TOPICS[names[k]], size=rng.integers(2, 5))) + list(rng.choice(FILLER, size=rng.integers(1, 8)))
-        rng.shuffle(words)
-        texts.append(" ".join(words))
-        labels.append(k)
-    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
-    return datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features)
-
-
-def save_tiny_bert(folder, *, seed: int = 0) -> str:
-    """A 2-layer, 32-wide BERT and a WordPiece tokenizer trained on the toy vocabulary, saved like a Hub model."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
-
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    corpus = [" ".join(w) for w in TOPICS.values()] + [" ".join(FILLER)]
-    tok.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=200, special_tokens=special))
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
-                                                       special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]")
-    torch.manual_seed(seed)
-    # initializer_range 0.2 (BERT: 0.02) gives peaked attention, as in a trained model: with near-uniform
-    # attention the query projections get gradients near float precision and LoRA's query adapters, whose
-    # A matrices only move once B is non-zero, would not visibly change in a few steps.
-    config = BertConfig(vocab_size=fast.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0, initializer_range=0.2)
-    BertModel(config).save_pretrained(str(folder))
-    fast.save_pretrained(str(folder))
-    return str(folder)
-
-
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory) -> str:
-    """``hf:<folder>`` of the tiny BERT."""
-    return "hf:" + save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
-
-
-@pytest.fixture(scope="session")
-def text_ds() -> datasets.Dataset:
-    return make_text_dataset()
-
-
-@pytest.fixture(scope="session")
-def text_clients(text_ds, tiny_bert):
-    fed = federate(text_ds, scheme="dirichlet", num_clients=3, alpha=1.0, min_partition_size=10, seed=0)
-    return client_text_tensors(text_ds, fed, text_column="text", label_column="label",
-                               tokenizer=load_tokenizer(tiny_bert), max_length=16)
 
 
 def bert(backbone: str, *, num_classes: int = 4, pooling: str = "mean") -> SplitModel:
@@ -175,50 +103,7 @@ def test_dropout_override_reaches_the_backbone(tiny_bert):
     assert model.backbone.config.hidden_dropout_prob == 0.3 and model.backbone_config["attention_probs_dropout_prob"] == 0.3
 
 
-# --- strategies: the matrix on the tiny BERT --------------------------------------------------------------
-
-MATRIX_BUDGET = Budget(epochs=6, lr=0.05)
-
-
-@pytest.mark.parametrize("name", sorted(STRATEGIES))
-def test_exactly_declared_parameters_change(name, tiny_bert, text_clients, accelerator):
-    strategy = build_strategy(name, budget=MATRIX_BUDGET)
-    model = strategy.prepare(bert(tiny_bert))
-    for k, phase in enumerate(strategy.phases()):
-        before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        record = run_phase(strategy, model, phase, text_clients[0], settings=OptimSettings(batch_size=8),
-                           accelerator=accelerator, seed=k)
-        changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-        declared = trainable_names(model, phase)
-        frozen = strategy.frozen_entries(model, phase) or {}  # entries held fixed inside trainable tensors
-        params = dict(model.named_parameters())
-        assert all(torch.equal(params[n][m], before[n][m]) for n, m in frozen.items()), f"{name}: a masked entry moved"
-        expected = declared - {n for n, m in frozen.items() if m.all()}
-        assert changed == expected, f"{name}/{phase.name}: changed-expected={changed - expected}, expected-changed={expected - changed}"
-        assert record["trainable_params"] == sum(p.numel() for n, p in model.named_parameters() if n in declared)
-        if phase.trainable == "head" and phase.epochs:
-            assert record["cached_features"], f"{name}/{phase.name}: probing a dropout-free BERT should use cached features"
-
-
-def load_exported(path, global_model):
-    """A personalized model as a user reloads it: peft adapters onto the global model, else a full model."""
-    if (path / "adapter_config.json").is_file():
-        return PeftModel.from_pretrained(copy.deepcopy(global_model), path).eval()
-    return SplitModel.from_pretrained(path).eval()
-
-
-@pytest.mark.parametrize("name", sorted(STRATEGIES))
-def test_export_reloads_and_predicts_identically(name, tiny_bert, text_clients, accelerator, tmp_path):
-    client, global_model = text_clients[0], bert(tiny_bert).eval()
-    strategy = build_strategy(name, budget=MATRIX_BUDGET)
-    model, _ = personalize(strategy, global_model, client, settings=OptimSettings(batch_size=8),
-                           accelerator=accelerator, seed=0)
-    save_model(model, tmp_path / "client", strategy)
-    reloaded = load_exported(tmp_path / "client", global_model)
-    assert torch.equal(predict(reloaded, client.test_x), predict(model, client.test_x))
-    if any(p.trainable != "none" and p.epochs > 0 for p in strategy.phases()):
-        assert not torch.equal(predict(model, client.test_x), predict(global_model, client.test_x))
-
+# --- strategies: LoRA's targets on BERT (the strategy matrix runs the tiny BERT: test_strategies.py) ---------
 
 def test_lora_targets_attention_query_and_value(tiny_bert, tmp_path, text_clients, accelerator):
     model = bert(tiny_bert)
@@ -230,7 +115,9 @@ def test_lora_targets_attention_query_and_value(tiny_bert, tmp_path, text_client
     strategy.export(tuned, tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == sorted(targets) and config["modules_to_save"] == ["head"]
-    assert isinstance(PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "adapter"), PeftModel)
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "adapter").eval()
+    x = text_clients[0].test_x
+    assert torch.equal(predict(reloaded, x), predict(tuned.eval(), x))
 
 
 # --- transformers vision backbones -----------------------------------------------------------------------
@@ -307,9 +194,6 @@ def test_pipeline_on_text(text_ds, tiny_bert, tmp_path, text_clients):
     assert set(result.results.strategy) == {"global_model", "ft", "lp_ft", "lora"}
     assert result.results.error.isna().all() and result.results.local_acc.notna().all()
     out = result.output_dir
-    global_model = SplitModel.from_pretrained(out / "global").eval()
-    client = sorted((out / "clients" / "lora").iterdir())[0]
-    assert isinstance(PeftModel.from_pretrained(global_model, client), PeftModel)
     assert SplitModel.from_pretrained(sorted((out / "clients" / "ft").iterdir())[0]).is_text
     # load_personalized gives the same logits from the run folder and from the Hub-ready folder, for every format
     x = text_clients[0].test_x
