@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -17,6 +18,13 @@ from hf_lpft.io import atomic_path, write_json
 from hf_lpft.layout import RunLayout
 
 _SEP = "::"  # client id / state key separator inside client_bn.safetensors
+
+
+class SavedFLState(NamedTuple):
+    """A general-FL algorithm's saved state: the server's tensors and each client's, by client id."""
+
+    server: dict[str, torch.Tensor]
+    clients: dict[str, dict[str, torch.Tensor]]
 
 
 class Checkpoints:
@@ -71,14 +79,13 @@ class Checkpoints:
             out.setdefault(cid, {})[key] = tensor
         return out
 
-    def load_fl_state(self, seed: int):
-        """The general-FL algorithm's state saved with the latest round (``FLState``), or None."""
-        from hf_lpft.federated.algorithms.base import FLState
-
+    def load_fl_state(self, seed: int) -> SavedFLState | None:
+        """The general-FL algorithm's state saved with the latest round (server and per-client tensors; the
+        caller wraps them in the algorithm's ``FLState``), or None."""
         path = self._fedavg_dir(seed) / "fl_state.safetensors"
         if not path.is_file():
             return None
-        out = FLState()
+        out = SavedFLState({}, {})
         for name, tensor in load_file(str(path)).items():
             kind, _, rest = name.partition(_SEP)
             if kind == "server":

@@ -236,8 +236,8 @@ def list_strategies() -> int:
 
 def list_general_fl() -> None:
     """Print every registered general-FL algorithm (``fedavg.fl_strategy``): engines, description, defaults."""
-    from hf_lpft.federated.algorithms import ALGORITHMS
-    from hf_lpft.federated.algorithms.flower_adapters import FlowerAdapter
+    from hf_lpft.algorithms import ALGORITHMS
+    from hf_lpft.algorithms.flower_adapters import FlowerAdapter
 
     print("\ngeneral-FL algorithms (--fedavg.fl_strategy, options in --fedavg.fl_strategy_args):")
     for name, cls in sorted(ALGORITHMS.items()):

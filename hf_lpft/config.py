@@ -316,7 +316,7 @@ class FedAvgConfig:
         "Flower ServerApp/ClientApp in Flower's local simulation; pip install 'hf-lpft[flower]'; one process; the "
         "same global model as builtin).")})
     fl_strategy: str = field(default="fedavg", metadata={"help": (
-        "General-FL algorithm (registry: hf_lpft/federated/algorithms/): fedavg, fedprox, scaffold on either engine; "
+        "General-FL algorithm (registry: hf_lpft/algorithms/): fedavg, fedprox, scaffold on either engine; "
         "Flower's fedadam, fedadagrad, fedyogi, fedavgm, fedmedian, fedtrimmedavg, krum, multikrum, bulyan, qfedavg "
         "on fedavg.engine flower (clients sampled as fedavg.client_fraction says).")})
     fl_strategy_args: dict[str, Any] = field(default_factory=dict, metadata={"help": (

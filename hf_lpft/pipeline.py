@@ -4,12 +4,8 @@ Output folder (a contract): ``config.yaml``, ``run_record.json``, ``federation/m
 ``global/`` (the global model), ``clients/<strategy>/<client_id>/`` (personalized weights),
 ``results.parquet`` (one row per seed x strategy x client) and ``summary.md``. With several seeds,
 model folders get a ``seed_<s>`` level: ``global/seed_<s>/``, ``clients/<strategy>/<client_id>/seed_<s>/``.
-Analyses: ``cross_client.parquet`` (model of client i on the test split of client j), ``curves.parquet``
-(Local / Global / Δ every ``pft.eval_every`` epochs), ``report.md`` with ``figures/*.png``
-(hf_lpft.evaluation.report), ``logs/`` (the ``run.report_to`` tracker). Results rows carry
-``distortion_local`` / ``distortion_global`` (Δ on the own / other clients' test splits) and
-``cka_local`` / ``cka_global`` against the model the client started from; ``global_model`` rows hold
-Δ = 0, CKA = 1 by definition, and every row holds NaN when ``run.distortion`` is off.
+Analyses: ``cross_client.parquet`` (model i on client j's test split), ``curves.parquet``, ``report.md`` +
+``figures/``, ``logs/``; results rows carry Δ and CKA against the model the client started from.
 With ``fedavg.bn: local`` (FedBN) ``global/`` holds the averaged BatchNorm only as a fallback; each client's
 own BatchNorm tensors are in ``checkpoints/seed_<s>/fedavg/client_bn.safetensors``, client i personalizes
 θ_G with its own BatchNorm, and its ``global_model`` row evaluates that model on every client.
@@ -19,8 +15,8 @@ processes and all-reduces their sums (hf_lpft.federated.fedavg); personalization
 client) units, the k-th to process ``k % num_processes``, and gathers their records on every process. The
 main process writes everything shared (the folder itself, manifest, config, round checkpoints, ``global/``,
 results, run record, report); each process exports the client models of its own units and their unit
-records (disjoint paths, each written atomically, so ``run.resume`` works with any number of processes).
-The output folder must therefore be on a filesystem every process sees (one node, or a shared mount).
+records (disjoint paths, each written atomically, so ``run.resume`` works with any number of processes), so
+the output folder must be on a filesystem every process sees.
 """
 
 from __future__ import annotations

@@ -239,7 +239,7 @@ def test_fedprox_general_fl_then_personalization(tmp_path, tiny_ds_path):
     a = load_file(str(prox.output_dir / "global" / "model.safetensors"))
     b = load_file(str(avg.output_dir / "global" / "model.safetensors"))
     assert max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point()) > 1e-4
-    # FedProx is a registered algorithm (hf_lpft.federated.algorithms.fedprox): the built-in engine runs it too,
+    # FedProx is a registered algorithm (hf_lpft.algorithms.fedprox): the built-in engine runs it too,
     # with the same proximal term and aggregation, so the same global model
     builtin = run(_cfg(tmp_path, "fedprox_builtin", tiny_ds_path, engine="builtin", fl_strategy="fedprox",
                        fl_strategy_args={"proximal_mu": 1.0}))
@@ -260,8 +260,8 @@ def test_fl_strategy_config_errors(tmp_path, tiny_ds_path, fedavg, match):
 
 
 def test_fl_strategy_options_are_checked_against_flower():
-    from hf_lpft.federated.algorithms import ALGORITHMS
-    from hf_lpft.federated.algorithms.flower_adapters import FLOWER_CLASSES
+    from hf_lpft.algorithms import ALGORITHMS
+    from hf_lpft.algorithms.flower_adapters import FLOWER_CLASSES
     from hf_lpft.federated.flower import AlgorithmStrategy, build_fl_strategy
     from hf_lpft.run.flower_engine import check_fl_strategy
 

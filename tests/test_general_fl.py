@@ -12,10 +12,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from hf_lpft.checkpoint import Checkpoints
-from hf_lpft.config import ConfigError, load_config
-from hf_lpft.data.tensors import ClientData
-from hf_lpft.federated.algorithms import (
+from hf_lpft.algorithms import (
     ALGORITHMS,
     AlgorithmConfig,
     FLState,
@@ -24,7 +21,10 @@ from hf_lpft.federated.algorithms import (
     register_algorithm,
     unregister_algorithm,
 )
-from hf_lpft.federated.algorithms.scaffold import Scaffold, ScaffoldConfig
+from hf_lpft.algorithms.scaffold import Scaffold, ScaffoldConfig
+from hf_lpft.checkpoint import Checkpoints
+from hf_lpft.config import ConfigError, load_config
+from hf_lpft.data.tensors import ClientData
 from hf_lpft.federated.fedavg import fedavg_round, sample_clients
 from hf_lpft.models.backbone import SplitModel
 from hf_lpft.pipeline import run
@@ -111,7 +111,7 @@ def test_scaffold_round_equals_a_hand_computation(accelerator, weighting):
 
 def test_scaffold_first_round_without_server_lr_is_fedavg_with_uniform_weights(accelerator, tiny_clients):
     """c = c_i = 0 and lr_g = 1: the first round trains as FedAvg and averages uniformly (the paper's mean)."""
-    from hf_lpft.federated.algorithms.base import WeightedSums  # noqa: F401  (the registry's public pieces)
+    from hf_lpft.algorithms.base import WeightedSums  # noqa: F401  (the registry's public pieces)
     from hf_lpft.models.backbone import build_model
 
     model = build_model("timm:test_resnet", num_classes=4, image_size=32)

@@ -316,7 +316,8 @@ def test_strategies_listing_says_what_the_hub_folder_holds(pushed, capsys):
     from hf_lpft.strategies import get_strategy
 
     list_strategies()
-    listing = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")}
+    listing = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()
+               if line.strip() and not line.startswith(" ")}
     for strategy in STRATEGIES:
         written = json.loads((pushed.output_dir / f"hub/model/clients/{strategy}/a/personalization.json").read_text())
         assert written["format"] == get_strategy(strategy)().hub_format(), strategy

@@ -24,7 +24,7 @@ LAYERS = [
     ("hf_lpft.data",),
     ("hf_lpft.models",),
     ("hf_lpft.train",),
-    ("hf_lpft.strategies",),
+    ("hf_lpft.strategies", "hf_lpft.algorithms"),
     ("hf_lpft.federated",),
     ("hf_lpft.evaluation",),
     ("hf_lpft.hub",),

@@ -96,7 +96,7 @@ def test_digits_c_client_count_is_reachable():
     check_sizes(cfg)
     _, fed, _ = federation_checked(cfg)
     assert len(fed.client_ids) == 20 and fed.client_ids[-1].startswith("19_")
-    with pytest.raises(ConfigError, match="data.num_clients=76 is out of range.*1..75"):
+    with pytest.raises(ConfigError, match="data.num_clients=76 is out of range.*2..75"):
         check_sizes(load_config(None, [*args[:5], "76"]))
     with pytest.raises(ConfigError, match="data.num_clients=20 does not apply to data.scheme='natural'"):
         check_scheme_options(load_config(None, ["--data.dataset", "digits5", "--data.num_clients", "20"]))

@@ -1,6 +1,6 @@
 """The built-in engine's round driver, and FedAvg's (McMahan et al. 2017) example-weighted averaging.
 
-A round runs any registered general-FL algorithm (``hf_lpft.federated.algorithms``; FedAvg by default): its
+A round runs any registered general-FL algorithm (``hf_lpft.algorithms``; FedAvg by default): its
 local term in each client's training, its client weights and summed uploads, its aggregation.
 
 The maths are the pure functions on state dicts of ``hf_lpft.train.averaging`` (shared with the soups):
@@ -33,9 +33,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
 from hf_lpft._faults import fault_point
+from hf_lpft.algorithms.base import FLState, GeneralFL, WeightedSums
+from hf_lpft.algorithms.fedavg import FedAvg
 from hf_lpft.data.tensors import ClientData, to_float
-from hf_lpft.federated.algorithms.base import FLState, GeneralFL, WeightedSums
-from hf_lpft.federated.algorithms.fedavg import FedAvg
 from hf_lpft.federated.local import client_update
 from hf_lpft.train.averaging import accumulate, average_state_dicts
 from hf_lpft.train.loop import OptimSettings, accuracy, derive_seed
@@ -237,7 +237,7 @@ def run_fedavg(model: nn.Module, clients: list[ClientData], *, rounds: int, loca
         client_bn: FedBN (``fedavg.bn: local``): client id -> that client's BatchNorm tensors, updated in
             place every round (pass the saved one to resume); None = BatchNorm averaged like the rest.
         fl_state: The algorithm's server and client state, updated in place every round (pass the saved one
-            to resume; ``hf_lpft.federated.algorithms.base``).
+            to resume; ``hf_lpft.algorithms.base``).
     """
     local = dataclasses.replace(settings, schedule="constant")  # a schedule anneals over rounds (round_lr), not within
     clients = with_float_inputs(clients)

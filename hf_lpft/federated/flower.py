@@ -20,7 +20,7 @@ The apps reuse hf_lpft's pieces, so both engines train the same thing:
 Hence, given the same config and seed, the Flower global model equals the built-in engine's (same local
 seeds, same sampling, same summation order; tested). FedBN (``fedavg.bn: local``) is built-in only.
 
-General-FL algorithms (``fedavg.fl_strategy``, ``hf_lpft.federated.algorithms``): a registered algorithm
+General-FL algorithms (``fedavg.fl_strategy``, ``hf_lpft.algorithms``): a registered algorithm
 (FedAvg, FedProx, SCAFFOLD, ...) runs as :class:`AlgorithmStrategy`: TRAIN messages carry its name and options
 (``fl-algorithm``), its server state (``server-state``) and the client's own state (``client-state``), replies
 the client's ``upload`` and new ``client-state``; the ClientApp runs the same ``client_update`` as the built-in
@@ -35,10 +35,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import logging
 import time
-import typing
 from collections.abc import Callable
 
 import numpy as np
@@ -51,10 +49,10 @@ from flwr.serverapp import strategy as flwr_strategies
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
+from hf_lpft.algorithms import FLState, GeneralFL, WeightedSums, build_algorithm, from_message
+from hf_lpft.algorithms.fedavg import FedAvg as FedAvgAlgorithm
+from hf_lpft.algorithms.flower_adapters import FlowerAdapter
 from hf_lpft.data.tensors import ClientData
-from hf_lpft.federated.algorithms import FLState, GeneralFL, WeightedSums, build_algorithm, from_message
-from hf_lpft.federated.algorithms.fedavg import FedAvg as FedAvgAlgorithm
-from hf_lpft.federated.algorithms.flower_adapters import FlowerAdapter
 from hf_lpft.federated.fedavg import accumulate, sample_clients
 from hf_lpft.federated.local import ClientUpdate, client_update
 from hf_lpft.speed import resolve_num_threads
@@ -274,7 +272,7 @@ def _valid_messages(replies, what: str) -> list[Message]:
 
 
 class AlgorithmStrategy(SeededNodes, FedAvg):
-    """A registered general-FL algorithm (``hf_lpft.federated.algorithms``) as a Flower strategy: hf_lpft's
+    """A registered general-FL algorithm (``hf_lpft.algorithms``) as a Flower strategy: hf_lpft's
     client sampling and evaluation (module docstring); TRAIN messages name the algorithm and carry its server
     state and each client's own state; aggregation is the built-in engine's arithmetic (weighted float64 sums
     and summed uploads in client order, then the algorithm's ``aggregate``), so both engines agree."""
@@ -329,25 +327,11 @@ class ExampleWeightedFedAvg(AlgorithmStrategy):
     """hf_lpft's FedAvg on Flower: :class:`AlgorithmStrategy` with FedAvg (equal to the built-in engine)."""
 
 
-# constructor arguments hf_lpft sets itself: sampling is SeededNodes', the message layout is the ClientApp's
-MANAGED_ARGS = frozenset({"fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes",
-                          "min_available_nodes", "weighted_by_key", "arrayrecord_key", "configrecord_key",
-                          "train_metrics_aggr_fn", "evaluate_metrics_aggr_fn", "train_loss_key"})
-
-
-def strategy_options(class_name: str) -> dict[str, tuple[type, object]]:
-    """The options of the Flower strategy class ``class_name`` a user may set: option -> (type, default)."""
-    cls = getattr(flwr_strategies, class_name)
-    hints = typing.get_type_hints(cls.__init__)
-    return {k: (hints.get(k, object), p.default) for k, p in inspect.signature(cls.__init__).parameters.items()
-            if k != "self" and k not in MANAGED_ARGS and p.kind is not p.VAR_KEYWORD}
-
-
 def build_fl_strategy(name: str, options: dict | None, *, n_clients: int, client_fraction: float, seed: int,
                       round_offset: int = 0, rounds: int | None = None, eval_every: int = 1,
                       fl_state: FLState | None = None, client_ids: list[str] | None = None) -> SeededNodes:
     """The general-FL algorithm ``name`` (``fedavg.fl_strategy``) with its ``options`` (validated here by the
-    registry, ``hf_lpft.federated.algorithms``) as a Flower strategy: a registered algorithm as
+    registry, ``hf_lpft.algorithms``) as a Flower strategy: a registered algorithm as
     :class:`AlgorithmStrategy` (its state in ``fl_state``, clients named by ``client_ids``), a Flower
     adapter as Flower's class driven through :class:`SeededNodes`."""
     algorithm = build_algorithm(name, options, engine="flower")

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from accelerate import Accelerator
 from torch import nn
 
+from hf_lpft.algorithms.base import GeneralFL, local_steps
 from hf_lpft.data.tensors import ClientData
-from hf_lpft.federated.algorithms.base import GeneralFL, local_steps
 from hf_lpft.train.loop import train_phase
 from hf_lpft.train.optim import OptimSettings
 from hf_lpft.train.phase import Phase

@@ -32,13 +32,13 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from hf_lpft.algorithms import FLState, build_algorithm
 from hf_lpft.checkpoint import Checkpoints
 from hf_lpft.config import ConfigError, ExperimentConfig, load_config
 from hf_lpft.data.preprocess import preprocessing_for
 from hf_lpft.evaluation.clients import NO_DISTORTION, SELF_DISTORTION, result_row, write_cross_client, write_results
 from hf_lpft.evaluation.metrics import local_global
 from hf_lpft.evaluation.report import write_report
-from hf_lpft.federated.algorithms import FLState, build_algorithm
 from hf_lpft.federated.flower import SeededNodes, _valid, build_fl_strategy, run_rounds, to_arrays
 from hf_lpft.hub.push import publish_run
 from hf_lpft.io import atomic_path, meta_info, write_json, write_text
@@ -147,7 +147,7 @@ def general_fl(grid: Grid, cfg: ExperimentConfig, node_of: dict, clients: list, 
         model.load_state_dict(saved[0])
     options = check_fl_strategy(cfg.fedavg.fl_strategy, cfg.fedavg.fl_strategy_args)
     stateful = build_algorithm(cfg.fedavg.fl_strategy, options, engine="flower").stateful
-    fl_state = ((ckpt.load_fl_state(seed) if saved else None) or FLState()) if stateful else None
+    fl_state = FLState(*((ckpt.load_fl_state(seed) if saved else None) or ({}, {}))) if stateful else None
     strategy = build_fl_strategy(cfg.fedavg.fl_strategy, options, n_clients=len(clients),
                                  client_fraction=cfg.fedavg.client_fraction, seed=seed,
                                  round_offset=len(saved[1]) if saved else 0, rounds=cfg.fedavg.rounds,

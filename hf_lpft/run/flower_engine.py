@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from hf_lpft.algorithms import build_algorithm
 from hf_lpft.config import ExperimentConfig
-from hf_lpft.federated.algorithms import build_algorithm
 from hf_lpft.federated.flower import LocalTraining
 from hf_lpft.run.general_fl import describe_general_fl
 from hf_lpft.train.optim import settings_from

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from hf_lpft.algorithms import GeneralFL, build_algorithm
 from hf_lpft.config import ExperimentConfig
-from hf_lpft.federated.algorithms import GeneralFL, build_algorithm
 
 
 def algorithm_of(cfg: ExperimentConfig) -> GeneralFL:

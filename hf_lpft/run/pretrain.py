@@ -30,11 +30,11 @@ from accelerate.utils import broadcast_object_list
 
 from hf_lpft import __version__
 from hf_lpft._faults import fault_point
+from hf_lpft.algorithms import FLState
 from hf_lpft.checkpoint import Checkpoints
 from hf_lpft.config import ConfigError, ExperimentConfig
 from hf_lpft.data.preprocess import preprocessing_for
 from hf_lpft.data.tensors import ClientData, TextInputs
-from hf_lpft.federated.algorithms import FLState
 from hf_lpft.federated.fedavg import run_fedavg
 from hf_lpft.io import write_json
 from hf_lpft.layout import RunLayout, save_model
@@ -239,8 +239,8 @@ def pretrain(cfg: ExperimentConfig, clients: list[ClientData], num_classes: int,
         model.load_state_dict(saved[0])
     settings = settings_from(f)
     client_bn = ((ckpt.load_client_bn(seed) if saved else None) or {}) if f.bn == "local" else None
-    algorithm = algorithm_of(cfg)  # fedavg.fl_strategy (hf_lpft.federated.algorithms)
-    fl_state = ((ckpt.load_fl_state(seed) if saved else None) or FLState()) if algorithm.stateful else None
+    algorithm = algorithm_of(cfg)  # fedavg.fl_strategy (hf_lpft.algorithms)
+    fl_state = FLState(*((ckpt.load_fl_state(seed) if saved else None) or ({}, {}))) if algorithm.stateful else None
 
     def round_end(rnd: int, state: dict, hist: list) -> None:
         if accelerator.is_main_process:  # one writer when several processes run

@@ -7,7 +7,7 @@ takes to register it; an algorithm defined elsewhere registers with ``register_a
 import importlib
 import pkgutil
 
-from hf_lpft.federated.algorithms.base import (
+from hf_lpft.algorithms.base import (
     ALGORITHMS,
     AlgorithmConfig,
     FLState,

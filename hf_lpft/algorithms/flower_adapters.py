@@ -9,15 +9,32 @@ signature when the run starts (Flower is imported only then: it is an optional e
 from __future__ import annotations
 
 import inspect
+import typing
 from typing import ClassVar
 
+from hf_lpft.algorithms.base import GeneralFL, register_algorithm
 from hf_lpft.config import ConfigError, _coerce
-from hf_lpft.federated.algorithms.base import GeneralFL, register_algorithm
 
 # fedavg.fl_strategy -> the class in flwr.serverapp.strategy
 FLOWER_CLASSES = {"fedadam": "FedAdam", "fedadagrad": "FedAdagrad", "fedyogi": "FedYogi", "fedavgm": "FedAvgM",
                   "fedmedian": "FedMedian", "fedtrimmedavg": "FedTrimmedAvg", "krum": "Krum", "multikrum": "MultiKrum",
                   "bulyan": "Bulyan", "qfedavg": "QFedAvg"}
+
+
+# constructor arguments hf_lpft sets itself: sampling is SeededNodes', the message layout is the ClientApp's
+MANAGED_ARGS = frozenset({"fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes",
+                          "min_available_nodes", "weighted_by_key", "arrayrecord_key", "configrecord_key",
+                          "train_metrics_aggr_fn", "evaluate_metrics_aggr_fn", "train_loss_key"})
+
+
+def strategy_options(class_name: str) -> dict[str, tuple[type, object]]:
+    """The options of the Flower strategy class ``class_name`` a user may set: option -> (type, default)."""
+    from flwr.serverapp import strategy as flwr_strategies
+
+    cls = getattr(flwr_strategies, class_name)
+    hints = typing.get_type_hints(cls.__init__)
+    return {k: (hints.get(k, object), p.default) for k, p in inspect.signature(cls.__init__).parameters.items()
+            if k != "self" and k not in MANAGED_ARGS and p.kind is not p.VAR_KEYWORD}
 
 
 class FlowerAdapter(GeneralFL):
@@ -29,8 +46,6 @@ class FlowerAdapter(GeneralFL):
     @classmethod
     def check_options(cls, args: dict) -> dict:
         """Options coerced to the types the constructor declares; unknown, missing or ill-typed ones fail."""
-        from hf_lpft.federated.flower import strategy_options
-
         options = strategy_options(cls.flower_class)
         unknown = sorted(set(args) - set(options))
         if unknown:
@@ -49,8 +64,6 @@ class FlowerAdapter(GeneralFL):
 
     def options(self) -> dict:
         """The given options over the constructor's scalar defaults (what the run record shows)."""
-        from hf_lpft.federated.flower import strategy_options
-
         return {k: self.config.get(k, d) for k, (_, d) in strategy_options(self.flower_class).items()
                 if k in self.config or isinstance(d, (int, float, bool, str))}
 

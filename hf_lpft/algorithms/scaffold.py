@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from hf_lpft.algorithms.base import AlgorithmConfig, GeneralFL, LossHook, WeightedSums, register_algorithm
 from hf_lpft.config import ConfigError
-from hf_lpft.federated.algorithms.base import AlgorithmConfig, GeneralFL, LossHook, WeightedSums, register_algorithm
 
 WEIGHTINGS = ("uniform", "examples")
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from hf_lpft.algorithms.base import AlgorithmConfig, GeneralFL, LossHook, register_algorithm
 from hf_lpft.config import ConfigError
-from hf_lpft.federated.algorithms.base import AlgorithmConfig, GeneralFL, LossHook, register_algorithm
 
 
 @dataclass
