@@ -15,13 +15,9 @@ def decode_image(feature: datasets.Image, stored: dict, *, row: int, column: str
     (not an image, truncated, missing) is a FederationError naming it, not a PIL traceback."""
     from PIL import Image
 
-    image = None
     try:
-        image = feature.decode_example(stored)
-        image.load()
-        return image
+        return feature.decode_example(_in_memory(stored))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        _close_images(err, image)  # PIL keeps a file it failed to read open (a ResourceWarning otherwise)
         path = stored.get("path")
         reason = "not an image format PIL knows" if isinstance(err, Image.UnidentifiedImageError) else \
             f"{type(err).__name__}: {err}"
@@ -33,14 +29,12 @@ def decode_image(feature: datasets.Image, stored: dict, *, row: int, column: str
         raise FederationError(f"{where} cannot be read as an image ({reason}); {fix}") from None
 
 
-def _close_images(err: BaseException, image) -> None:
-    """Close the PIL images a failed decode left open: ours, and the one ``decode_example`` opened before it
-    raised (found in its traceback's frames; PIL closes a file it opened itself only once loading succeeds)."""
-    from PIL import Image
-
-    found, tb = [image] if image is not None else [], err.__traceback__
-    while tb is not None:
-        found += [v for v in tb.tb_frame.f_locals.values() if isinstance(v, Image.Image)]
-        tb = tb.tb_next
-    for im in found:
-        im.close()
+def _in_memory(stored: dict) -> dict:
+    """``stored`` with a local file's bytes read in: PIL then decodes from memory, so a file it fails to decode is
+    never left open (given a path, PIL closes the file it opened only once loading succeeds). Remote paths and
+    stored bytes are decoded from memory by ``datasets`` already."""
+    path = stored.get("path")
+    if stored.get("bytes") is not None or not path or "://" in path or "::" in path:
+        return stored
+    with open(path, "rb") as f:
+        return {"path": path, "bytes": f.read()}
