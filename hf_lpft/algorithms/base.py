@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from hf_lpft.config import ConfigError, _coerce, check_field_types
+from hf_lpft.registry import Registry
 from hf_lpft.train.averaging import finish
 
-ALGORITHMS: dict[str, type[GeneralFL]] = {}
 ENGINES = ("builtin", "flower")
 LossHook = Callable[[nn.Module], torch.Tensor | None]
 
@@ -161,24 +161,24 @@ def check_algorithm_class(cls: type) -> None:
         raise ValueError(f"algorithm {cls.name!r}: engines={cls.engines!r} must be a non-empty subset of {ENGINES}")
 
 
+ALGORITHMS: Registry[type[GeneralFL]] = Registry(
+    "general-FL algorithm", check=check_algorithm_class,
+    unknown=lambda name, names: ConfigError(f"fedavg.fl_strategy={name!r} is not allowed; choose one of "
+                                            f"{sorted(names)}"))
+
+
 def register_algorithm(cls: type[GeneralFL]) -> type[GeneralFL]:
     """Class decorator: add a general-FL algorithm to the registry under ``cls.name``."""
-    check_algorithm_class(cls)
-    if cls.name in ALGORITHMS:
-        raise ValueError(f"general-FL algorithm {cls.name!r} is registered twice")
-    ALGORITHMS[cls.name] = cls
-    return cls
+    return ALGORITHMS.register(cls)
 
 
 def unregister_algorithm(name: str) -> type[GeneralFL]:
     """Remove ``name`` from the registry (e.g. an algorithm a test registered); returns its class."""
-    return ALGORITHMS.pop(get_algorithm(name).name)
+    return ALGORITHMS.unregister(name)
 
 
 def get_algorithm(name: str) -> type[GeneralFL]:
-    if name not in ALGORITHMS:
-        raise ConfigError(f"fedavg.fl_strategy={name!r} is not allowed; choose one of {sorted(ALGORITHMS)}")
-    return ALGORITHMS[name]
+    return ALGORITHMS.lookup(name)
 
 
 def build_algorithm(name: str, args: dict | None = None, *, engine: str | None = None) -> GeneralFL:

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from hf_lpft.config import ConfigError, _coerce, check_field_types
+from hf_lpft.registry import Registry
 from hf_lpft.train.phase import BN_MODES, SOLVERS, Phase
 
-STRATEGIES: dict[str, type[Strategy]] = {}
 # What ``Strategy.export`` writes: a SplitModel folder (``save_pretrained``; the Hub export keeps only the head
 # when the backbone equals θ_G's) or a peft adapter folder (adapters + head, loaded onto θ_G).
 EXPORT_KINDS = {"full": "a SplitModel folder (model.safetensors + config.json)",
@@ -196,19 +196,20 @@ def check_strategy_class(cls: type) -> None:
                          f"choose one of {list(EXPORT_KINDS)}")
 
 
+STRATEGIES: Registry[type[Strategy]] = Registry(
+    "strategy", check=check_strategy_class,
+    unknown=lambda name, names: ConfigError(f"unknown strategy {name!r}; registered strategies: {sorted(names)}"))
+
+
 def register_strategy(cls: type[Strategy]) -> type[Strategy]:
     """Class decorator: add a strategy to the registry under ``cls.name`` after :func:`check_strategy_class`
     (as peft checks the methods it registers)."""
-    check_strategy_class(cls)
-    if cls.name in STRATEGIES:
-        raise ValueError(f"strategy {cls.name!r} is registered twice")
-    STRATEGIES[cls.name] = cls
-    return cls
+    return STRATEGIES.register(cls)
 
 
 def unregister_strategy(name: str) -> type[Strategy]:
     """Remove ``name`` from the registry (e.g. a strategy a test registered); returns its class."""
-    return STRATEGIES.pop(get_strategy(name).name)
+    return STRATEGIES.unregister(name)
 
 
 def display_name(name: str) -> str:
@@ -220,9 +221,7 @@ def display_name(name: str) -> str:
 
 def get_strategy(name: str) -> type[Strategy]:
     """The registered strategy class called ``name``."""
-    if name not in STRATEGIES:
-        raise ConfigError(f"unknown strategy {name!r}; registered strategies: {sorted(STRATEGIES)}")
-    return STRATEGIES[name]
+    return STRATEGIES.lookup(name)
 
 
 def build_strategy(name: str, args: dict | None = None, *, budget: Budget | None = None,
