@@ -18,6 +18,7 @@ from typing import Any, Union
 
 import yaml
 
+from hf_lpft.data.schemes import QUANTITY_MODES, SCHEMES
 from hf_lpft.spec import BackboneSpec
 
 
@@ -190,10 +191,12 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self, "data")
-        _check_choice("data.scheme", self.scheme,
-                      ("iid", "dirichlet", "pathological", "natural", "quantity", "natural+dirichlet"))
+        _check_choice("data.scheme", self.scheme, tuple(SCHEMES))  # the registry: hf_lpft.data.schemes
+        unknown = [o for o in SCHEMES[self.scheme].options if o not in _DATA_KEYS]
+        _check(not unknown, f"data.scheme={self.scheme!r} declares option(s) {unknown} that are not data.* keys; "
+               f"a scheme reads keys of {sorted(_DATA_KEYS)}")
         _check(self.classes_per_client >= 1, f"data.classes_per_client={self.classes_per_client!r} must be >= 1")
-        _check_choice("data.quantity_mode", self.quantity_mode, ("dirichlet", "linear", "square", "exponential"))
+        _check_choice("data.quantity_mode", self.quantity_mode, QUANTITY_MODES)
         _check(self.clients_per_domain >= 1, f"data.clients_per_domain={self.clients_per_domain!r} must be >= 1")
         _check_choice("data.corruption", self.corruption, ("none", "per_client"))
         _check(self.corruption_families is None or len(self.corruption_families) > 0,
@@ -229,6 +232,9 @@ class DataConfig:
                    f"data.domain_level={self.domain_level!r} must be >= 0 (0 = the first folder level)")
             _check(self.data_dir is not None,
                    f"data.domain_level={self.domain_level!r} counts folders below data.data_dir; set data.data_dir")
+
+
+_DATA_KEYS = frozenset(f.name for f in dataclasses.fields(DataConfig))
 
 
 @dataclass
