@@ -70,7 +70,8 @@ class PartitionScheme:
     records: ClassVar[tuple[str, ...] | None] = None  # keys the manifest records; None = the options in use
 
     def partition(self, view, args: PartitionArgs) -> list[tuple[str, np.ndarray]]:
-        """(client id, rows of ``view``'s ``_ROW`` column) of every client."""
+        """(client id, source row indices) of every client; ``view`` holds the source rows in order (row i of
+        ``view`` is row i of the dataset) with the partition and label columns, named by ``args.column``."""
         raise NotImplementedError
 
     def inapplicable(self, option: str, values: dict) -> str:
