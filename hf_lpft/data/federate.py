@@ -39,12 +39,12 @@ from hf_lpft.data.schemes import (  # noqa: F401 - FederationError, SCHEMES, QUA
     get_scheme,
     partition_view,
 )
+from hf_lpft.data.shifts import CORRUPTION_MODES
 from hf_lpft.io import write_text
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
-CORRUPTION_MODES = ("none", "per_client")
 _TOLD_UNNAMED: set[str] = set()  # label columns already reported as unnamed (said once a process)
 
 
