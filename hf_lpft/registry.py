@@ -63,3 +63,18 @@ class Registry(Mapping[str, T], Generic[T]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def check_entry_class(cls: object, base: type, *, kind: str, own: tuple[str, ...]) -> None:
+    """The common part of every registry's check: ``cls`` is a subclass of ``base`` that sets each class attribute
+    in ``own`` itself (a subclass must not show its parent's name) as a non-empty string.
+
+    Raises:
+        TypeError: ``register_<kind> takes a <base> subclass, not ...`` or ``<kind> class <cls> must set ...``.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise TypeError(f"register_{kind} takes a {base.__name__} subclass, not {cls!r}")
+    for attr in own:
+        if not isinstance(vars(cls).get(attr), str) or not vars(cls)[attr].strip():
+            raise TypeError(f"{kind} class {cls.__name__} must set the class attribute {attr!r} itself "
+                            f"(a non-empty string), got {vars(cls).get(attr)!r}")

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from hf_lpft.config import ConfigError, _coerce, check_field_types
-from hf_lpft.registry import Registry
+from hf_lpft.registry import Registry, check_entry_class
 from hf_lpft.train.averaging import finish
 
 ENGINES = ("builtin", "flower")
@@ -151,12 +151,7 @@ def from_message(text: str) -> GeneralFL:
 
 def check_algorithm_class(cls: type) -> None:
     """A registrable algorithm: a GeneralFL subclass that names and describes itself, on known engines."""
-    if not (isinstance(cls, type) and issubclass(cls, GeneralFL)):
-        raise TypeError(f"register_algorithm takes a GeneralFL subclass, not {cls!r}")
-    for attr in ("name", "display_name", "description"):
-        if not isinstance(vars(cls).get(attr), str) or not vars(cls)[attr].strip():
-            raise TypeError(f"algorithm class {cls.__name__} must set the class attribute {attr!r} itself "
-                            f"(a non-empty string), got {vars(cls).get(attr)!r}")
+    check_entry_class(cls, GeneralFL, kind="algorithm", own=("name", "display_name", "description"))
     if not cls.engines or set(cls.engines) - set(ENGINES):
         raise ValueError(f"algorithm {cls.name!r}: engines={cls.engines!r} must be a non-empty subset of {ENGINES}")
 

@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from hf_lpft.registry import Registry
+from hf_lpft.registry import Registry, check_entry_class
 
 _ROW = "__hf_lpft_row__"
 _KEY = "__hf_lpft_key__"
@@ -94,12 +94,7 @@ class PartitionScheme:
 
 def check_scheme_class(cls: type) -> None:
     """A registrable scheme: a PartitionScheme subclass that names and describes itself, options as strings."""
-    if not (isinstance(cls, type) and issubclass(cls, PartitionScheme)):
-        raise TypeError(f"register_scheme takes a PartitionScheme subclass, not {cls!r}")
-    for attr in ("name", "description"):
-        if not isinstance(vars(cls).get(attr), str) or not vars(cls)[attr].strip():
-            raise TypeError(f"scheme class {cls.__name__} must set the class attribute {attr!r} itself "
-                            f"(a non-empty string), got {vars(cls).get(attr)!r}")
+    check_entry_class(cls, PartitionScheme, kind="scheme", own=("name", "description"))
     if not isinstance(cls.options, tuple) or not all(isinstance(o, str) for o in cls.options):
         raise TypeError(f"scheme {cls.name!r}: options={cls.options!r} must be a tuple of data.* key names")
     if cls.partition_by_default not in ("label", "domain", None):

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from hf_lpft.config import ConfigError, _coerce, check_field_types
-from hf_lpft.registry import Registry
+from hf_lpft.registry import Registry, check_entry_class
 from hf_lpft.train.phase import BN_MODES, SOLVERS, Phase
 
 # What ``Strategy.export`` writes: a SplitModel folder (``save_pretrained``; the Hub export keeps only the head
@@ -183,12 +183,7 @@ class Strategy(ABC):
 def check_strategy_class(cls: type) -> None:
     """A registrable strategy: a Strategy subclass that sets its own ``name`` and ``display_name`` (a subclass
     must not show its parent's), a ``description`` and an ``export_kind`` from :data:`EXPORT_KINDS`."""
-    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
-        raise TypeError(f"register_strategy takes a Strategy subclass, not {cls!r}")
-    for attr in ("name", "display_name"):
-        if not isinstance(vars(cls).get(attr), str) or not vars(cls)[attr].strip():
-            raise TypeError(f"strategy class {cls.__name__} must set the class attribute {attr!r} itself "
-                            f"(a non-empty string), got {vars(cls).get(attr)!r}")
+    check_entry_class(cls, Strategy, kind="strategy", own=("name", "display_name"))
     if not isinstance(getattr(cls, "description", None), str) or not cls.description.strip():
         raise TypeError(f"strategy class {cls.__name__} must set 'description' (a non-empty string)")
     if getattr(cls, "export_kind", None) not in EXPORT_KINDS:
