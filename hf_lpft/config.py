@@ -18,6 +18,8 @@ from typing import Any, Union
 
 import yaml
 
+from hf_lpft.data.schemes import QUANTITY_MODES, SCHEMES
+from hf_lpft.data.shifts import CORRUPTION_MODES, SEVERITIES
 from hf_lpft.spec import BackboneSpec
 
 
@@ -190,17 +192,20 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self, "data")
-        _check_choice("data.scheme", self.scheme,
-                      ("iid", "dirichlet", "pathological", "natural", "quantity", "natural+dirichlet"))
+        _check_choice("data.scheme", self.scheme, tuple(SCHEMES))  # the registry: hf_lpft.data.schemes
+        unknown = [o for o in SCHEMES[self.scheme].options if o not in _DATA_KEYS]
+        _check(not unknown, f"data.scheme={self.scheme!r} declares option(s) {unknown} that are not data.* keys; "
+               f"a scheme reads keys of {sorted(_DATA_KEYS)}")
         _check(self.classes_per_client >= 1, f"data.classes_per_client={self.classes_per_client!r} must be >= 1")
-        _check_choice("data.quantity_mode", self.quantity_mode, ("dirichlet", "linear", "square", "exponential"))
+        _check_choice("data.quantity_mode", self.quantity_mode, QUANTITY_MODES)
         _check(self.clients_per_domain >= 1, f"data.clients_per_domain={self.clients_per_domain!r} must be >= 1")
-        _check_choice("data.corruption", self.corruption, ("none", "per_client"))
+        _check_choice("data.corruption", self.corruption, CORRUPTION_MODES)
         _check(self.corruption_families is None or len(self.corruption_families) > 0,
                "data.corruption_families is empty; give at least one family or leave it unset")
-        bad = [s for s in self.corruption_severities or [] if s not in (1, 2, 3, 4, 5)]
+        bad = [s for s in self.corruption_severities or [] if s not in SEVERITIES]
         _check(not bad and self.corruption_severities != [],
-               f"data.corruption_severities={self.corruption_severities!r} must be a non-empty list of values in 1..5")
+               f"data.corruption_severities={self.corruption_severities!r} must be a non-empty list of values in "
+               f"{SEVERITIES[0]}..{SEVERITIES[-1]}")
         _check(self.label_permutation == 0 or self.label_permutation >= 2,
                f"data.label_permutation={self.label_permutation!r} must be 0 (off) or >= 2 classes")
         _check(self.num_clients >= 2, f"data.num_clients={self.num_clients!r} must be >= 2 ({ONE_CLIENT})")
@@ -229,6 +234,12 @@ class DataConfig:
                    f"data.domain_level={self.domain_level!r} must be >= 0 (0 = the first folder level)")
             _check(self.data_dir is not None,
                    f"data.domain_level={self.domain_level!r} counts folders below data.data_dir; set data.data_dir")
+
+
+_DATA_KEYS = frozenset(f.name for f in dataclasses.fields(DataConfig))
+
+
+POOLINGS = ("mean", "cls")  # = hf_lpft.models.backbone.POOLINGS (below config; tests/test_config.py guards it)
 
 
 @dataclass
@@ -261,7 +272,7 @@ class ModelConfig:
         _check(BackboneSpec.is_spec(self.backbone),
                f"model.backbone={self.backbone!r} must look like 'timm:<model name>', 'hf:<model id or path>' "
                "or 'hf-config:<preset or config path>'")
-        _check_choice("model.pooling", self.pooling, ("mean", "cls"))
+        _check_choice("model.pooling", self.pooling, POOLINGS)
         if self.checkpoint is not None:
             _check(self.spec.is_timm, f"model.checkpoint={self.checkpoint!r} is for timm backbones; for "
                    f"{self.backbone!r} point hf: at a local folder instead")
@@ -284,12 +295,12 @@ class ModelConfig:
         return BackboneSpec.parse(self.backbone)
 
 
-OPTIMIZERS = ("sgd", "adam", "adamw")  # = hf_lpft.train.optim (config stays free of torch imports)
+OPTIMIZERS = ("sgd", "adam", "adamw")  # = hf_lpft.train.optim (config stays free of torch imports; tests guard it)
 SCHEDULES = ("constant", "cosine")
 REPORT_TO = ("none", "tensorboard", "trackio", "wandb")
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 FEDAVG_BN_MODES = ("averaged", "local")
-FEDAVG_ENGINES = ("builtin", "flower")
+FEDAVG_ENGINES = ("builtin", "flower")  # = hf_lpft.algorithms.ENGINES (guarded by tests/test_config.py)
 @dataclass
 class FedAvgConfig:
     """General federated learning (FedAvg) that produces the global model."""

@@ -84,3 +84,22 @@ def test_backbone_spec_is_parsed_in_one_place():
             BackboneSpec.parse(bad)
     cfg = load_config(None, ["--model.backbone", "hf-config:vit-test"])
     assert cfg.model.spec == BackboneSpec("hf-config", "vit-test")
+
+
+def test_every_vocabulary_config_checks_is_its_owners():
+    """The value vocabularies config checks: derived from their owner where the owner sits above config (schemes,
+    shifts), else written twice and guarded here (optimizers, schedules, pooling, engines: owners below config)."""
+    import hf_lpft.config as C
+    from hf_lpft.algorithms.base import ENGINES
+    from hf_lpft.data import federate, schemes, shifts
+    from hf_lpft.models.backbone import POOLINGS
+    from hf_lpft.train import optim
+
+    assert C.SCHEMES is schemes.SCHEMES is federate.SCHEMES
+    assert C.QUANTITY_MODES is schemes.QUANTITY_MODES is federate.QUANTITY_MODES
+    assert C.CORRUPTION_MODES is shifts.CORRUPTION_MODES is federate.CORRUPTION_MODES
+    assert C.SEVERITIES is shifts.SEVERITIES
+    assert (C.OPTIMIZERS, C.SCHEDULES) == (optim.OPTIMIZERS, optim.SCHEDULES)
+    assert C.POOLINGS == POOLINGS and C.FEDAVG_ENGINES == ENGINES
+    with pytest.raises(ConfigError, match=r"data\.corruption_severities=\[6\] must be a non-empty list of values in 1\.\.5"):
+        load_config(None, {"data": {"corruption_severities": [6]}})

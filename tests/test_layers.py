@@ -4,11 +4,14 @@ The import graph is read with ``ast`` from every module of hf_lpft/, function-le
 circle hidden inside a function is still a circle). Layers, from the top (each may import only its own
 layer and those listed before it), follow ../shared/DESIGN.md:
 
-    base (io, _faults) > config > speed, layout, checkpoint > data > models > train > strategies >
-    federated > evaluation > hub > run > pipeline > drivers (studies, flower_app, cli)
+    base (io, _faults, spec, registry) > data.schemes, data.shifts > config > speed, layout, checkpoint > data >
+    models > train > strategies > federated > evaluation > hub > run > pipeline > drivers (studies, flower_app, cli)
 
-Two places differ from the blueprint, on purpose: ``studies`` sit below ``pipeline`` (a sweep runs the
-pipeline once per point), and the Flower App is a driver (it runs the study over a Flower Grid).
+Three places differ from the blueprint, on purpose: ``data.schemes`` (the partition-scheme registry) and
+``data.shifts`` (corruption families, severities, modes) sit above ``config``, which checks ``data.scheme``,
+its options and the shift settings against the vocabularies they own; ``studies`` sit below ``pipeline``
+(a sweep runs the pipeline once per point), and the Flower App is a driver (it runs the study over a Flower
+Grid).
 ``hf_lpft/__init__.py`` is left out: it only re-exports ``load_personalized`` / ``predict`` lazily and holds
 ``__version__``.
 """
@@ -18,7 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "hf_lpft"
 LAYERS = [
-    ("hf_lpft.io", "hf_lpft._faults", "hf_lpft.spec"),
+    ("hf_lpft.io", "hf_lpft._faults", "hf_lpft.spec", "hf_lpft.registry"),
+    ("hf_lpft.data.schemes", "hf_lpft.data.shifts"),
     ("hf_lpft.config",),
     ("hf_lpft.speed", "hf_lpft.layout", "hf_lpft.checkpoint"),
     ("hf_lpft.data",),

@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from hf_lpft.config import ConfigError, _coerce, check_field_types
+from hf_lpft.registry import Registry, check_entry_class
 from hf_lpft.train.averaging import finish
 
-ALGORITHMS: dict[str, type[GeneralFL]] = {}
 ENGINES = ("builtin", "flower")
 LossHook = Callable[[nn.Module], torch.Tensor | None]
 
@@ -151,34 +151,29 @@ def from_message(text: str) -> GeneralFL:
 
 def check_algorithm_class(cls: type) -> None:
     """A registrable algorithm: a GeneralFL subclass that names and describes itself, on known engines."""
-    if not (isinstance(cls, type) and issubclass(cls, GeneralFL)):
-        raise TypeError(f"register_algorithm takes a GeneralFL subclass, not {cls!r}")
-    for attr in ("name", "display_name", "description"):
-        if not isinstance(vars(cls).get(attr), str) or not vars(cls)[attr].strip():
-            raise TypeError(f"algorithm class {cls.__name__} must set the class attribute {attr!r} itself "
-                            f"(a non-empty string), got {vars(cls).get(attr)!r}")
+    check_entry_class(cls, GeneralFL, kind="algorithm", own=("name", "display_name", "description"))
     if not cls.engines or set(cls.engines) - set(ENGINES):
         raise ValueError(f"algorithm {cls.name!r}: engines={cls.engines!r} must be a non-empty subset of {ENGINES}")
 
 
+ALGORITHMS: Registry[type[GeneralFL]] = Registry(
+    "general-FL algorithm", check=check_algorithm_class,
+    unknown=lambda name, names: ConfigError(f"fedavg.fl_strategy={name!r} is not allowed; choose one of "
+                                            f"{sorted(names)}"))
+
+
 def register_algorithm(cls: type[GeneralFL]) -> type[GeneralFL]:
     """Class decorator: add a general-FL algorithm to the registry under ``cls.name``."""
-    check_algorithm_class(cls)
-    if cls.name in ALGORITHMS:
-        raise ValueError(f"general-FL algorithm {cls.name!r} is registered twice")
-    ALGORITHMS[cls.name] = cls
-    return cls
+    return ALGORITHMS.register(cls)
 
 
 def unregister_algorithm(name: str) -> type[GeneralFL]:
     """Remove ``name`` from the registry (e.g. an algorithm a test registered); returns its class."""
-    return ALGORITHMS.pop(get_algorithm(name).name)
+    return ALGORITHMS.unregister(name)
 
 
 def get_algorithm(name: str) -> type[GeneralFL]:
-    if name not in ALGORITHMS:
-        raise ConfigError(f"fedavg.fl_strategy={name!r} is not allowed; choose one of {sorted(ALGORITHMS)}")
-    return ALGORITHMS[name]
+    return ALGORITHMS.lookup(name)
 
 
 def build_algorithm(name: str, args: dict | None = None, *, engine: str | None = None) -> GeneralFL:

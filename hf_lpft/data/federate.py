@@ -1,18 +1,9 @@
 """Any Hugging Face ``Dataset`` -> clients: flwr-datasets partitioners, per-client shifts, splits, a manifest.
 
-Schemes (each through a flwr-datasets partitioner, ``flwr_datasets.partitioner`` 0.6.1):
-
-- ``iid``: ``IidPartitioner`` over a seeded shuffle (equal sizes, same label mix);
-- ``dirichlet``: ``DirichletPartitioner`` over ``partition_by`` (default the label), concentration
-  ``alpha``; resampled until every client has ``min_partition_size`` examples, at most 10 attempts
-  (flwr-datasets' own bound), then a ``FederationError`` naming the values;
-- ``pathological``: ``PathologicalPartitioner``, ``classes_per_client`` classes a client
-  (McMahan et al.'s "first-deterministic" assignment, so every class is used when clients >= classes);
-- ``natural``: ``NaturalIdPartitioner``, one client per value of ``partition_by`` (default the domain);
-- ``quantity``: size skew with the label mix left iid: ``SizePartitioner`` with Dirichlet(alpha) sizes
-  (``quantity_mode=dirichlet``) or ``LinearPartitioner``/``SquarePartitioner``/``ExponentialPartitioner``;
-- ``natural+dirichlet``: one domain (``domain_column``) split over ``clients_per_domain`` clients with a
-  Dirichlet label skew inside each domain (domain x label shift).
+Schemes (iid, dirichlet, pathological, natural, quantity, natural+dirichlet, and any registered at run time)
+live in ``hf_lpft.data.schemes``, one ``@register_scheme`` class each: its options, its flwr-datasets
+partitioner and what the manifest records of it. Infeasible partitions (e.g. no Dirichlet draw leaves every
+client ``min_partition_size`` examples within 10 attempts) are a ``FederationError`` naming the values.
 
 ``partition_by`` may join columns with ``+`` (``Blond_Hair+Male``): the partitioner then sees their joint
 value, e.g. a Dirichlet over (label, spurious attribute) groups gives every client its own correlation
@@ -32,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,18 +31,20 @@ import datasets
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from hf_lpft.data.images import FederationError  # noqa: F401 - defined below data's other modules
+from hf_lpft.data.schemes import (  # noqa: F401 - FederationError, SCHEMES, QUANTITY_MODES: data's vocabulary
+    QUANTITY_MODES,
+    SCHEMES,
+    FederationError,
+    PartitionArgs,
+    get_scheme,
+    partition_view,
+)
+from hf_lpft.data.shifts import CORRUPTION_MODES
 from hf_lpft.io import write_text
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
-SCHEMES = ("iid", "dirichlet", "pathological", "natural", "quantity", "natural+dirichlet")
-QUANTITY_MODES = ("dirichlet", "linear", "square", "exponential")
-CORRUPTION_MODES = ("none", "per_client")
-_ROW = "__hf_lpft_row__"
-_KEY = "__hf_lpft_key__"
-_MAX_ATTEMPTS = 10
 _TOLD_UNNAMED: set[str] = set()  # label columns already reported as unnamed (said once a process)
 
 
@@ -135,8 +127,7 @@ def class_names_or_indices(names: Sequence[str] | None, num_classes: int) -> lis
 def identity_columns(fed: Federation) -> list[str]:
     """The columns a federation was computed from: the label and the partition column(s)."""
     names = [fed.params.get("label_column")] + (fed.params.get("partition_by") or "").split("+")
-    if fed.scheme == "natural+dirichlet":
-        names.append(fed.params.get("domain_column"))
+    names.append(fed.params.get("domain_column"))  # recorded by a scheme that reads it (natural+dirichlet)
     return list(dict.fromkeys(n for n in names if n))
 
 
@@ -199,112 +190,19 @@ def _check_params(scheme: str, *, num_clients: int, alpha: float, min_partition_
         (label_permutation >= 0, f"label_permutation={label_permutation!r} must be >= 0 (0 = off)"),
         (0.0 < test_fraction < 1.0, f"test_fraction={test_fraction!r} must be in (0, 1)"),
     ]
-    if scheme in ("iid", "dirichlet", "pathological", "quantity"):
+    if scheme in SCHEMES and "num_clients" in SCHEMES[scheme].options:
         checks.append((num_clients <= num_rows, f"num_clients={num_clients} exceeds the dataset's {num_rows} examples"))
     for ok, msg in checks:
         if not ok:
             raise FederationError(msg)
 
 
-def _partition_view(ds: datasets.Dataset, keys: list[str]) -> tuple[datasets.Dataset, dict[str, str]]:
-    """A light copy for the partitioners: the needed columns, joint keys (``a+b``) and the source row index."""
-    view = ds.select_columns(list(dict.fromkeys(c for k in keys for c in k.split("+"))))
-    view = view.add_column(_ROW, list(range(len(ds))))
-    names = {}
-    for k in keys:
-        if "+" in k:
-            parts = k.split("+")
-            joint = ["|".join(map(str, vals)) for vals in zip(*(view[p] for p in parts))]
-            name = f"{_KEY}{len(names)}"
-            view = view.add_column(name, joint)
-            names[k] = name
-        else:
-            names[k] = k
-    return view, names
-
-
-def _run(partitioner, view: datasets.Dataset, what: str) -> list[np.ndarray]:
-    """Row indices of every partition; a partitioner's ValueError becomes a FederationError naming ``what``."""
-    partitioner.dataset = view
-    try:
-        with warnings.catch_warnings():  # flwr-datasets warns at every Dirichlet redraw; a failure raises below
-            warnings.filterwarnings("ignore", category=UserWarning, module="flwr_datasets")
-            return [np.asarray(partitioner.load_partition(i)[_ROW], dtype=np.int64)
-                    for i in range(partitioner.num_partitions)]
-    except ValueError as err:
-        raise FederationError(f"{what}: {err}") from err
-
-
-def _quantity_sizes(n_rows: int, num_clients: int, *, alpha: float, min_size: int,
-                    rng: np.random.Generator) -> list[int]:
-    """Client sizes ~ Dirichlet(alpha) x n_rows, each >= min_size, resampled at most _MAX_ATTEMPTS times."""
-    if num_clients * min_size > n_rows:
-        raise FederationError(f"quantity: num_clients={num_clients} x min_partition_size={min_size} exceeds the "
-                              f"dataset's {n_rows} examples")
-    for _ in range(_MAX_ATTEMPTS):
-        sizes = np.floor(rng.dirichlet(np.full(num_clients, alpha)) * n_rows).astype(int)
-        sizes[np.argmax(sizes)] += n_rows - sizes.sum()
-        if sizes.min() >= max(min_size, 1):
-            return sizes.tolist()
-    raise FederationError(f"quantity: no sizes with min_partition_size={min_size} for alpha={alpha} and "
-                          f"num_clients={num_clients} after {_MAX_ATTEMPTS} attempts; raise alpha or lower "
-                          "min_partition_size")
-
-
-def _dirichlet(view, by: str, n: int, *, alpha: float, min_size: int, seed: int, what: str) -> list[np.ndarray]:
-    from flwr_datasets.partitioner import DirichletPartitioner
-
-    part = DirichletPartitioner(num_partitions=n, partition_by=by, alpha=float(alpha), min_partition_size=min_size,
-                                self_balancing=False, seed=seed)
-    return _run(part, view, f"{what} (alpha={alpha}, min_partition_size={min_size}, num_clients={n}; at most "
-                            f"{_MAX_ATTEMPTS} Dirichlet draws)")
-
-
-def _partition(ds: datasets.Dataset, scheme: str, *, by: str | None, label_column: str, domain_column: str,
-               num_clients: int, alpha: float, min_partition_size: int, classes_per_client: int,
-               quantity_mode: str, clients_per_domain: int, seed: int) -> list[tuple[str, np.ndarray]]:
-    """(client id, source rows) for every client of ``scheme``."""
-    import flwr_datasets.partitioner as P
-
-    keys = [k for k in (by, label_column) if k]
-    view, names = _partition_view(ds, keys)
-    ids = [f"client_{i:02d}" for i in range(num_clients)]
-    if scheme == "iid":
-        return list(zip(ids, _run(P.IidPartitioner(num_clients), view.shuffle(seed=seed), "iid")))
-    if scheme == "dirichlet":
-        return list(zip(ids, _dirichlet(view, names[by], num_clients, alpha=alpha, min_size=min_partition_size,
-                                        seed=seed, what="dirichlet")))
-    if scheme == "pathological":
-        n_unique = len(set(view[names[by]]))
-        if classes_per_client > n_unique:
-            raise FederationError(f"classes_per_client={classes_per_client} exceeds the {n_unique} distinct values of "
-                                  f"{by!r}")
-        part = P.PathologicalPartitioner(num_partitions=num_clients, partition_by=names[by],
-                                         num_classes_per_partition=classes_per_client,
-                                         class_assignment_mode="first-deterministic", seed=seed)
-        return list(zip(ids, _run(part, view, "pathological")))
-    if scheme == "quantity":
-        shuffled = view.shuffle(seed=seed)
-        if quantity_mode == "dirichlet":
-            sizes = _quantity_sizes(len(ds), num_clients, alpha=alpha, min_size=min_partition_size,
-                                    rng=np.random.default_rng(seed))
-            part = P.SizePartitioner([int(x) for x in sizes])
-        else:
-            part = {"linear": P.LinearPartitioner, "square": P.SquarePartitioner,
-                    "exponential": P.ExponentialPartitioner}[quantity_mode](num_clients)
-        return list(zip(ids, _run(part, shuffled, f"quantity_mode={quantity_mode!r}")))
-    natural = P.NaturalIdPartitioner(partition_by=names[by])
-    groups = _run(natural, view, "natural")
-    values = [str(natural.partition_id_to_natural_id[i]) for i in range(len(groups))]
-    if scheme == "natural":
-        return list(zip(values, groups))
-    out = []  # natural+dirichlet: a Dirichlet label split inside each domain
-    for k, (value, rows) in enumerate(zip(values, groups)):
-        sub = view.select(rows.tolist())
-        parts = _dirichlet(sub, names[label_column], clients_per_domain, alpha=alpha, min_size=min_partition_size,
-                           seed=seed + k, what=f"natural+dirichlet in {domain_column}={value!r}")
-        out += [(f"{value}_{j}", p) for j, p in enumerate(parts)]
-    return out
+def _partition(ds: datasets.Dataset, scheme: str, *, by: str | None, label_column: str,
+               **options) -> list[tuple[str, np.ndarray]]:
+    """(client id, source rows) for every client of ``scheme`` (``hf_lpft.data.schemes``)."""
+    view, columns = partition_view(ds, [k for k in (by, label_column) if k])
+    return get_scheme(scheme).partition(view, PartitionArgs(by=by, label_column=label_column, columns=columns,
+                                                            **options))
 
 
 def _split(rows: np.ndarray, labels: np.ndarray, *, test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -346,9 +244,8 @@ def _client_shifts(n: int, *, num_classes: int, corruption: str, corruption_fami
 
 
 def default_partition_by(scheme: str, *, label_column: str, domain_column: str) -> str | None:
-    """The column a scheme partitions by when ``partition_by`` is not given."""
-    return {"natural": domain_column, "natural+dirichlet": domain_column, "dirichlet": label_column,
-            "pathological": label_column}.get(scheme)
+    """The column a scheme partitions by when ``partition_by`` is not given (its ``partition_by_default``)."""
+    return {"label": label_column, "domain": domain_column}.get(get_scheme(scheme).partition_by_default)
 
 
 def _recorded_params(scheme: str, *, partition_by, label_column, test_fraction, max_examples_per_client, num_clients,
@@ -357,14 +254,10 @@ def _recorded_params(scheme: str, *, partition_by, label_column, test_fraction, 
     """The parameters a federation records in its manifest: those its scheme and shifts use, nothing else."""
     params = {"partition_by": partition_by, "label_column": label_column, "test_fraction": test_fraction,
               "max_examples_per_client": max_examples_per_client}
-    if scheme != "natural":
-        params.update(num_clients=num_clients)
-    if scheme in ("dirichlet", "natural+dirichlet") or (scheme == "quantity" and quantity_mode == "dirichlet"):
-        params.update(alpha=alpha, min_partition_size=min_partition_size)
-    params.update({"pathological": {"classes_per_client": classes_per_client},
-                   "quantity": {"quantity_mode": quantity_mode},
-                   "natural+dirichlet": {"domain_column": domain_column, "clients_per_domain": clients_per_domain}
-                   }.get(scheme, {}))
+    params.update(get_scheme(scheme).recorded(
+        {"num_clients": num_clients, "alpha": alpha, "min_partition_size": min_partition_size,
+         "classes_per_client": classes_per_client, "quantity_mode": quantity_mode, "domain_column": domain_column,
+         "clients_per_domain": clients_per_domain}))
     if corruption != "none":
         params.update(corruption=corruption, corruption_families=list(corruption_families or []) or None,
                       corruption_severities=list(corruption_severities or []) or None)

@@ -1,13 +1,11 @@
 """Reading stored images, below every other data module (federate, load and stats all decode images): a file
-or row that is not a readable image is a :class:`FederationError` naming it."""
+or row that is not a readable image is a :class:`FederationError` (``hf_lpft.data.schemes``) naming it."""
 
 from __future__ import annotations
 
 import datasets
 
-
-class FederationError(ValueError):
-    """The dataset cannot be federated as asked."""
+from hf_lpft.data.schemes import FederationError  # noqa: F401 - defined with the schemes (above config)
 
 
 def decode_image(feature: datasets.Image, stored: dict, *, row: int, column: str):

@@ -18,6 +18,10 @@ image side. Known approximations, said plainly:
 Every corruption is deterministic: the random state is seeded from (seed, row index), so the same row
 gives the same corrupted image whatever the order or batching.
 
+This module sits above ``hf_lpft.config`` (tests/test_layers.py), which checks ``data.corruption`` and
+``data.corruption_severities`` against :data:`CORRUPTION_MODES` and :data:`SEVERITIES`: it imports no hf_lpft
+module, and albumentations / datasets only when a corruption is built or applied.
+
 Concept shift: (a) a per-client permutation of a subset of the classes (labels swapped on that client
 only, seeded); (b) spurious colour (coloured-MNIST style): the digit is drawn in the colour of its class
 with a client-specific probability ``strength``, otherwise in the colour of a uniformly chosen other
@@ -35,6 +39,7 @@ CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", 
                "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
                "jpeg_compression")
 SEVERITIES = (1, 2, 3, 4, 5)
+CORRUPTION_MODES = ("none", "per_client")  # data.corruption: none, or one (family, severity) pair a client
 
 # One colour per class (RGB, 0-255): the spurious feature of coloured digits.
 PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),

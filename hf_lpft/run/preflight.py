@@ -40,6 +40,7 @@ from hf_lpft.data.federate import (
     num_classes_of,
 )
 from hf_lpft.data.load import builtin_options, load_from_config
+from hf_lpft.data.schemes import get_scheme, scheme_options
 from hf_lpft.layout import RunLayout
 from hf_lpft.run.tracking import check_precision, cpu_only_launch, launch_precision
 from hf_lpft.spec import BackboneSpec
@@ -48,12 +49,6 @@ from hf_lpft.strategies import Budget, Strategy, build_strategy
 logger = logging.getLogger(__name__)
 
 PROBE_SECONDS = 3.0  # how long a network probe may take; the whole network check stays under 5 s
-# Options that only some schemes use (hf_lpft.data.federate); option -> the schemes that read it.
-SCHEME_OPTIONS = {"num_clients": ("iid", "dirichlet", "pathological", "quantity"),
-                  "alpha": ("dirichlet", "natural+dirichlet", "quantity"),
-                  "min_partition_size": ("dirichlet", "natural+dirichlet", "quantity"),
-                  "classes_per_client": ("pathological",), "quantity_mode": ("quantity",),
-                  "clients_per_domain": ("natural+dirichlet",)}
 PUSH_LATER = ("or run without --push_to_hub and publish the finished run later with "
               "`hf-lpft push <output_dir> --hub_repo_id <namespace/name>`")
 
@@ -79,21 +74,21 @@ def preflight(cfg: ExperimentConfig) -> dict[str, Strategy]:
 def check_scheme_options(cfg: ExperimentConfig) -> None:
     """An option the chosen scheme does not read is an error when the user set it (``config.given_keys``:
     given in the YAML file or on the command line; for dataclasses built in Python, differing from its default)."""
-    d, given = cfg.data, given_keys(cfg, "data")
-    for option, schemes in SCHEME_OPTIONS.items():
+    d, given, scheme = cfg.data, given_keys(cfg, "data"), get_scheme(cfg.data.scheme)
+    for option, schemes in scheme_options().items():  # option -> the registered schemes that read it
         if option not in given:
             continue
         value = getattr(d, option)
-        if option == "num_clients" and d.scheme == "natural" and builder_takes(d.dataset, "num_clients"):
+        per_value = option == "num_clients" and scheme.one_client_per_value
+        if per_value and builder_takes(d.dataset, "num_clients"):
             continue  # an embedded builder that makes one domain a client (digits-c) takes the client count
         if d.scheme not in schemes:
-            hint = (" (natural makes one client per value of data.partition_by, default data.domain_column)"
-                    if option == "num_clients" and d.scheme == "natural" else "")
+            hint = (f" ({d.scheme} makes one client per value of data.partition_by, default data.domain_column)"
+                    if per_value and scheme.partition_by_default == "domain" else "")
             raise ConfigError(f"data.{option}={value!r} does not apply to data.scheme={d.scheme!r}{hint}; it is "
                               f"used by the schemes {list(schemes)}: remove it or choose one of those schemes")
-        if d.scheme == "quantity" and option in ("alpha", "min_partition_size") and d.quantity_mode != "dirichlet":
-            raise ConfigError(f"data.{option}={value!r} does not apply to data.scheme='quantity' with "
-                              f"data.quantity_mode={d.quantity_mode!r}; it is used with quantity_mode 'dirichlet'")
+        if why := scheme.inapplicable(option, vars(d)):
+            raise ConfigError(f"data.{option}={value!r} does not apply to data.scheme={d.scheme!r}{why}")
 
 
 def builder_takes(dataset: str, option: str) -> bool:
@@ -114,7 +109,8 @@ def check_sizes(cfg: ExperimentConfig) -> None:
         allowed = list(BUILTIN_CONFIGS.get(d.dataset, ()))
         raise ConfigError(f"data.dataset_config={d.dataset_config!r} is not a configuration of the embedded dataset "
                           f"{d.dataset!r}; " + (f"choose one of {allowed}" if allowed else "it has none: remove it"))
-    if d.scheme == "natural" and builder_takes(d.dataset, "num_clients") and "num_clients" in given_keys(cfg, "data"):
+    if get_scheme(d.scheme).one_client_per_value and builder_takes(d.dataset, "num_clients") \
+            and "num_clients" in given_keys(cfg, "data"):
         limit, why = BUILTIN_CLIENTS_MAX[d.dataset]
         if not 2 <= d.num_clients <= limit:
             raise ConfigError(f"data.num_clients={d.num_clients!r} is out of range for the embedded dataset "
@@ -538,13 +534,13 @@ def check_clients(cfg: ExperimentConfig, fed: Federation) -> None:
     d, only = cfg.data, fed.clients[0].client_id if fed.clients else None
     if d.manifest:
         cause = f"data.manifest={d.manifest!r} holds the single client {only!r}"
-    elif d.scheme in ("natural", "natural+dirichlet") and not builder_takes(d.dataset, "num_clients"):
+    elif get_scheme(d.scheme).clients_from_values and not builder_takes(d.dataset, "num_clients"):
         column = fed.params.get("partition_by") or d.partition_by or d.domain_column
         role = "data.partition_by" if d.partition_by else "data.domain_column"
         cause = f"{role}={column!r} has a single value in this dataset"
         if d.domain_level is not None and not d.partition_by:
             cause += f" (data.domain_level={d.domain_level}: that folder level below data.data_dir holds one folder)"
-        if d.scheme == "natural+dirichlet":
+        if "clients_per_domain" in get_scheme(d.scheme).options:
             cause += f" and data.clients_per_domain={d.clients_per_domain}"
     else:
         cause = f"data.num_clients={d.num_clients!r} gives the single client {only!r}"

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from hf_lpft.config import ConfigError, _coerce, check_field_types
+from hf_lpft.registry import Registry, check_entry_class
 from hf_lpft.train.phase import BN_MODES, SOLVERS, Phase
 
-STRATEGIES: dict[str, type[Strategy]] = {}
 # What ``Strategy.export`` writes: a SplitModel folder (``save_pretrained``; the Hub export keeps only the head
 # when the backbone equals θ_G's) or a peft adapter folder (adapters + head, loaded onto θ_G).
 EXPORT_KINDS = {"full": "a SplitModel folder (model.safetensors + config.json)",
@@ -183,12 +183,7 @@ class Strategy(ABC):
 def check_strategy_class(cls: type) -> None:
     """A registrable strategy: a Strategy subclass that sets its own ``name`` and ``display_name`` (a subclass
     must not show its parent's), a ``description`` and an ``export_kind`` from :data:`EXPORT_KINDS`."""
-    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
-        raise TypeError(f"register_strategy takes a Strategy subclass, not {cls!r}")
-    for attr in ("name", "display_name"):
-        if not isinstance(vars(cls).get(attr), str) or not vars(cls)[attr].strip():
-            raise TypeError(f"strategy class {cls.__name__} must set the class attribute {attr!r} itself "
-                            f"(a non-empty string), got {vars(cls).get(attr)!r}")
+    check_entry_class(cls, Strategy, kind="strategy", own=("name", "display_name"))
     if not isinstance(getattr(cls, "description", None), str) or not cls.description.strip():
         raise TypeError(f"strategy class {cls.__name__} must set 'description' (a non-empty string)")
     if getattr(cls, "export_kind", None) not in EXPORT_KINDS:
@@ -196,19 +191,20 @@ def check_strategy_class(cls: type) -> None:
                          f"choose one of {list(EXPORT_KINDS)}")
 
 
+STRATEGIES: Registry[type[Strategy]] = Registry(
+    "strategy", check=check_strategy_class,
+    unknown=lambda name, names: ConfigError(f"unknown strategy {name!r}; registered strategies: {sorted(names)}"))
+
+
 def register_strategy(cls: type[Strategy]) -> type[Strategy]:
     """Class decorator: add a strategy to the registry under ``cls.name`` after :func:`check_strategy_class`
     (as peft checks the methods it registers)."""
-    check_strategy_class(cls)
-    if cls.name in STRATEGIES:
-        raise ValueError(f"strategy {cls.name!r} is registered twice")
-    STRATEGIES[cls.name] = cls
-    return cls
+    return STRATEGIES.register(cls)
 
 
 def unregister_strategy(name: str) -> type[Strategy]:
     """Remove ``name`` from the registry (e.g. a strategy a test registered); returns its class."""
-    return STRATEGIES.pop(get_strategy(name).name)
+    return STRATEGIES.unregister(name)
 
 
 def display_name(name: str) -> str:
@@ -220,9 +216,7 @@ def display_name(name: str) -> str:
 
 def get_strategy(name: str) -> type[Strategy]:
     """The registered strategy class called ``name``."""
-    if name not in STRATEGIES:
-        raise ConfigError(f"unknown strategy {name!r}; registered strategies: {sorted(STRATEGIES)}")
-    return STRATEGIES[name]
+    return STRATEGIES.lookup(name)
 
 
 def build_strategy(name: str, args: dict | None = None, *, budget: Budget | None = None,
