@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "hf_lpft"
 LAYERS = [
-    ("hf_lpft.io", "hf_lpft._faults", "hf_lpft.spec"),
+    ("hf_lpft.io", "hf_lpft._faults", "hf_lpft.spec", "hf_lpft.errors"),
     ("hf_lpft.config",),
     ("hf_lpft.speed", "hf_lpft.layout", "hf_lpft.checkpoint"),
     ("hf_lpft.data",),

@@ -11,6 +11,7 @@ from torch import nn
 
 from hf_lpft.layout import RunLayout
 from hf_lpft.models.backbone import SplitModel
+from hf_lpft.spec import REPO_ID
 
 
 def _local_root(path: Path) -> Path:
@@ -35,8 +36,6 @@ def _client_rel(record: dict, strategy: str, client_id: str, seed: int | None) -
 
 def _check_source(repo_or_dir: str | Path) -> None:
     """A path that is not a folder fails as such (not as a malformed Hub repo id)."""
-    from hf_lpft.config import REPO_ID
-
     text, local = str(repo_or_dir), Path(repo_or_dir)
     if local.is_dir():
         return
