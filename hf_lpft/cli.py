@@ -298,7 +298,7 @@ def push_from_args(argv: list[str]) -> int:
     try:
         hub = HubConfig(push_to_hub=not args.local_only, hub_repo_id=args.hub_repo_id, hub_private=args.hub_private,
                         hub_results_repo_id=args.hub_results_repo_id, hub_experiment=args.hub_experiment)
-        result = publish_run(argparse.Namespace(hub=hub), args.output_dir)
+        result = publish_run(hub, args.output_dir)
     except (ConfigError, FileNotFoundError, HubPushError) as err:
         print(f"hf-lpft push: {err}", file=sys.stderr)
         return 2

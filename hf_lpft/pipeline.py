@@ -194,6 +194,6 @@ def run(cfg: ExperimentConfig, *, accelerator: Accelerator | None = None) -> Run
                            accelerator=accelerator)
     if own_trackers:
         finish_trackers(accelerator)
-    publish_run(cfg, out)  # <out>/hub: the Hub-ready folders, pushed when cfg.hub.push_to_hub
+    publish_run(cfg.hub, out)  # <out>/hub: the Hub-ready folders, pushed when cfg.hub.push_to_hub
     accelerator.wait_for_everyone()
     return result

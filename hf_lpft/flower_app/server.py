@@ -305,7 +305,7 @@ def write_study(cfg: ExperimentConfig, out: Path, records: list[dict], strategie
                                                                 for c in clients]}},
         "train_info": train_info(records), "meta_info": meta_info()})
     write_report(out)
-    publish_run(cfg, out)
+    publish_run(cfg.hub, out)
     log(INFO, "Results (%d seed(s)), accuracy %%, mean (std over seeds):", len(cfg.run.seeds))
     for line in markdown.splitlines():
         if line.startswith("|"):  # the table; its legend is in summary.md
