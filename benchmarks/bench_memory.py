@@ -17,7 +17,6 @@ from __future__ import annotations
 import tempfile
 import threading
 import time
-from pathlib import Path
 
 import psutil
 from accelerate import Accelerator
@@ -27,6 +26,7 @@ import hf_lpft.run.units as units
 from hf_lpft.config import load_config
 from hf_lpft.models.backbone import build_model
 from hf_lpft.run.preflight import build_strategies
+from hf_lpft.run.settings import eval_settings, run_layout
 from hf_lpft.run.units import personalize_all
 from hf_lpft.speed import use_memory_format
 
@@ -74,8 +74,8 @@ def personalize_clients(k: int, args, accelerator) -> tuple[float, float, list[f
         try:
             start = time.perf_counter()
             with RssSampler() as rss:
-                personalize_all(cfg, build_strategies(cfg), global_model, clients, seed=0, out=Path(out),
-                                accelerator=accelerator)
+                personalize_all(cfg, build_strategies(cfg), global_model, clients, seed=0, layout=run_layout(cfg.run),
+                                accelerator=accelerator, evaluation=eval_settings(cfg.run, cfg.pft))
         finally:
             units.log_unit = original
     return (rss.peak - rss.start) / 2**20, rss.peak / 2**20, after_unit, (time.perf_counter() - start) / k

@@ -3,6 +3,10 @@
 Every write is atomic (temporary name, then rename), so a kill at any moment leaves either the previous
 complete checkpoint or the new one, never a half-written file. A unit's record is written only after its
 model export, so "record exists" means "unit complete".
+
+The folder: ``checkpoints/seed_<s>/fedavg/`` (the latest round) and
+``checkpoints/seed_<s>/units/<strategy>/<client_id>.json``, always with the seed level; a run reaches it as
+``RunLayout.checkpoints`` (``hf_lpft.layout`` builds on this module).
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_lpft.io import atomic_path, write_json
-from hf_lpft.layout import RunLayout
 
 _SEP = "::"  # client id / state key separator inside client_bn.safetensors
 
@@ -28,14 +31,13 @@ class SavedFLState(NamedTuple):
 
 
 class Checkpoints:
-    """The ``checkpoints/`` folder of a run."""
+    """The ``checkpoints/`` folder of the run (or stored FedAvg result) at ``output_dir``."""
 
     def __init__(self, output_dir: str | Path):
-        self.layout = RunLayout(Path(output_dir))
-        self.root = self.layout.checkpoints
+        self.root = Path(output_dir) / "checkpoints"
 
     def _fedavg_dir(self, seed: int) -> Path:
-        return self.layout.fedavg_checkpoint(seed)
+        return self.root / f"seed_{seed}" / "fedavg"
 
     def save_round(self, seed: int, state: dict, history: list[dict], *, client_bn: dict | None = None,
                    fl_state=None) -> None:
@@ -95,23 +97,25 @@ class Checkpoints:
                 out.clients.setdefault(cid, {})[key] = tensor
         return out
 
-    def _unit_path(self, seed: int, strategy: str, client_id: str) -> Path:
-        return self.layout.unit_record(seed, strategy, client_id)
+    def unit_record(self, seed: int, strategy: str, client_id: str) -> Path:
+        """Where the record of the (seed, strategy, client) unit is (it exists once the unit is complete)."""
+        return self.root / f"seed_{seed}" / "units" / strategy / f"{client_id}.json"
 
     def save_unit(self, seed: int, strategy: str, client_id: str, record: dict) -> None:
-        write_json(self._unit_path(seed, strategy, client_id), record)
+        write_json(self.unit_record(seed, strategy, client_id), record)
 
     def load_unit(self, seed: int, strategy: str, client_id: str) -> dict | None:
-        path = self._unit_path(seed, strategy, client_id)
+        path = self.unit_record(seed, strategy, client_id)
         return json.loads(path.read_text()) if path.is_file() else None
 
 
-def resume_summary(layout: RunLayout, *, rounds: int | None, strategies: list[str], client_ids: list[str]) -> str:
-    """One line saying what a resumed run reuses from ``layout``'s checkpoints: the FedAvg rounds of each seed
-    (``rounds`` None: the global model is given, no FedAvg) and the finished (seed, strategy, client) units per
-    strategy. It counts what the pipeline then loads: round checkpoints and unit records."""
-    ckpt, seeds = Checkpoints(layout.root), layout.seeds
-    finished = {s: sum(layout.unit_record(seed, s, c).is_file() for seed in seeds for c in client_ids)
+def resume_summary(layout, *, rounds: int | None, strategies: list[str], client_ids: list[str]) -> str:
+    """One line saying what a resumed run reuses from the checkpoints of ``layout`` (the run's
+    ``hf_lpft.layout.RunLayout``): the FedAvg rounds of each seed (``rounds`` None: the global model is given, no
+    FedAvg) and the finished (seed, strategy, client) units per strategy. It counts what the pipeline then
+    loads: round checkpoints and unit records."""
+    ckpt, seeds = layout.checkpoints, layout.seeds
+    finished = {s: sum(ckpt.unit_record(seed, s, c).is_file() for seed in seeds for c in client_ids)
                 for s in strategies}
     fedavg = {seed: ckpt.rounds_done(seed) for seed in seeds} if rounds is not None else {}
     if not any(finished.values()) and not any(fedavg.values()):

@@ -194,9 +194,10 @@ def interrupted_message(cfg) -> str:
     writes it into its output folder before any work), or what to do when nothing of it was saved."""
     if cfg is None:
         return "hf-lpft: interrupted before the run started; nothing was written"
-    from hf_lpft.layout import RunLayout, config_differences
+    from hf_lpft.layout import config_differences
+    from hf_lpft.run.settings import run_layout
 
-    config = RunLayout.of(cfg).config
+    config = run_layout(cfg.run).config
     try:
         saved = yaml.safe_load(config.read_text()) if config.is_file() else None
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
@@ -298,7 +299,7 @@ def push_from_args(argv: list[str]) -> int:
     try:
         hub = HubConfig(push_to_hub=not args.local_only, hub_repo_id=args.hub_repo_id, hub_private=args.hub_private,
                         hub_results_repo_id=args.hub_results_repo_id, hub_experiment=args.hub_experiment)
-        result = publish_run(argparse.Namespace(hub=hub), args.output_dir)
+        result = publish_run(hub, args.output_dir)
     except (ConfigError, FileNotFoundError, HubPushError) as err:
         print(f"hf-lpft push: {err}", file=sys.stderr)
         return 2

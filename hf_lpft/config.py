@@ -20,11 +20,10 @@ import yaml
 
 from hf_lpft.data.schemes import QUANTITY_MODES, SCHEMES
 from hf_lpft.data.shifts import CORRUPTION_MODES, SEVERITIES
-from hf_lpft.spec import BackboneSpec
 
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or out of range."""
+# ConfigError and REPO_ID live below the config (layers that must not import it use them) and are re-exported here.
+from hf_lpft.errors import ConfigError
+from hf_lpft.spec import REPO_ID, BackboneSpec
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -462,9 +461,6 @@ class RunConfig:
         if self.mixed_precision is not None:
             _check_choice("run.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
         _check_choice("run.memory_format", self.memory_format, MEMORY_FORMATS)
-
-
-REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @dataclass

@@ -5,7 +5,13 @@ global model), ``clients/<strategy>/<client_id>/`` (personalized weights), ``che
 ``results.parquet``, ``cross_client.parquet``, ``curves.parquet``, ``summary.md``, ``report.md`` with
 ``figures/``, ``logs/`` (trackers) and ``hub/`` (the Hub-ready folders). With several seeds, model folders get
 a ``seed_<s>`` level (``global/seed_<s>/``, ``clients/<strategy>/<client_id>/seed_<s>/``); that rule lives
-here only. Checkpoints always carry the seed level (``checkpoints/seed_<s>/...``).
+here only. ``checkpoints/`` belongs to :class:`hf_lpft.checkpoint.Checkpoints` (``layout.checkpoints``), whose
+paths always carry the seed level (``checkpoints/seed_<s>/...``).
+
+A layout is built once per run from the config (``hf_lpft.run.settings.run_layout``) and handed down; this
+module does not read the config. Its seeds are explicit: ``RunLayout(root, seeds)``, or
+``RunLayout.without_seeds(root)`` for the run-level files of a folder whose seeds are unknown or irrelevant
+(whose model folder paths then raise instead of guessing the one-seed layout).
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from pathlib import Path
 import yaml
 
 from hf_lpft._faults import fault_point
-from hf_lpft.config import ConfigError, ExperimentConfig
+from hf_lpft.checkpoint import Checkpoints
+from hf_lpft.errors import ConfigError
 from hf_lpft.io import atomic_path
 from hf_lpft.speed import contiguous_weights
 
@@ -34,19 +41,20 @@ _RESUMABLE = ("run.resume", "run.overwrite", "run.report_to")
 
 @dataclass(frozen=True)
 class RunLayout:
-    """Every path of the output folder ``root`` of a run over ``seeds``."""
+    """Every path of the output folder ``root`` of a run over ``seeds`` (None: unknown, see :meth:`without_seeds`)."""
 
     root: Path
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] | None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
-        object.__setattr__(self, "seeds", tuple(self.seeds))
+        object.__setattr__(self, "seeds", None if self.seeds is None else tuple(self.seeds))
 
     @classmethod
-    def of(cls, cfg: ExperimentConfig) -> RunLayout:
-        """The layout of ``cfg.run.output_dir`` for ``cfg.run.seeds``."""
-        return cls(Path(cfg.run.output_dir), tuple(cfg.run.seeds))
+    def without_seeds(cls, root: str | Path) -> RunLayout:
+        """The run-level paths of ``root`` (``config.yaml``, ``run_record.json``, results, ``hub/``, ...), for a
+        folder whose seeds are not known here; asking it for a model folder raises."""
+        return cls(Path(root), None)
 
     # -- files and folders of the whole run
     @property
@@ -104,8 +112,9 @@ class RunLayout:
         return self.hub / "results"
 
     @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
+    def checkpoints(self) -> Checkpoints:
+        """The run's resume points (``checkpoints/``)."""
+        return Checkpoints(self.root)
 
     @property
     def provenance(self) -> tuple[Path, ...]:
@@ -115,6 +124,10 @@ class RunLayout:
     # -- model folders: the seed level only with several seeds
     def seed_part(self, seed: int) -> tuple[str, ...]:
         """``("seed_<s>",)`` when the run has several seeds, else ``()``."""
+        if self.seeds is None:
+            raise ValueError(f"the layout of {str(self.root)!r} was built without its seeds "
+                             "(RunLayout.without_seeds): its model folders depend on them; build "
+                             "RunLayout(root, seeds)")
         return (f"seed_{seed}",) if len(self.seeds) > 1 else ()
 
     def global_rel(self, seed: int) -> Path:
@@ -131,23 +144,17 @@ class RunLayout:
     def client_dir(self, strategy: str, client_id: str, seed: int) -> Path:
         return self.root / self.client_rel(strategy, client_id, seed)
 
-    # -- resume points (always with a seed level)
-    def fedavg_checkpoint(self, seed: int) -> Path:
-        return self.checkpoints / f"seed_{seed}" / "fedavg"
-
-    def unit_record(self, seed: int, strategy: str, client_id: str) -> Path:
-        return self.checkpoints / f"seed_{seed}" / "units" / strategy / f"{client_id}.json"
-
     # -- preparing the folder
-    def check(self, cfg: ExperimentConfig) -> Path:
-        """The folder can be used as ``cfg`` asks (fresh, resumed with the same config, overwritten) and
-        written; creates nothing (a probe file in the nearest existing folder is created and deleted)."""
+    def check(self, *, resume: bool, overwrite: bool, config: dict) -> Path:
+        """The folder can be used as asked (fresh, ``resume``d with the same ``config``: the run's resolved config
+        as a plain dict, or ``overwrite``n) and written; creates nothing (a probe file in the nearest existing
+        folder is created and deleted)."""
         out = self.root
         if out.exists() and not out.is_dir():
             raise ConfigError(f"run.output_dir={str(out)!r} exists and is not a folder")
-        if cfg.run.resume and self.config.is_file():
-            self._check_resumable(cfg)
-        elif out.is_dir() and any(out.iterdir()) and not cfg.run.overwrite and not cfg.run.resume:
+        if resume and self.config.is_file():
+            self._check_resumable(config)
+        elif out.is_dir() and any(out.iterdir()) and not overwrite and not resume:
             raise ConfigError(f"run.output_dir={str(out)!r} is not empty; pass --run.resume true to continue "
                               "it, --run.overwrite true to start again, or choose another folder")
         existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
@@ -161,22 +168,22 @@ class RunLayout:
                               "choose a folder you can create and write files in") from err
         return out
 
-    def _check_resumable(self, cfg: ExperimentConfig) -> None:
-        """The saved ``config.yaml`` is readable and differs from ``cfg`` only in what a resume may change."""
+    def _check_resumable(self, config: dict) -> None:
+        """The saved ``config.yaml`` is readable and differs from ``config`` only in what a resume may change."""
         try:
             saved = yaml.safe_load(self.config.read_text())
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
             raise ConfigError(f"cannot resume {str(self.root)!r}: its config.yaml is unreadable ({err}); "
                               "use --run.overwrite true to start again") from None
-        diff = config_differences(saved if isinstance(saved, dict) else {}, cfg.to_dict())
+        diff = config_differences(saved if isinstance(saved, dict) else {}, config)
         if diff:
             raise ConfigError(f"cannot resume {str(self.root)!r}: the config differs from the saved one: {diff}")
 
-    def prepare(self, cfg: ExperimentConfig) -> Path:
-        """Create the folder (checked first by :meth:`check`); a non-empty one that is not resumed with the
-        same config is overwritten: only what a run writes is removed."""
-        out = self.check(cfg)
-        resuming = cfg.run.resume and self.config.is_file()
+    def prepare(self, *, resume: bool, overwrite: bool, config: dict) -> Path:
+        """Create the folder (checked first by :meth:`check`, same arguments); a non-empty one that is not resumed
+        with the same config is overwritten: only what a run writes is removed."""
+        out = self.check(resume=resume, overwrite=overwrite, config=config)
+        resuming = resume and self.config.is_file()
         if not resuming and out.is_dir() and any(out.iterdir()):
             self.check_writable()
             for name in OUTPUT_NAMES:  # start again: remove only what a run writes

@@ -56,6 +56,7 @@ from hf_lpft.run.general_fl import describe_general_fl
 from hf_lpft.run.given_model import check_global_model
 from hf_lpft.run.preflight import federation_checked, preflight
 from hf_lpft.run.pretrain import obtain_global_model
+from hf_lpft.run.settings import eval_settings, prepare_folder, run_layout
 from hf_lpft.run.tracking import check_precision, cpu_only_launch, finish_trackers, make_accelerator
 from hf_lpft.run.units import personalize_all
 from hf_lpft.speed import memory_format_of, resolve_num_threads
@@ -81,18 +82,18 @@ def batchnorm_record(cfg: ExperimentConfig, strategies: dict[str, Strategy]) -> 
 
 
 def run_seed(cfg: ExperimentConfig, strategies: dict[str, Strategy], clients: list[ClientData], num_classes: int,
-             *, seed: int, out: Path, accelerator: Accelerator, timings: dict,
+             *, seed: int, layout: RunLayout, accelerator: Accelerator, timings: dict,
              class_names: list[str] | None = None) -> tuple[list[dict], list[dict]]:
-    """FedAvg then every personalization unit for one seed (every model named ``class_names``); returns
-    (global-model records, unit records)."""
-    t = time.perf_counter()
-    given = obtain_global_model(cfg, clients, num_classes, seed=seed, out=out, accelerator=accelerator,
+    """FedAvg then every personalization unit for one seed (every model named ``class_names``, saved into
+    ``layout``); returns (global-model records, unit records)."""
+    t, evaluation = time.perf_counter(), eval_settings(cfg.run, cfg.pft)
+    given = obtain_global_model(cfg, clients, num_classes, seed=seed, layout=layout, accelerator=accelerator,
                                 class_names=class_names)
     global_model, history, client_bn = given.model, given.history, given.client_bn
     timings[f"fedavg_seed_{seed}"] = time.perf_counter() - t
     t = time.perf_counter()
-    accs = global_model_accuracies(cfg, global_model, clients, client_bn, accelerator.device)
-    references = reference_features(cfg, global_model, clients, client_bn, accelerator.device)
+    accs = global_model_accuracies(evaluation, global_model, clients, client_bn, accelerator.device)
+    references = reference_features(evaluation, global_model, clients, client_bn, accelerator.device)
     timings[f"evaluate_global_model_seed_{seed}"] = time.perf_counter() - t
     self_dist = SELF_DISTORTION if references else NO_DISTORTION
     global_rows = [{"row": result_row(seed, "global_model", i, c, accs[i], None) | self_dist | {"error": None},
@@ -100,8 +101,8 @@ def run_seed(cfg: ExperimentConfig, strategies: dict[str, Strategy], clients: li
                     "global_source": given.source if i == 0 else None,
                     "memory_format": memory_format_of(global_model)} for i, c in enumerate(clients)]
     t = time.perf_counter()
-    units = personalize_all(cfg, strategies, global_model, clients, seed=seed, out=out, accelerator=accelerator,
-                            client_bn=client_bn, references=references)
+    units = personalize_all(cfg, strategies, global_model, clients, seed=seed, layout=layout, accelerator=accelerator,
+                            evaluation=evaluation, client_bn=client_bn, references=references)
     timings[f"personalize_seed_{seed}"] = time.perf_counter() - t
     for r in units:  # per strategy and stage (units resumed from an older run may lack stage_seconds)
         for stage, sec in (r.get("stage_seconds") or {}).items():
@@ -132,7 +133,6 @@ def run_record(cfg: ExperimentConfig, strategies: dict[str, Strategy], fed: Fede
                      "global_model": {r["row"]["seed"]: r["global_source"] for r in records if r.get("global_source")},
                      "preprocessing": preprocessing_for(cfg).to_dict(),
                      "mixed_precision": accelerator.mixed_precision,
-
                      "speed": {"torch_threads": torch.get_num_threads(), "fedavg_eval_every": cfg.fedavg.eval_every,
                                "memory_format": next((r["memory_format"] for r in records if "memory_format" in r),
                                                      None)}},
@@ -151,7 +151,7 @@ def write_outputs(cfg: ExperimentConfig, strategies: dict[str, Strategy], fed: F
     timings["write_results"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     write_json(layout.record, run_record(cfg, strategies, fed, records, timings=timings, accelerator=accelerator))
-    write_report(layout.root)
+    write_report(layout)
     return RunResult(layout.root, results, summary, markdown)
 
 
@@ -165,24 +165,24 @@ def run(cfg: ExperimentConfig, *, accelerator: Accelerator | None = None) -> Run
     federated = federation_checked(cfg)  # dataset, labels, manifest, partition: in memory, before the folder
     check_global_model(cfg, federated[1].num_classes)  # a given model's files, kind and head, before the folder
     inputs = federation_inputs(cfg, federated)  # every image decoded: a damaged file fails before the folder
-    layout = RunLayout.of(cfg)
-    out = layout.prepare(cfg) if main else layout.root
+    layout = run_layout(cfg.run)
+    out = prepare_folder(cfg, layout) if main else layout.root
     if main:  # first, so that an interrupted run can always be resumed from its own config.yaml
         write_text(layout.config, cfg.to_yaml())
     own_trackers = accelerator is None and cfg.run.report_to != "none"
-    accelerator = make_accelerator(cfg, out, accelerator)
+    accelerator = make_accelerator(cfg, layout, accelerator)
     check_precision(accelerator)
     accelerator.wait_for_everyone()
     torch.set_num_threads(resolve_num_threads(cfg.run.num_threads))  # measured default: hf_lpft.speed
     timings = {}
-    fed, clients = build_federation(cfg, out, timings, write=accelerator.is_main_process, inputs=inputs)
+    fed, clients = build_federation(cfg, layout, timings, write=accelerator.is_main_process, inputs=inputs)
     if cfg.run.resume and accelerator.is_main_process:  # one line: what the interrupted run left that is reused
         logger.info(resume_summary(layout, rounds=None if cfg.model.global_model else cfg.fedavg.rounds,
                                    strategies=list(strategies), client_ids=fed.client_ids))
     timings["federate"] = time.perf_counter() - t0
     records = []
     for seed in cfg.run.seeds:
-        global_rows, units = run_seed(cfg, strategies, clients, fed.num_classes, seed=seed, out=out,
+        global_rows, units = run_seed(cfg, strategies, clients, fed.num_classes, seed=seed, layout=layout,
                                       accelerator=accelerator, timings=timings, class_names=fed.class_names)
         records += global_rows + units
     if not accelerator.is_main_process:  # every process holds all records; the main process writes them
@@ -194,6 +194,6 @@ def run(cfg: ExperimentConfig, *, accelerator: Accelerator | None = None) -> Run
                            accelerator=accelerator)
     if own_trackers:
         finish_trackers(accelerator)
-    publish_run(cfg, out)  # <out>/hub: the Hub-ready folders, pushed when cfg.hub.push_to_hub
+    publish_run(cfg.hub, out)  # <out>/hub: the Hub-ready folders, pushed when cfg.hub.push_to_hub
     accelerator.wait_for_everyone()
     return result

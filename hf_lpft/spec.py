@@ -3,15 +3,18 @@
 ``timm:<model name>``, ``hf:<model id, folder or installed alias>`` or ``hf-config:<preset or config path>``.
 The string is parsed here and nowhere else: the config parses it once (``ModelConfig.spec``) and hands the
 :class:`BackboneSpec` down; a string read back from a saved model's ``config.json`` is parsed at that boundary
-with :meth:`BackboneSpec.parse`, which also accepts an already parsed spec. Standard library only, so that
-``config`` (the bottom layer) can use it.
+with :meth:`BackboneSpec.parse`, which also accepts an already parsed spec. Also the form of a Hub repo id
+(:data:`REPO_ID`). Standard library only, so that ``config`` (the bottom layer) can use it.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 BACKBONE_PREFIXES = ("timm", "hf", "hf-config")
+# A Hub repo id, ``namespace/name`` (checked by the config's hub.* and model.global_model, and by the loader).
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @dataclass(frozen=True)

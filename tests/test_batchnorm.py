@@ -13,10 +13,12 @@ from hf_lpft.config import ConfigError, load_config
 from hf_lpft.evaluation.clients import cross_accuracy
 from hf_lpft.federated.fedavg import bn_keys, run_fedavg, with_client_bn
 from hf_lpft.federated.fedbn import client_global_model
+from hf_lpft.layout import RunLayout
 from hf_lpft.models.backbone import SplitModel, build_model
 from hf_lpft.pipeline import run
 from hf_lpft.run.federation import build_federation
 from hf_lpft.run.personalize import personalize
+from hf_lpft.run.settings import eval_settings
 from hf_lpft.strategies import Budget, build_strategy
 from hf_lpft.train.loop import OptimSettings, derive_seed, train_phase
 from hf_lpft.train.phase import Phase
@@ -167,14 +169,15 @@ def test_pipeline_fedbn_personalizes_from_each_clients_own_bn(tmp_path, tiny_ds_
     assert record["fedavg"] == "local" and record["pft_phases"]["bn_adapt"] == {"bn_statistics": "reestimate"}
     client_bn = Checkpoints(out).load_client_bn(0)
     global_model = SplitModel.from_pretrained(out / "global")
-    _, clients = build_federation(cfg, tmp_path / "rebuild")
+    _, clients = build_federation(cfg, RunLayout(tmp_path / "rebuild", cfg.run.seeds))
     df = result.results
     for i, cid in enumerate(["a", "b", "c"]):
         lp = load_file(str(out / "clients" / "lp" / cid / "model.safetensors"))
         # LP freezes BatchNorm, so the personalized model carries exactly client i's own FedBN statistics.
         assert all(torch.equal(lp[k], v) for k, v in client_bn[cid].items())
         row = df[(df.strategy == "global_model") & (df.client_id == cid)].iloc[0]
-        expected = cross_accuracy(client_global_model(global_model, client_bn, cid), clients, cfg=cfg, device="cpu")
+        expected = cross_accuracy(client_global_model(global_model, client_bn, cid), clients,
+                                  settings=eval_settings(cfg.run, cfg.pft), device="cpu")
         assert list(row.acc_by_client) == pytest.approx(expected)
 
 

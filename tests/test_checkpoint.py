@@ -59,3 +59,22 @@ def test_resume_summary_counts_what_a_resumed_run_loads(tmp_path):
     assert resume_summary(layout, **(kwargs | {"rounds": None})) == (
         f"resuming {tmp_path}: reusing 3 of 8 finished personalization units (ft 3/4, lp_ft 0/4); the given global "
         "model is loaded again, the rest runs now")
+
+
+def test_run_layout_needs_its_seeds(tmp_path):
+    """``RunLayout(root)`` no longer means the one-seed layout: the seeds are required, and a layout built
+    without them (for a folder's run-level files) refuses model folder paths instead of guessing."""
+    from hf_lpft.checkpoint import Checkpoints
+    from hf_lpft.layout import RunLayout
+
+    with pytest.raises(TypeError):
+        RunLayout(tmp_path)  # type: ignore[call-arg]
+    assert RunLayout(tmp_path, [3]).global_dir(3) == tmp_path / "global"
+    assert RunLayout(tmp_path, (0, 1)).client_dir("ft", "a", 1) == tmp_path / "clients" / "ft" / "a" / "seed_1"
+    bare = RunLayout.without_seeds(tmp_path)
+    assert bare.record == tmp_path / "run_record.json" and bare.hub_model == tmp_path / "hub" / "model"
+    with pytest.raises(ValueError, match="without its seeds"):
+        bare.global_dir(0)
+    ckpt = RunLayout(tmp_path, (0,)).checkpoints
+    assert isinstance(ckpt, Checkpoints) and ckpt.root == tmp_path / "checkpoints"
+    assert ckpt.unit_record(0, "ft", "a") == tmp_path / "checkpoints" / "seed_0" / "units" / "ft" / "a.json"

@@ -303,10 +303,11 @@ def test_node_finds_its_data_from_its_node_config(tmp_path, tiny_ds_path):
     import torch
 
     from hf_lpft.flower_app.node import load_node
+    from hf_lpft.layout import RunLayout
     from hf_lpft.run.federation import build_federation
 
     cfg = load_config(None, {"data": {"dataset": tiny_ds_path, "num_classes": 4}})
-    _, clients = build_federation(cfg, tmp_path / "run")  # the built-in engine's clients and manifest
+    _, clients = build_federation(cfg, RunLayout(tmp_path / "run", cfg.run.seeds))  # the built-in engine's clients and manifest
     manifest = str(tmp_path / "run" / "federation" / "manifest.json")
     for attempt in ("decoded", "cached"):
         node = load_node(cfg, {"partition-id": 1, "manifest": manifest, "cache-dir": str(tmp_path / "cache")})

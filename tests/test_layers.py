@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "hf_lpft"
 LAYERS = [
-    ("hf_lpft.io", "hf_lpft._faults", "hf_lpft.spec", "hf_lpft.registry"),
+    ("hf_lpft.io", "hf_lpft._faults", "hf_lpft.spec", "hf_lpft.registry", "hf_lpft.errors"),
     ("hf_lpft.data.schemes", "hf_lpft.data.shifts"),
     ("hf_lpft.config",),
     ("hf_lpft.speed", "hf_lpft.layout", "hf_lpft.checkpoint"),
@@ -137,6 +137,16 @@ def test_federated_takes_explicit_arguments_not_the_run_config():
     direct = {m: t & {"hf_lpft.config", "hf_lpft.pipeline"} for m, t in graph().items()
               if m.startswith("hf_lpft.federated")}
     assert not any(direct.values()), direct
+
+
+def test_lower_layers_take_objects_not_the_config():
+    """evaluation/, layout, hub/ and data/ take small settings (EvalSettings, a RunLayout, the Hub section), built
+    from the config in hf_lpft.run.settings; none of them imports hf_lpft.config (issue 24)."""
+    lower = ("hf_lpft.evaluation", "hf_lpft.layout", "hf_lpft.hub", "hf_lpft.data")
+    found = {m: sorted(t & {"hf_lpft.config"}) for m, t in graph().items()
+             if any(m == p or m.startswith(p + ".") for p in lower)}
+    assert {p for p in lower if any(m == p or m.startswith(p + ".") for m in found)} == set(lower)  # all seen
+    assert not {m: t for m, t in found.items() if t}
 
 
 def _circles(through_data: bool) -> list[list[str]]:

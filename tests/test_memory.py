@@ -9,6 +9,7 @@ import hf_lpft.run.personalize as personalize_module
 from hf_lpft.config import load_config
 from hf_lpft.models.backbone import build_model
 from hf_lpft.run.preflight import build_strategies
+from hf_lpft.run.settings import eval_settings, run_layout
 from hf_lpft.run.units import personalize_all
 
 
@@ -29,8 +30,8 @@ def test_client_copies_are_released(tiny_clients, accelerator, tmp_path, monkeyp
     torch.set_num_threads(1)  # shared 2-core machine: one thread is faster; this test checks references only
     try:
         global_model = build_model("timm:test_resnet", num_classes=4, image_size=32, seed=0)
-        personalize_all(cfg, build_strategies(cfg), global_model, tiny_clients, seed=0, out=tmp_path,
-                        accelerator=accelerator)
+        personalize_all(cfg, build_strategies(cfg), global_model, tiny_clients, seed=0,
+                        layout=run_layout(cfg.run), accelerator=accelerator, evaluation=eval_settings(cfg.run, cfg.pft))
     finally:
         torch.set_num_threads(threads)
     assert len(copies) == 6

@@ -10,7 +10,9 @@ import pytest
 from hf_lpft.config import ConfigError, load_config
 from hf_lpft.evaluation.clients import NO_DISTORTION, evaluate_on_clients, reference_features
 from hf_lpft.evaluation.report import cross_client_frame, cross_client_matrix, write_report
+from hf_lpft.layout import RunLayout
 from hf_lpft.pipeline import run
+from hf_lpft.run.settings import eval_settings
 
 PNG = b"\x89PNG\r\n\x1a\n"
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
@@ -86,7 +88,7 @@ def test_report_without_distortion_curves_or_cross_file(tiny_run, tmp_path):
     (out / "curves.parquet").unlink()
     (out / "cross_client.parquet").unlink()
     shutil.rmtree(out / "figures")
-    text = write_report(out).read_text()
+    text = write_report(RunLayout.without_seeds(out)).read_text()
     assert "Not measured" in text and "set pft.eval_every > 0" in text and "Δ own" not in text
     assert (out / "figures" / "cross_client.png").read_bytes()[:8] == PNG  # rebuilt from acc_by_client
     assert len(cross_client_frame(df)) == 27
@@ -102,11 +104,13 @@ def test_distortion_switched_off_gives_nan_columns(tiny_run, tiny_clients):
     from hf_lpft.models.backbone import SplitModel
 
     model = SplitModel.from_pretrained(tiny_run.output_dir / "global")
-    assert reference_features(cfg, model, tiny_clients, None, "cpu") is None
-    accs, dist = evaluate_on_clients(model, tiny_clients, 0, cfg=cfg, device="cpu", reference=None)
+    settings = eval_settings(cfg.run, cfg.pft)
+    assert reference_features(settings, model, tiny_clients, None, "cpu") is None
+    accs, dist = evaluate_on_clients(model, tiny_clients, 0, settings=settings, device="cpu", reference=None)
     assert all(np.isnan(v) for v in dist.values()) and set(dist) == set(NO_DISTORTION)
-    refs = reference_features(_cfg(tiny_run.output_dir.parent, "u", "u"), model, tiny_clients, None, "cpu")
-    accs2, same = evaluate_on_clients(model, tiny_clients, 0, cfg=cfg, device="cpu", reference=refs[0])
+    on = _cfg(tiny_run.output_dir.parent, "u", "u")
+    refs = reference_features(eval_settings(on.run, on.pft), model, tiny_clients, None, "cpu")
+    accs2, same = evaluate_on_clients(model, tiny_clients, 0, settings=settings, device="cpu", reference=refs[0])
     assert accs2 == accs and same["distortion_local"] == 0.0  # one-pass accuracy equals cross_accuracy
 
 
@@ -137,7 +141,7 @@ def test_one_seed_report_explains_its_columns_and_splits_only_where_it_applies(t
     df = pd.read_parquet(out / "results.parquet")
     bn = df[df.strategy == "global_model"].assign(strategy="bn_adapt", global_acc=lambda d: d.global_acc - 0.1)
     pd.concat([df, bn]).to_parquet(out / "results.parquet", index=False)
-    text = write_report(out).read_text()
+    text = write_report(RunLayout.without_seeds(out)).read_text()
     section = text[text.index("## Where Global goes"):text.index("## Feature distortion")]
     lp = next(line for line in section.splitlines() if line.startswith("| LP |"))
     ft = next(line for line in section.splitlines() if line.startswith("| FT |"))

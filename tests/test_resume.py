@@ -260,8 +260,10 @@ def test_unit_results_do_not_depend_on_client_order(strategy, tiny_clients, acce
     """Each (seed, strategy, client) unit derives all its randomness (batch order, LoRA init) from its own seed,
     whatever the order of the clients and whatever the process did before."""
     from hf_lpft.config import load_config
+    from hf_lpft.layout import RunLayout
     from hf_lpft.models.backbone import build_model
     from hf_lpft.run.preflight import build_strategies
+    from hf_lpft.run.settings import eval_settings
     from hf_lpft.run.units import personalize_unit
 
     cfg = load_config(None, {"pft": {"strategies": [strategy], "epochs": 1, "batch_size": 16},
@@ -275,8 +277,9 @@ def test_unit_results_do_not_depend_on_client_order(strategy, tiny_clients, acce
         torch.manual_seed(history)  # whatever ran before in this process (a resumed run skips units, loads θ_G)
         out = {}
         for i in order:
-            record = personalize_unit(cfg, unit, global_model, tiny_clients, i, seed=0, out=tmp_path / str(order),
-                                      accelerator=accelerator)
+            record = personalize_unit(cfg, unit, global_model, tiny_clients, i, seed=0,
+                                      layout=RunLayout(tmp_path / str(order), cfg.run.seeds), accelerator=accelerator,
+                                      evaluation=eval_settings(cfg.run, cfg.pft))
             out[i] = {k: record["row"][k] for k in ("local_acc", "acc_by_client", "final_train_loss")}
         return out
     forward, backward = rows([0, 1, 2], history=1), rows([2, 1, 0], history=2)

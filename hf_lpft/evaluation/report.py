@@ -215,9 +215,9 @@ def _exemptions(layout: RunLayout) -> dict[str, str]:
     return split_exemptions(record.get("run_info", {}).get("strategies", {}), batchnorm=has_batchnorm(layout.root))
 
 
-def write_report(output_dir: str | Path) -> Path:
-    """Write ``report.md`` and ``figures/*.png`` for a finished run folder; returns the report's path."""
-    layout = RunLayout(Path(output_dir))
+def write_report(layout: RunLayout) -> Path:
+    """Write ``report.md`` and ``figures/*.png`` for the finished run folder of ``layout`` (its run-level files
+    only: ``RunLayout.without_seeds(folder)`` will do); returns the report's path."""
     out = layout.root
     results = pd.read_parquet(layout.results)
     ok = results[results.error.isna()] if "error" in results else results

@@ -47,6 +47,7 @@ from hf_lpft.models.backbone import build_model
 from hf_lpft.pipeline import batchnorm_record, train_info
 from hf_lpft.run.flower_engine import check_fl_strategy, describe_fl_strategy
 from hf_lpft.run.preflight import build_strategies, check_backbone, check_strategies
+from hf_lpft.run.settings import prepare_folder, run_layout
 from hf_lpft.speed import use_memory_format
 from hf_lpft.train.loop import derive_seed
 
@@ -282,7 +283,7 @@ def write_federation(out: Path, clients: list) -> str:
     """``federation/manifest.json`` as far as the server knows it: counts, label histograms and a hash of each
     node's row indices (the indices themselves stay on the nodes); returns the federation's hash."""
     digest = hashlib.sha256(json.dumps([c.summary["indices_sha256"] for c in clients]).encode()).hexdigest()
-    write_json(RunLayout(out).manifest, {
+    write_json(RunLayout.without_seeds(out).manifest, {
         "source": "hf_lpft Flower App: each node's own data (row indices stay on the nodes)",
         "num_classes": clients[0].num_classes, "indices_sha256": digest, "clients": [c.summary for c in clients]}
         | ({"class_names": clients[0].class_names} if clients[0].class_names is not None else {}))
@@ -304,8 +305,8 @@ def write_study(cfg: ExperimentConfig, out: Path, records: list[dict], strategie
                      "engine": {"name": "flower-app", "nodes": [{"client_id": c.client_id, "hf_lpft": c.version}
                                                                 for c in clients]}},
         "train_info": train_info(records), "meta_info": meta_info()})
-    write_report(out)
-    publish_run(cfg, out)
+    write_report(layout)
+    publish_run(cfg.hub, out)
     log(INFO, "Results (%d seed(s)), accuracy %%, mean (std over seeds):", len(cfg.run.seeds))
     for line in markdown.splitlines():
         if line.startswith("|"):  # the table; its legend is in summary.md
@@ -318,8 +319,8 @@ def run_study(grid: Grid, cfg: ExperimentConfig, *, num_nodes: int = 0, timeout:
     strategies = build_strategies(cfg)  # every check before any message
     check_backbone(cfg)
     check_strategies(cfg, strategies)
-    layout = RunLayout.of(cfg)
-    out = layout.prepare(cfg)
+    layout = run_layout(cfg.run)
+    out = prepare_folder(cfg, layout)
     write_text(layout.config, cfg.to_yaml())
     log(INFO, "%s", describe_study(cfg, out.resolve()))
     t0, timings, records = time.perf_counter(), {}, []

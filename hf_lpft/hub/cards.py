@@ -46,7 +46,7 @@ class RunInfo:
 
     @classmethod
     def read(cls, output_dir: str | Path, experiment: str) -> RunInfo:
-        out = RunLayout(Path(output_dir))
+        out = RunLayout.without_seeds(output_dir)  # the seeds are in its config.yaml, read here
         needed = (out.config, out.record, out.manifest, out.results)
         missing = [p.relative_to(out.root).as_posix() for p in needed if not p.is_file()]
         if missing:

@@ -152,9 +152,9 @@ def write_model_folder(info: RunInfo, out: Path, dst: Path, *, repo_id: str | No
                            base=base, repo_id=repo_id, endpoint=endpoint, repo_ref=ref)
         card.save(dst / rel / "README.md")
         folders[(row.strategy, row.client_id, row.seed)] = rel.as_posix()
-    for path in RunLayout(out).provenance:
-        if path.is_file():
-            _link(path, dst / path.relative_to(out))
+    for rel in info.layout.provenance:  # relative to the run folder, as in the Hub folder
+        if (out / rel).is_file():
+            _link(out / rel, dst / rel)
     global_card(info, repo_id=repo_id, results_repo_id=results_repo_id, endpoint=endpoint,
                 client_folders=folders, repo_ref=ref).save(dst / "README.md")
 
@@ -247,7 +247,7 @@ def export_run(output_dir: str | Path, *, repo_id: str | None = None, results_re
     endpoint = endpoint or hub_endpoint()
     results_repo_id = results_repo_id or default_results_repo(repo_id)
     write_run_cards(info, out)
-    layout = RunLayout(out)
+    layout = RunLayout(out, info.seeds)
     with atomic_path(layout.hub_model, directory=True) as tmp:
         write_model_folder(info, out, tmp, repo_id=repo_id, results_repo_id=results_repo_id, endpoint=endpoint,
                            ref=repo_id or str(layout.hub_model))

@@ -11,12 +11,13 @@ from torch import nn
 
 from hf_lpft.layout import RunLayout
 from hf_lpft.models.backbone import SplitModel
+from hf_lpft.spec import REPO_ID
 
 
 def _local_root(path: Path) -> Path:
     """A run folder's Hub-ready ``hub/model`` if it was exported, else the folder itself."""
-    hub_model = RunLayout(path).hub_model
-    return hub_model if RunLayout(hub_model).record.is_file() else path
+    hub_model = RunLayout.without_seeds(path).hub_model
+    return hub_model if RunLayout.without_seeds(hub_model).record.is_file() else path
 
 
 def _client_rel(record: dict, strategy: str, client_id: str, seed: int | None) -> tuple[str, int]:
@@ -35,8 +36,6 @@ def _client_rel(record: dict, strategy: str, client_id: str, seed: int | None) -
 
 def _check_source(repo_or_dir: str | Path) -> None:
     """A path that is not a folder fails as such (not as a malformed Hub repo id)."""
-    from hf_lpft.config import REPO_ID
-
     text, local = str(repo_or_dir), Path(repo_or_dir)
     if local.is_dir():
         return
@@ -51,11 +50,11 @@ def _check_source(repo_or_dir: str | Path) -> None:
 def _check_run_folder(folder: Path) -> None:
     """A local folder without ``run_record.json`` fails with what it is instead: one model of a run (an adapter,
     a client or the global model: the call that loads it) or something else."""
-    if RunLayout(folder).record.is_file():
+    if RunLayout.without_seeds(folder).record.is_file():
         return
     what = "a peft adapter folder (a LoRA client)" if (folder / "adapter_config.json").is_file() else \
         "a model folder" if (folder / "config.json").is_file() else "a folder"
-    run = next((p for p in folder.absolute().parents if RunLayout(p).record.is_file()), None)
+    run = next((p for p in folder.absolute().parents if RunLayout.without_seeds(p).record.is_file()), None)
     parts = folder.absolute().relative_to(run).parts if run is not None else ()
     if len(parts) >= 3 and parts[0] == "clients":
         hint = f"call load_personalized({str(run)!r}, client_id={parts[2]!r}, strategy={parts[1]!r})"
@@ -91,11 +90,11 @@ def load_personalized(repo_or_dir: str | Path, client_id: str, strategy: str, se
     if local.is_dir():
         root = _local_root(local)
         _check_run_folder(root)
-        record = json.loads(RunLayout(root).record.read_text())
+        record = json.loads(RunLayout.without_seeds(root).record.read_text())
         rel, seed = _client_rel(record, strategy, client_id, seed)
     else:
         root = _fetch(str(repo_or_dir), ["run_record.json"], revision=revision, token=token)
-        record = json.loads(RunLayout(root).record.read_text())
+        record = json.loads(RunLayout.without_seeds(root).record.read_text())
         rel, seed = _client_rel(record, strategy, client_id, seed)
         root = _fetch(str(repo_or_dir), [f"{rel}/*", "config.json", "model.safetensors", "global/*/config.json",
                                          "global/*/model.safetensors"], revision=revision, token=token)

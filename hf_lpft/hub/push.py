@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import httpx
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, DatasetCard, HfApi
@@ -179,14 +179,23 @@ def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def publish_run(cfg, output_dir: str | Path) -> PushResult | None:
-    """The end of ``pipeline.run``: always write the Hub-ready folders; push them when ``cfg.hub.push_to_hub``.
+class HubSection(Protocol):
+    """What :func:`publish_run` reads: the config's ``hub`` section (``hf_lpft.config.HubConfig``)."""
+
+    push_to_hub: bool
+    hub_repo_id: str | None
+    hub_private: bool
+    hub_results_repo_id: str | None
+    hub_experiment: str | None
+
+
+def publish_run(h: HubSection, output_dir: str | Path) -> PushResult | None:
+    """The end of a run: always write the Hub-ready folders; push them when ``h.push_to_hub``.
 
     Args:
-        cfg: The run's ``ExperimentConfig`` (its ``hub`` section).
+        h: The run's Hub settings (``cfg.hub``, a ``HubConfig``).
         output_dir: The run's output folder.
     """
-    h = cfg.hub
     if h.push_to_hub:
         return push_run(output_dir, h.hub_repo_id, h.hub_private, results_repo_id=h.hub_results_repo_id,
                         experiment=h.hub_experiment)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import datasets
 
@@ -46,14 +45,14 @@ def federation_inputs(cfg: ExperimentConfig, federated: tuple | None = None
     return fed, clients, seconds
 
 
-def build_federation(cfg: ExperimentConfig, out: Path, timings: dict | None = None, *, write: bool = True,
+def build_federation(cfg: ExperimentConfig, layout: RunLayout, timings: dict | None = None, *, write: bool = True,
                      inputs: tuple | None = None) -> tuple[Federation, list[ClientData]]:
     """The federation and its clients' tensors (``inputs``, from :func:`federation_inputs`, or computed now),
-    its manifest written (``write``: False on all but the main process); the seconds of each step into
-    ``timings``."""
+    its manifest written into ``layout`` (``write``: False on all but the main process); the seconds of each
+    step into ``timings``."""
     fed, clients, seconds = inputs if inputs is not None else federation_inputs(cfg)
     if write:
-        save_manifest(fed, RunLayout(out).manifest)
+        save_manifest(fed, layout.manifest)
     if timings is not None:
         timings.update(seconds)
     return fed, clients

@@ -41,7 +41,7 @@ from hf_lpft.data.federate import (
 )
 from hf_lpft.data.load import builtin_options, load_from_config
 from hf_lpft.data.schemes import get_scheme, scheme_options
-from hf_lpft.layout import RunLayout
+from hf_lpft.run.settings import check_folder, run_layout
 from hf_lpft.run.tracking import check_precision, cpu_only_launch, launch_precision
 from hf_lpft.spec import BackboneSpec
 from hf_lpft.strategies import Budget, Strategy, build_strategy
@@ -65,7 +65,7 @@ def preflight(cfg: ExperimentConfig) -> dict[str, Strategy]:
     check_backbone(cfg)
     check_strategies(cfg, strategies)
     check_launch(cfg)
-    RunLayout.of(cfg).check(cfg)
+    check_folder(cfg, run_layout(cfg.run))
     check_hub(cfg)
     return strategies
 

@@ -59,24 +59,26 @@ class GlobalModel:
     source: dict
 
 
-def obtain_global_model(cfg: ExperimentConfig, clients: list[ClientData], num_classes: int, *, seed: int, out: Path,
-                        accelerator: Accelerator, class_names: list[str] | None = None) -> GlobalModel:
-    """θ_G for ``seed``: the given ``model.global_model``, else FedAvg through ``run.fedavg_cache`` when set.
-    ``class_names``: the federation's (None: unnamed), saved with the model as ``id2label``."""
+def obtain_global_model(cfg: ExperimentConfig, clients: list[ClientData], num_classes: int, *, seed: int,
+                        layout: RunLayout, accelerator: Accelerator,
+                        class_names: list[str] | None = None) -> GlobalModel:
+    """θ_G for ``seed``: the given ``model.global_model``, else FedAvg through ``run.fedavg_cache`` when set;
+    saved (with its round checkpoint) into ``layout``. ``class_names``: the federation's (None: unnamed), saved
+    with the model as ``id2label``."""
     names = {"class_names": class_names}
     if cfg.model.global_model is not None:
-        given = given_global_model(cfg, num_classes, seed=seed, out=out, accelerator=accelerator, **names)
+        given = given_global_model(cfg, num_classes, seed=seed, layout=layout, accelerator=accelerator, **names)
     elif cfg.run.fedavg_cache is not None:
-        given = cached_pretrain(cfg, clients, num_classes, seed=seed, out=out, accelerator=accelerator, **names)
+        given = cached_pretrain(cfg, clients, num_classes, seed=seed, layout=layout, accelerator=accelerator, **names)
     else:
-        model, history = pretrain(cfg, clients, num_classes, seed=seed, out=out, accelerator=accelerator, **names)
-        client_bn = Checkpoints(out).load_client_bn(seed) if cfg.fedavg.bn == "local" else None
+        model, history = pretrain(cfg, clients, num_classes, seed=seed, layout=layout, accelerator=accelerator, **names)
+        client_bn = layout.checkpoints.load_client_bn(seed) if cfg.fedavg.bn == "local" else None
         given = GlobalModel(model, history, client_bn, {"source": "fedavg"})
     use_memory_format(given.model, cfg.run.memory_format)  # personalization trains in the same format (speed.py)
     return given
 
 
-def given_global_model(cfg: ExperimentConfig, num_classes: int, *, seed: int, out: Path,
+def given_global_model(cfg: ExperimentConfig, num_classes: int, *, seed: int, layout: RunLayout,
                        accelerator: Accelerator, class_names: list[str] | None = None) -> GlobalModel:
     """The given global model, also saved as the run's ``global/`` (the output folder's usual layout); it takes
     the federation's ``class_names`` when the dataset names its classes, else keeps its own."""
@@ -92,7 +94,7 @@ def given_global_model(cfg: ExperimentConfig, num_classes: int, *, seed: int, ou
         model.set_class_names(class_names)
     model = model.to(accelerator.device).eval()
     if accelerator.is_main_process:
-        save_model(model, RunLayout(out, cfg.run.seeds).global_dir(seed))
+        save_model(model, layout.global_dir(seed))
     accelerator.wait_for_everyone()
     return GlobalModel(model, [], None, info)
 
@@ -195,8 +197,8 @@ def store_entry(entry: Path, model: SplitModel, history: list[dict], client_bn: 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def cached_pretrain(cfg: ExperimentConfig, clients: list[ClientData], num_classes: int, *, seed: int, out: Path,
-                    accelerator: Accelerator, class_names: list[str] | None = None) -> GlobalModel:
+def cached_pretrain(cfg: ExperimentConfig, clients: list[ClientData], num_classes: int, *, seed: int,
+                    layout: RunLayout, accelerator: Accelerator, class_names: list[str] | None = None) -> GlobalModel:
     """θ_G from ``run.fedavg_cache`` when stored there, else FedAvg (resumable as usual), then stored."""
     key, payload = fedavg_cache_key(cfg, clients, num_classes, seed=seed)
     entry = Path(cfg.run.fedavg_cache) / key
@@ -205,27 +207,27 @@ def cached_pretrain(cfg: ExperimentConfig, clients: list[ClientData], num_classe
         model, history, client_bn = load_entry(entry, accelerator.device)
         model.set_class_names(class_names)  # names are not in the key: they change no weight
         if accelerator.is_main_process:  # the usual output layout: global/ and the (FedBN) round checkpoint
-            save_model(model, RunLayout(out, cfg.run.seeds).global_dir(seed))
-            Checkpoints(out).save_round(seed, model.state_dict(), history, client_bn=client_bn)
+            save_model(model, layout.global_dir(seed))
+            layout.checkpoints.save_round(seed, model.state_dict(), history, client_bn=client_bn)
         accelerator.wait_for_everyone()
         logger.info("seed %d: FedAvg result %s loaded from %s (no FedAvg)", seed, key, cfg.run.fedavg_cache)
         return GlobalModel(model, history, client_bn, {"source": "fedavg_cache", "key": key,
                                                        "fedavg_cache": cfg.run.fedavg_cache})
-    model, history = pretrain(cfg, clients, num_classes, seed=seed, out=out, accelerator=accelerator,
+    model, history = pretrain(cfg, clients, num_classes, seed=seed, layout=layout, accelerator=accelerator,
                               class_names=class_names)
-    client_bn = Checkpoints(out).load_client_bn(seed) if cfg.fedavg.bn == "local" else None
+    client_bn = layout.checkpoints.load_client_bn(seed) if cfg.fedavg.bn == "local" else None
     stored = store_entry(entry, model, history, client_bn, payload) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
     return GlobalModel(model, history, client_bn, {"source": "fedavg", "key": key, "stored": stored,
                                                    "fedavg_cache": cfg.run.fedavg_cache})
 
 
-def pretrain(cfg: ExperimentConfig, clients: list[ClientData], num_classes: int, *, seed: int, out: Path,
+def pretrain(cfg: ExperimentConfig, clients: list[ClientData], num_classes: int, *, seed: int, layout: RunLayout,
              accelerator: Accelerator, class_names: list[str] | None = None) -> tuple[SplitModel, list[dict]]:
     """The global model θ_G (named ``class_names``): FedAvg from scratch, from a round checkpoint, or reloaded
     when complete."""
-    f, ckpt = cfg.fedavg, Checkpoints(out)
-    done = RunLayout(out, cfg.run.seeds).global_dir(seed)
+    f, ckpt = cfg.fedavg, layout.checkpoints
+    done = layout.global_dir(seed)
     saved = ckpt.load_round(seed) if cfg.run.resume else None
     if saved is not None and len(saved[1]) == f.rounds and (done / "model.safetensors").is_file():
         return use_memory_format(SplitModel.from_pretrained(done).to(accelerator.device).eval(),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -21,8 +20,8 @@ def cpu_only_launch() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
-def make_accelerator(cfg: ExperimentConfig, out: Path, accelerator: Accelerator | None) -> Accelerator:
-    """The run's Accelerator; with ``run.report_to`` set, one whose tracker logs under ``<output_dir>/logs``.
+def make_accelerator(cfg: ExperimentConfig, layout: RunLayout, accelerator: Accelerator | None) -> Accelerator:
+    """The run's Accelerator; with ``run.report_to`` set, one whose tracker logs under ``layout.logs``.
 
     A caller-supplied Accelerator is used as it is: configure its ``log_with`` yourself.
     """
@@ -39,11 +38,11 @@ def make_accelerator(cfg: ExperimentConfig, out: Path, accelerator: Accelerator 
     if report_to not in {str(t) for t in get_available_trackers()}:
         raise ConfigError(f"run.report_to={report_to!r} needs the {report_to!r} package, which is not installed; "
                           f"pip install {report_to} or choose run.report_to none")
-    accelerator = Accelerator(log_with=report_to, project_dir=str(RunLayout(out).logs), cpu=cpu_only_launch(),
+    accelerator = Accelerator(log_with=report_to, project_dir=str(layout.logs), cpu=cpu_only_launch(),
                               **precision)
     flat = {f"{sec}.{k}": v if isinstance(v, (bool, int, float, str)) or v is None else str(v)
             for sec, values in cfg.to_dict().items() for k, v in values.items()}
-    accelerator.init_trackers(out.name or "hf_lpft", config=flat)
+    accelerator.init_trackers(layout.root.name or "hf_lpft", config=flat)
     return accelerator
 
 

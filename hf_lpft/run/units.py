@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -13,10 +12,15 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from hf_lpft._faults import fault_point
-from hf_lpft.checkpoint import Checkpoints
 from hf_lpft.config import ExperimentConfig
 from hf_lpft.data.tensors import ClientData
-from hf_lpft.evaluation.clients import NO_DISTORTION, epoch_curve_callback, evaluate_on_clients, result_row
+from hf_lpft.evaluation.clients import (
+    NO_DISTORTION,
+    EvalSettings,
+    epoch_curve_callback,
+    evaluate_on_clients,
+    result_row,
+)
 from hf_lpft.evaluation.shared_features import SharedBackbone
 from hf_lpft.federated.fedavg import my_share
 from hf_lpft.federated.fedbn import client_global_model
@@ -43,9 +47,10 @@ def failed_unit(cfg: ExperimentConfig, strategy: Strategy, clients: list[ClientD
 
 
 def personalize_unit(cfg: ExperimentConfig, strategy: Strategy, global_model: SplitModel, clients: list[ClientData],
-                     i: int, *, seed: int, out: Path, accelerator: Accelerator, reference: list | None = None,
-                     probed=None, shared: SharedBackbone | None = None) -> dict:
-    """One (seed, strategy, client) unit: train, evaluate on every client, export; return its record.
+                     i: int, *, seed: int, layout: RunLayout, accelerator: Accelerator, evaluation: EvalSettings,
+                     reference: list | None = None, probed=None, shared: SharedBackbone | None = None) -> dict:
+    """One (seed, strategy, client) unit: train, evaluate on every client, export into ``layout``; return its
+    record.
 
     ``reference``: the start model's features on every client's test split (adds the distortion columns).
     ``probed``: this client's batched probing result (replaces the first phase); ``shared``: θ_G's test
@@ -61,17 +66,17 @@ def personalize_unit(cfg: ExperimentConfig, strategy: Strategy, global_model: Sp
             torch.manual_seed(unit_seed)
             model, records = personalize(strategy, global_model, client, settings=settings, accelerator=accelerator,
                                          seed=unit_seed, probed=probed,
-                                         on_epoch_end=epoch_curve_callback(cfg, clients, i, curves,
+                                         on_epoch_end=epoch_curve_callback(evaluation, clients, i, curves,
                                                                            accelerator.device, reference,
                                                                            strategy))
     except NonFiniteLossError as err:
         return failed_unit(cfg, strategy, clients, i, seed=seed, err=err, start=start)
     trained = time.perf_counter()
-    accs, dist = evaluate_on_clients(model, clients, i, cfg=cfg, device=accelerator.device, reference=reference,
-                                     shared=shared)
+    accs, dist = evaluate_on_clients(model, clients, i, settings=evaluation, device=accelerator.device,
+                                     reference=reference, shared=shared)
     evaluated = time.perf_counter()
     losses = [r["epoch_loss"][-1] for r in records if r["epoch_loss"]]
-    save_model(model, RunLayout(out, cfg.run.seeds).client_dir(strategy.name, client.client_id, seed), strategy)
+    save_model(model, layout.client_dir(strategy.name, client.client_id, seed), strategy)
     row = result_row(seed, strategy.name, i, client, accs, losses[-1] if losses else None) | dist | {"error": None}
     shared_probe = probed.record["seconds"] if probed is not None else 0.0  # its share of the batched probing
     stages = {"train": trained - start + shared_probe, "evaluate": evaluated - trained,
@@ -97,14 +102,15 @@ def batched_probes(cfg: ExperimentConfig, strategy: Strategy, global_model: Spli
 
 
 def personalize_all(cfg: ExperimentConfig, strategies: dict[str, Strategy], global_model: SplitModel,
-                    clients: list[ClientData], *, seed: int, out: Path, accelerator: Accelerator,
-                    client_bn: dict | None = None, references: list | None = None) -> list[dict]:
-    """Every strategy on every client, skipping units a previous (interrupted) run completed; with FedBN
-    (``client_bn``) client i personalizes θ_G carrying its own BatchNorm tensors."""
-    ckpt = Checkpoints(out)
+                    clients: list[ClientData], *, seed: int, layout: RunLayout, accelerator: Accelerator,
+                    evaluation: EvalSettings, client_bn: dict | None = None,
+                    references: list | None = None) -> list[dict]:
+    """Every strategy on every client, skipping units a previous (interrupted) run completed (``layout``'s
+    checkpoints); with FedBN (``client_bn``) client i personalizes θ_G carrying its own BatchNorm tensors."""
+    ckpt = layout.checkpoints
     units = [(s, i) for s in strategies for i in range(len(clients))]
     records, probed, fresh = {}, {}, set()
-    shared = None if client_bn else SharedBackbone(global_model, clients, batch_size=cfg.run.eval_batch_size,
+    shared = None if client_bn else SharedBackbone(global_model, clients, batch_size=evaluation.batch_size,
                                                    device=accelerator.device)
     mine = my_share(list(enumerate(units)), accelerator)  # several processes: unit k on process k % n
     for k, (name, i) in tqdm(mine, desc=f"personalize (seed {seed})", disable=not accelerator.is_main_process):
@@ -115,8 +121,8 @@ def personalize_all(cfg: ExperimentConfig, strategies: dict[str, Strategy], glob
                 probed[name] = batched_probes(cfg, strategies[name], global_model, clients, seed=seed,
                                               accelerator=accelerator, client_bn=client_bn)
             record = personalize_unit(cfg, strategies[name], client_global_model(global_model, client_bn, cid),
-                                      clients, i, seed=seed, out=out, accelerator=accelerator,
-                                      reference=references[i] if references else None,
+                                      clients, i, seed=seed, layout=layout, accelerator=accelerator,
+                                      evaluation=evaluation, reference=references[i] if references else None,
                                       probed=probed[name][i] if probed[name] else None, shared=shared)
             fault_point("unit_exported")
             ckpt.save_unit(seed, name, cid, record)

@@ -1,0 +1,9 @@
+"""The package's error for a bad setting, in the bottom layer so that every layer can raise it.
+
+``hf_lpft.config`` re-exports it (``from hf_lpft.config import ConfigError`` is the same class); layers that
+must not import the config (``layout``, ``evaluation``, ``hub``, ``data``) import it from here.
+"""
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
