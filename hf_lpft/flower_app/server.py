@@ -32,23 +32,22 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from hf_lpft.algorithms import FLState, build_algorithm
+from hf_lpft.algorithms import build_algorithm
 from hf_lpft.checkpoint import Checkpoints
 from hf_lpft.config import ConfigError, ExperimentConfig, load_config
-from hf_lpft.data.preprocess import preprocessing_for
-from hf_lpft.evaluation.clients import NO_DISTORTION, SELF_DISTORTION, result_row, write_cross_client, write_results
+from hf_lpft.evaluation.clients import NO_DISTORTION, result_row, write_cross_client, write_results
 from hf_lpft.evaluation.metrics import local_global
 from hf_lpft.evaluation.report import write_report
-from hf_lpft.federated.flower import SeededNodes, _valid, build_fl_strategy, run_rounds, to_arrays
+from hf_lpft.federated.flower import SeededNodes, build_fl_strategy, run_rounds, to_arrays, valid_replies
 from hf_lpft.hub.push import publish_run
-from hf_lpft.io import atomic_path, meta_info, write_json, write_text
+from hf_lpft.io import atomic_path, write_json, write_text
 from hf_lpft.layout import RunLayout, save_model
-from hf_lpft.models.backbone import build_model
-from hf_lpft.pipeline import batchnorm_record, train_info
-from hf_lpft.run.flower_engine import check_fl_strategy, describe_fl_strategy
+from hf_lpft.models.backbone import SplitModel
+from hf_lpft.run.flower_engine import check_fl_strategy
 from hf_lpft.run.preflight import build_strategies, check_backbone, check_strategies
-from hf_lpft.speed import use_memory_format
-from hf_lpft.train.loop import derive_seed
+from hf_lpft.run.pretrain import initial_model, resumed_fl_state
+from hf_lpft.run.records import global_model_rows, run_record, speed_info
+from hf_lpft.speed import memory_format_of
 
 PFT = f"{MessageType.TRAIN}.pft"
 CROSS = f"{MessageType.EVALUATE}.cross"
@@ -92,7 +91,7 @@ def _send(grid: Grid, messages: list[Message], what: str, timeout: float, on_rep
             time.sleep(0.5)
     if pending:
         raise RuntimeError(f"{what}: {len(pending)} of {total} node(s) did not reply within timeout={timeout:g} s")
-    return _valid(replies, what)
+    return valid_replies(replies, what)
 
 
 def _study_record(cfg: ExperimentConfig, seed: int) -> ConfigRecord:
@@ -134,23 +133,20 @@ def map_clients(grid: Grid, cfg: ExperimentConfig, *, num_nodes: int, timeout: f
 
 
 def general_fl(grid: Grid, cfg: ExperimentConfig, node_of: dict, clients: list, *, seed: int, out: Path,
-               timeout: float) -> tuple[dict, list[dict]]:
-    """Stage 2: θ_G from ``fedavg.fl_strategy``, resumable from the round checkpoint like ``pipeline.pretrain``."""
-    m, ckpt = cfg.model, Checkpoints(out)
-    model = build_model(m.backbone, num_classes=clients[0].num_classes, image_size=cfg.data.image_size,
-                        pretrained=m.pretrained, checkpoint=m.checkpoint, pooling=m.pooling, dropout=m.dropout,
-                        seed=derive_seed(seed, "init") % 2**31, preprocessing=preprocessing_for(cfg),
-                        class_names=clients[0].class_names)
-    model = use_memory_format(model, cfg.run.memory_format)  # as the built-in engine (hf_lpft.speed)
+               timeout: float) -> tuple[SplitModel, list[dict]]:
+    """Stage 2: θ_G from ``fedavg.fl_strategy``, resumable from the round checkpoint like the built-in engine's
+    ``run.pretrain.pretrain`` (the same initial model and resumed state)."""
+    ckpt = Checkpoints(out)
+    model = initial_model(cfg, clients[0].num_classes, seed=seed, class_names=clients[0].class_names)
     saved = ckpt.load_round(seed) if cfg.run.resume else None
     if saved is not None:
-        model.load_state_dict(saved[0])
+        model.load_state_dict(saved.state)
     options = check_fl_strategy(cfg.fedavg.fl_strategy, cfg.fedavg.fl_strategy_args)
     stateful = build_algorithm(cfg.fedavg.fl_strategy, options, engine="flower").stateful
-    fl_state = FLState(*((ckpt.load_fl_state(seed) if saved else None) or ({}, {}))) if stateful else None
+    fl_state = resumed_fl_state(ckpt, seed, saved, stateful=stateful)
     strategy = build_fl_strategy(cfg.fedavg.fl_strategy, options, n_clients=len(clients),
                                  client_fraction=cfg.fedavg.client_fraction, seed=seed,
-                                 round_offset=len(saved[1]) if saved else 0, rounds=cfg.fedavg.rounds,
+                                 round_offset=saved.rounds if saved else 0, rounds=cfg.fedavg.rounds,
                                  eval_every=cfg.fedavg.eval_every, fl_state=fl_state,
                                  client_ids=[c.client_id for c in clients])
     strategy.node_of = dict(node_of)
@@ -162,13 +158,13 @@ def general_fl(grid: Grid, cfg: ExperimentConfig, node_of: dict, clients: list, 
             "" if acc is None else f": global model's test accuracy {100 * acc:.2f}% (mean over clients)")
 
     state, history = run_rounds(grid, strategy, model.state_dict(), rounds=cfg.fedavg.rounds,
-                                start_round=strategy.round_offset, history=saved[1] if saved else None,
+                                start_round=strategy.round_offset, history=saved.history if saved else None,
                                 on_round_end=round_end, timeout=timeout, train_config=_study_record(cfg, seed))
     model.load_state_dict(state)
     save_model(model, RunLayout(out, cfg.run.seeds).global_dir(seed))
     if cfg.fedavg.rounds == 0 or not history:
         ckpt.save_round(seed, model.state_dict(), history)
-    return model.state_dict(), history
+    return model, history
 
 
 def _own_accuracy(record: dict) -> str:
@@ -267,12 +263,11 @@ def _unit(cfg: ExperimentConfig, name: str, i: int, clients: list, record: dict,
 
 
 def seed_records(cfg: ExperimentConfig, strategies: list[str], clients: list, pft: list[RecordDict], scores: dict,
-                 history: list[dict], *, seed: int) -> list[dict]:
+                 history: list[dict], *, seed: int, memory_format: str) -> list[dict]:
     """The run's records of one seed, in the pipeline's order: global-model rows, then strategy x client."""
     accs = [float(r["metrics"]["global-acc"]) for r in pft]
-    own = SELF_DISTORTION if cfg.run.distortion else NO_DISTORTION
-    rows = [{"row": result_row(seed, "global_model", i, c, accs, None) | own | {"error": None}, "phases": [],
-             "curves": [], "fedavg_history": history if i == 0 else None} for i, c in enumerate(clients)]
+    rows = global_model_rows(seed, clients, [accs] * len(clients), history=history, source={"source": "fedavg"},
+                             distortion=cfg.run.distortion, memory_format=memory_format)
     units = [json.loads(str(r["records"]["records"])) for r in pft]
     return rows + [_unit(cfg, name, i, clients, units[i][name], scores, seed=seed)
                    for name in strategies for i in range(len(clients))]
@@ -296,14 +291,10 @@ def write_study(cfg: ExperimentConfig, out: Path, records: list[dict], strategie
     results, _, markdown = write_results(layout, [r["row"] for r in records],
                                          strategies={n: s.describe() for n, s in strategies.items()})
     write_cross_client(layout, results)
-    write_json(layout.record, {
-        "run_info": {"seeds": cfg.run.seeds, "timings_seconds": timings, "manifest_sha256": digest,
-                     "clients": [c.client_id for c in clients], "resumed": cfg.run.resume, "num_processes": 1,
-                     "strategies": {n: s.describe() for n, s in strategies.items()},
-                     "batchnorm": batchnorm_record(cfg, strategies), "general_fl": describe_fl_strategy(cfg),
-                     "engine": {"name": "flower-app", "nodes": [{"client_id": c.client_id, "hf_lpft": c.version}
-                                                                for c in clients]}},
-        "train_info": train_info(records), "meta_info": meta_info()})
+    engine = {"name": "flower-app", "nodes": [{"client_id": c.client_id, "hf_lpft": c.version} for c in clients]}
+    write_json(layout.record, run_record(cfg, strategies, records, timings=timings, manifest_sha256=digest,
+                                         client_ids=[c.client_id for c in clients], num_processes=1,
+                                         extras={"speed": speed_info(cfg, records), "engine": engine}))
     write_report(out)
     publish_run(cfg, out)
     log(INFO, "Results (%d seed(s)), accuracy %%, mean (std over seeds):", len(cfg.run.seeds))
@@ -328,14 +319,16 @@ def run_study(grid: Grid, cfg: ExperimentConfig, *, num_nodes: int = 0, timeout:
     timings["federate"] = time.perf_counter() - t0
     for seed in cfg.run.seeds:
         t = time.perf_counter()
-        state, history = general_fl(grid, cfg, mapper.node_of, clients, seed=seed, out=out, timeout=timeout)
+        model, history = general_fl(grid, cfg, mapper.node_of, clients, seed=seed, out=out, timeout=timeout)
+        state = model.state_dict()
         timings[f"fedavg_seed_{seed}"], t = time.perf_counter() - t, time.perf_counter()
         pft = personalize_nodes(grid, cfg, mapper.node_of, state, clients, seed=seed, timeout=timeout)
         save_client_models(out, cfg, pft, clients, seed=seed)
         timings[f"personalize_seed_{seed}"], t = time.perf_counter() - t, time.perf_counter()
         scores = cross_evaluate(grid, cfg, mapper.node_of, state, pft, clients, seed=seed, timeout=timeout)
         timings[f"cross_evaluate_seed_{seed}"] = time.perf_counter() - t
-        records += seed_records(cfg, list(strategies), clients, pft, scores, history, seed=seed)
+        records += seed_records(cfg, list(strategies), clients, pft, scores, history, seed=seed,
+                                memory_format=memory_format_of(model))
     timings["total"] = time.perf_counter() - t0
     write_study(cfg, out, records, strategies, clients, timings=timings, digest=digest)
     return out
