@@ -44,7 +44,7 @@ from hf_lpft.io import atomic_path, write_json, write_text
 from hf_lpft.layout import RunLayout, save_model
 from hf_lpft.models.backbone import SplitModel
 from hf_lpft.run.flower_engine import check_fl_strategy
-from hf_lpft.run.preflight import build_strategies, check_backbone, check_strategies
+from hf_lpft.run.preflight import preflight
 from hf_lpft.run.pretrain import initial_model, resumed_fl_state
 from hf_lpft.run.records import global_model_rows, run_record, speed_info
 from hf_lpft.speed import memory_format_of
@@ -56,22 +56,16 @@ CROSS = f"{MessageType.EVALUATE}.cross"
 def study_config(run_config: dict) -> ExperimentConfig:
     """The study from the app's run config: ``config`` (a YAML path on the server), ``overrides``
     (``--section.key value`` pairs) and ``output-dir``; the general-FL stage is Flower's by definition.
+    What a federation cannot honour is refused by ``preflight(cfg, engine="flower-app")`` (``run_study``).
 
     Raises:
-        ConfigError: a bad value, or a setting a federation cannot honour (named).
+        ConfigError: a bad value (named).
     """
     overrides = shlex.split(str(run_config.get("overrides", "")))
     if run_config.get("output-dir"):
         overrides += ["--run.output_dir", str(run_config["output-dir"])]
     cfg = load_config(str(run_config["config"]) if run_config.get("config") else None,
                       overrides + ["--fedavg.engine", "flower"])
-    if cfg.pft.eval_every:
-        raise ConfigError(f"pft.eval_every={cfg.pft.eval_every}: epoch curves score every client's test split during "
-                          "training, which a federation keeps on the nodes; use 0 with the Flower App")
-    if cfg.pft.batched_probe:
-        raise ConfigError("pft.batched_probe=true trains all clients' heads in one process; on a federation each "
-                          "node probes its own client: use false")
-    check_fl_strategy(cfg.fedavg.fl_strategy, cfg.fedavg.fl_strategy_args)
     return cfg
 
 
@@ -306,9 +300,7 @@ def write_study(cfg: ExperimentConfig, out: Path, records: list[dict], strategie
 
 def run_study(grid: Grid, cfg: ExperimentConfig, *, num_nodes: int = 0, timeout: float = 3600.0) -> Path:
     """The whole study on the nodes of ``grid`` (module docstring); returns the output folder."""
-    strategies = build_strategies(cfg)  # every check before any message
-    check_backbone(cfg)
-    check_strategies(cfg, strategies)
+    strategies = preflight(cfg, engine="flower-app")  # every check the server can make, before any message
     layout = RunLayout.of(cfg)
     out = layout.prepare(cfg)
     write_text(layout.config, cfg.to_yaml())
