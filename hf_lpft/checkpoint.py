@@ -30,6 +30,18 @@ class SavedFLState(NamedTuple):
     clients: dict[str, dict[str, torch.Tensor]]
 
 
+class RoundCheckpoint(NamedTuple):
+    """A seed's latest round checkpoint: the global state after ``rounds`` rounds and their history."""
+
+    state: dict[str, torch.Tensor]
+    history: list[dict]
+
+    @property
+    def rounds(self) -> int:
+        """How many rounds the checkpoint holds."""
+        return len(self.history)
+
+
 class Checkpoints:
     """The ``checkpoints/`` folder of the run (or stored FedAvg result) at ``output_dir``."""
 
@@ -58,12 +70,13 @@ class Checkpoints:
                           str(tmp / "fl_state.safetensors"))
             (tmp / "history.json").write_text(json.dumps(history))
 
-    def load_round(self, seed: int) -> tuple[dict[str, torch.Tensor], list[dict]] | None:
-        """The latest FedAvg checkpoint of ``seed`` as (state, history), or None."""
+    def load_round(self, seed: int) -> RoundCheckpoint | None:
+        """The latest FedAvg checkpoint of ``seed`` (state and history), or None."""
         folder = self._fedavg_dir(seed)
         if not (folder / "history.json").is_file():
             return None
-        return load_file(str(folder / "state.safetensors")), json.loads((folder / "history.json").read_text())
+        return RoundCheckpoint(load_file(str(folder / "state.safetensors")),
+                               json.loads((folder / "history.json").read_text()))
 
     def rounds_done(self, seed: int) -> int:
         """How many FedAvg rounds the seed's checkpoint holds (0 without one); reads only its history."""

@@ -34,14 +34,10 @@ from hf_lpft._faults import fault_point
 from hf_lpft.checkpoint import resume_summary
 from hf_lpft.config import ExperimentConfig
 from hf_lpft.data.federate import Federation
-from hf_lpft.data.preprocess import preprocessing_for
 from hf_lpft.data.tensors import ClientData
 from hf_lpft.evaluation.clients import (
-    NO_DISTORTION,
-    SELF_DISTORTION,
     global_model_accuracies,
     reference_features,
-    result_row,
     write_cross_client,
     write_curves,
     write_results,
@@ -49,13 +45,13 @@ from hf_lpft.evaluation.clients import (
 from hf_lpft.evaluation.metrics import format_markdown, summary_table
 from hf_lpft.evaluation.report import write_report
 from hf_lpft.hub.push import publish_run
-from hf_lpft.io import meta_info, write_json, write_text
+from hf_lpft.io import write_json, write_text
 from hf_lpft.layout import RunLayout
 from hf_lpft.run.federation import build_federation, federation_inputs
-from hf_lpft.run.general_fl import describe_general_fl
 from hf_lpft.run.given_model import check_global_model
 from hf_lpft.run.preflight import federation_checked, preflight
 from hf_lpft.run.pretrain import obtain_global_model
+from hf_lpft.run.records import global_model_rows, run_record, speed_info
 from hf_lpft.run.settings import eval_settings, prepare_folder, run_layout
 from hf_lpft.run.tracking import check_precision, cpu_only_launch, finish_trackers, make_accelerator
 from hf_lpft.run.units import personalize_all
@@ -73,14 +69,6 @@ class RunResult:
     markdown: str
 
 
-def batchnorm_record(cfg: ExperimentConfig, strategies: dict[str, Strategy]) -> dict:
-    """The BatchNorm choices of the run, for ``run_record.json``."""
-    return {"fedavg": cfg.fedavg.bn,
-            "global_model_rows": ("theta_G with client i's own BatchNorm tensors, evaluated on every client"
-                                  if cfg.fedavg.bn == "local" else "theta_G (BatchNorm averaged)"),
-            "pft_phases": {n: {p.name: p.bn for p in s.phases()} for n, s in strategies.items()}}
-
-
 def run_seed(cfg: ExperimentConfig, strategies: dict[str, Strategy], clients: list[ClientData], num_classes: int,
              *, seed: int, layout: RunLayout, accelerator: Accelerator, timings: dict,
              class_names: list[str] | None = None) -> tuple[list[dict], list[dict]]:
@@ -95,11 +83,8 @@ def run_seed(cfg: ExperimentConfig, strategies: dict[str, Strategy], clients: li
     accs = global_model_accuracies(evaluation, global_model, clients, client_bn, accelerator.device)
     references = reference_features(evaluation, global_model, clients, client_bn, accelerator.device)
     timings[f"evaluate_global_model_seed_{seed}"] = time.perf_counter() - t
-    self_dist = SELF_DISTORTION if references else NO_DISTORTION
-    global_rows = [{"row": result_row(seed, "global_model", i, c, accs[i], None) | self_dist | {"error": None},
-                    "phases": [], "curves": [], "fedavg_history": history if i == 0 else None,
-                    "global_source": given.source if i == 0 else None,
-                    "memory_format": memory_format_of(global_model)} for i, c in enumerate(clients)]
+    global_rows = global_model_rows(seed, clients, accs, history=history, source=given.source,
+                                    distortion=references is not None, memory_format=memory_format_of(global_model))
     t = time.perf_counter()
     units = personalize_all(cfg, strategies, global_model, clients, seed=seed, layout=layout, accelerator=accelerator,
                             evaluation=evaluation, client_bn=client_bn, references=references)
@@ -109,34 +94,6 @@ def run_seed(cfg: ExperimentConfig, strategies: dict[str, Strategy], clients: li
             key = f"personalize_{r['row']['strategy']}_{stage}_seed_{seed}"
             timings[key] = timings.get(key, 0.0) + sec
     return global_rows, units
-
-
-def train_info(records: list[dict]) -> dict:
-    """The run record's train_info: FedAvg history per seed, and each unit's phases and seconds."""
-    return {"fedavg_history": {r["row"]["seed"]: r["fedavg_history"] for r in records if r.get("fedavg_history")},
-            "personalization": [{k: r["row"][k] for k in ("seed", "strategy", "client_id", "error")}
-                                | {"phases": r["phases"], "seconds": r.get("seconds"),
-                                   "stage_seconds": r.get("stage_seconds")}
-                                for r in records if r["row"]["strategy"] != "global_model"]}
-
-
-def run_record(cfg: ExperimentConfig, strategies: dict[str, Strategy], fed: Federation, records: list[dict], *,
-               timings: dict, accelerator: Accelerator) -> dict:
-    """``run_record.json``: run_info (what ran, timings, provenance), train_info (histories, phases), meta_info."""
-    return {
-        "run_info": {"seeds": cfg.run.seeds, "timings_seconds": timings, "manifest_sha256": fed.indices_hash(),
-                     "clients": fed.client_ids, "resumed": cfg.run.resume,
-                     "num_processes": accelerator.num_processes,
-                     "strategies": {n: s.describe() for n, s in strategies.items()},
-                     "batchnorm": batchnorm_record(cfg, strategies),
-                     "general_fl": describe_general_fl(cfg),
-                     "global_model": {r["row"]["seed"]: r["global_source"] for r in records if r.get("global_source")},
-                     "preprocessing": preprocessing_for(cfg).to_dict(),
-                     "mixed_precision": accelerator.mixed_precision,
-                     "speed": {"torch_threads": torch.get_num_threads(), "fedavg_eval_every": cfg.fedavg.eval_every,
-                               "memory_format": next((r["memory_format"] for r in records if "memory_format" in r),
-                                                     None)}},
-        "train_info": train_info(records), "meta_info": meta_info()}
 
 
 def write_outputs(cfg: ExperimentConfig, strategies: dict[str, Strategy], fed: Federation, records: list[dict], *,
@@ -150,7 +107,11 @@ def write_outputs(cfg: ExperimentConfig, strategies: dict[str, Strategy], fed: F
     write_cross_client(layout, results)
     timings["write_results"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
-    write_json(layout.record, run_record(cfg, strategies, fed, records, timings=timings, accelerator=accelerator))
+    speed = {"torch_threads": torch.get_num_threads()} | speed_info(cfg, records)
+    write_json(layout.record, run_record(cfg, strategies, records, timings=timings, manifest_sha256=fed.indices_hash(),
+                                         client_ids=fed.client_ids, num_processes=accelerator.num_processes,
+                                         federation={"scheme": fed.scheme, "params": fed.params},
+                                         extras={"mixed_precision": accelerator.mixed_precision, "speed": speed}))
     write_report(layout)
     return RunResult(layout.root, results, summary, markdown)
 

@@ -78,3 +78,17 @@ def test_run_layout_needs_its_seeds(tmp_path):
     ckpt = RunLayout(tmp_path, (0,)).checkpoints
     assert isinstance(ckpt, Checkpoints) and ckpt.root == tmp_path / "checkpoints"
     assert ckpt.unit_record(0, "ft", "a") == tmp_path / "checkpoints" / "seed_0" / "units" / "ft" / "a.json"
+
+
+def test_a_round_checkpoint_is_typed_and_keeps_its_files(tmp_path):
+    """``load_round`` returns a RoundCheckpoint (state, history, rounds) read from the same two files as before."""
+    from hf_lpft.checkpoint import Checkpoints, RoundCheckpoint
+
+    ckpt = Checkpoints(tmp_path)
+    assert ckpt.load_round(0) is None
+    ckpt.save_round(0, {"w": torch.arange(3.0)}, [{"round": 1}, {"round": 2}])
+    saved = ckpt.load_round(0)
+    assert isinstance(saved, RoundCheckpoint) and saved.rounds == 2 == ckpt.rounds_done(0)
+    assert torch.equal(saved.state["w"], torch.arange(3.0)) and saved.history == [{"round": 1}, {"round": 2}]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()) == \
+        ["history.json", "state.safetensors"]

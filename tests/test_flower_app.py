@@ -287,16 +287,20 @@ def test_flower_app_config_and_refusals(tmp_path):
 
     from hf_lpft.flower_app import APP_DIR
     from hf_lpft.flower_app.server import study_config
+    from hf_lpft.run.preflight import preflight
 
     config, _ = load_and_validate(APP_DIR / "pyproject.toml")  # what `flwr run` checks, components included
     assert config["tool"]["flwr"]["app"]["components"]["clientapp"].endswith("apps:client_app")
     cfg = study_config({"overrides": "--fedavg.fl_strategy fedadam --fedavg.fl_strategy_args '{eta: 0.01}'",
                         "output-dir": str(tmp_path / "o")})
     assert cfg.fedavg.engine == "flower" and cfg.run.output_dir == str(tmp_path / "o")
+    # what a federation cannot honour: the App's part of the preflight (run_study calls it before any message;
+    # tests/test_app_preflight.py checks that on a recording Grid)
     with pytest.raises(ConfigError, match="pft.eval_every=2"):
-        study_config({"overrides": "--pft.eval_every 2"})
+        preflight(study_config({"overrides": "--pft.eval_every 2"}), engine="flower-app")
     with pytest.raises(ConfigError, match="unknown option"):
-        study_config({"overrides": "--fedavg.fl_strategy fedadam --fedavg.fl_strategy_args '{lr: 0.01}'"})
+        preflight(study_config({"overrides": "--fedavg.fl_strategy fedadam --fedavg.fl_strategy_args '{lr: 0.01}'"}),
+                  engine="flower-app")
 
 
 def test_node_finds_its_data_from_its_node_config(tmp_path, tiny_ds_path):

@@ -26,6 +26,11 @@ def first_run(tmp_path_factory, tiny_ds_path):
     return tmp, run(_cfg(tmp, "a", tiny_ds_path))
 
 
+# run_record.json's run_info keys common to both drivers (hf_lpft.run.records.run_record), in order
+RUN_INFO = ["seeds", "timings_seconds", "manifest_sha256", "clients", "federation", "resumed", "num_processes", "strategies",
+            "batchnorm", "general_fl", "global_model", "preprocessing"]
+
+
 def test_output_folder_contract(first_run):
     _, result = first_run
     out = result.output_dir
@@ -41,7 +46,9 @@ def test_output_folder_contract(first_run):
     assert sorted(df.strategy.unique()) == ["ft", "global_model", "lp", "lp_ft"]
     assert len(df) == 4 * 3
     record = json.loads((out / "run_record.json").read_text())
-    assert set(record) == {"run_info", "train_info", "meta_info"}
+    assert list(record) == ["run_info", "train_info", "meta_info"]
+    assert list(record["run_info"]) == RUN_INFO + ["mixed_precision", "speed"]  # keys and order kept (issue 24)
+    assert list(record["run_info"]["speed"]) == ["torch_threads", "fedavg_eval_every", "memory_format"]
     assert record["run_info"]["strategies"]["lp_ft"]["phases"][0]["bn"] == "frozen"
     assert "| global-model |" in result.markdown and "| LP-FT |" in result.markdown
     assert not list(out.rglob("*.tmp")), "temporary files left behind"
@@ -82,3 +89,25 @@ def test_refuses_non_empty_output_dir(first_run, tiny_ds_path):
     tmp, _ = first_run
     with pytest.raises(ConfigError, match="not empty"):
         run(_cfg(tmp, "a", tiny_ds_path))
+
+
+def test_one_run_record_builder_with_engine_extras(tiny_ds_path, tmp_path):
+    """Both drivers build run_record.json with run.records.run_record: the common run_info, then the engine's
+    extras (the Flower App's: its speed settings and nodes), from the same global-model rows."""
+    from types import SimpleNamespace
+
+    from hf_lpft.run.preflight import build_strategies
+    from hf_lpft.run.records import global_model_rows, run_record, speed_info
+
+    cfg = _cfg(tmp_path, "r", tiny_ds_path)
+    clients = [SimpleNamespace(client_id=c, n_train=4, n_test=2) for c in ("a", "b")]
+    records = global_model_rows(0, clients, [[0.5, 0.25]] * 2, history=[{"round": 1}], source={"source": "fedavg"},
+                                distortion=True, memory_format="channels_last")
+    assert [r["row"]["local_acc"] for r in records] == [0.5, 0.25] and records[1]["fedavg_history"] is None
+    engine = {"name": "flower-app", "nodes": [{"client_id": "a"}, {"client_id": "b"}]}
+    record = run_record(cfg, build_strategies(cfg), records, timings={}, manifest_sha256="x", client_ids=["a", "b"],
+                        federation={"scheme": "iid", "params": {}}, num_processes=1, extras={"speed": speed_info(cfg, records), "engine": engine})
+    assert list(record["run_info"]) == RUN_INFO + ["speed", "engine"]
+    assert record["run_info"]["global_model"] == {0: {"source": "fedavg"}}
+    assert record["run_info"]["speed"] == {"fedavg_eval_every": cfg.fedavg.eval_every, "memory_format": "channels_last"}
+    assert record["train_info"]["fedavg_history"] == {0: [{"round": 1}]}

@@ -62,8 +62,9 @@ def test_a_scheme_registered_at_run_time_runs_a_study_and_is_recorded(round_robi
                                   "max_examples_per_client": None, "num_clients": 3}  # common keys + its options
     assert [c["client_id"] for c in manifest["clients"]] == ["rr_0", "rr_1", "rr_2"]
     assert sorted(i for c in manifest["clients"] for i in c["train_indices"] + c["test_indices"]) == list(range(72))
-    record = json.loads((out / "run_record.json").read_text())["run_info"]  # names the manifest by its hash
+    record = json.loads((out / "run_record.json").read_text())["run_info"]  # names the scheme, and the manifest by its hash
     assert record["manifest_sha256"] == manifest["indices_sha256"] and record["clients"] == ["rr_0", "rr_1", "rr_2"]
+    assert record["federation"] == {"scheme": "throwaway_round_robin", "params": manifest["params"]}
     assert "scheme: throwaway_round_robin" in (out / "config.yaml").read_text()
     card = (out / "hub" / "model" / "README.md").read_text()
     assert "scheme `throwaway_round_robin`" in card and "rr_0, rr_1, rr_2" in card

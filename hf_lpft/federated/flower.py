@@ -184,7 +184,7 @@ def evaluate_reply(msg: Message, model: nn.Module, client: ClientData, i: int, *
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
-def _valid(replies, what: str) -> list[RecordDict]:
+def valid_replies(replies, what: str) -> list[RecordDict]:
     """Reply contents sorted by client index; a failed client fails the round (no silent partial average)."""
     return sorted((m.content for m in _valid_messages(replies, what)), key=lambda c: int(c["metrics"]["client-index"]))
 
@@ -254,7 +254,7 @@ class SeededNodes:
         return super().aggregate_train(server_round, replies)
 
     def aggregate_evaluate(self, server_round: int, replies):
-        contents = _valid(replies, f"evaluation of round {self.round_offset + server_round}")
+        contents = valid_replies(replies, f"evaluation of round {self.round_offset + server_round}")
         if not contents:  # a round that is not evaluated (eval_every)
             return None
         self.last_accuracy = float(np.mean([float(c["metrics"]["accuracy"]) for c in contents]))
@@ -304,7 +304,7 @@ class AlgorithmStrategy(SeededNodes, FedAvg):
         return messages
 
     def aggregate_train(self, server_round: int, replies):
-        contents = _valid(replies, f"round {self.round_offset + server_round}")
+        contents = valid_replies(replies, f"round {self.round_offset + server_round}")
         acc, total, uploads, examples = None, 0.0, None, 0
         for c in contents:  # client order, float64 sums: the built-in engine's arithmetic
             n = int(c["metrics"]["num-examples"])

@@ -20,6 +20,7 @@ then the results table and the output folder.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shlex
@@ -32,24 +33,23 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from hf_lpft.algorithms import FLState, build_algorithm
-from hf_lpft.checkpoint import Checkpoints
+from hf_lpft.algorithms import build_algorithm
 from hf_lpft.config import ConfigError, ExperimentConfig, load_config
-from hf_lpft.data.preprocess import preprocessing_for
-from hf_lpft.evaluation.clients import NO_DISTORTION, SELF_DISTORTION, result_row, write_cross_client, write_results
+from hf_lpft.data.schemes import get_scheme
+from hf_lpft.evaluation.clients import NO_DISTORTION, result_row, write_cross_client, write_results
 from hf_lpft.evaluation.metrics import local_global
 from hf_lpft.evaluation.report import write_report
-from hf_lpft.federated.flower import SeededNodes, _valid, build_fl_strategy, run_rounds, to_arrays
+from hf_lpft.federated.flower import SeededNodes, build_fl_strategy, run_rounds, to_arrays, valid_replies
 from hf_lpft.hub.push import publish_run
-from hf_lpft.io import atomic_path, meta_info, write_json, write_text
+from hf_lpft.io import atomic_path, write_json, write_text
 from hf_lpft.layout import RunLayout, save_model
-from hf_lpft.models.backbone import build_model
-from hf_lpft.pipeline import batchnorm_record, train_info
-from hf_lpft.run.flower_engine import check_fl_strategy, describe_fl_strategy
-from hf_lpft.run.preflight import build_strategies, check_backbone, check_strategies
+from hf_lpft.models.backbone import SplitModel
+from hf_lpft.run.flower_engine import check_fl_strategy
+from hf_lpft.run.preflight import preflight
+from hf_lpft.run.pretrain import initial_model, resumed_fl_state
+from hf_lpft.run.records import global_model_rows, run_record, speed_info
 from hf_lpft.run.settings import prepare_folder, run_layout
-from hf_lpft.speed import use_memory_format
-from hf_lpft.train.loop import derive_seed
+from hf_lpft.speed import memory_format_of
 
 PFT = f"{MessageType.TRAIN}.pft"
 CROSS = f"{MessageType.EVALUATE}.cross"
@@ -58,22 +58,16 @@ CROSS = f"{MessageType.EVALUATE}.cross"
 def study_config(run_config: dict) -> ExperimentConfig:
     """The study from the app's run config: ``config`` (a YAML path on the server), ``overrides``
     (``--section.key value`` pairs) and ``output-dir``; the general-FL stage is Flower's by definition.
+    What a federation cannot honour is refused by ``preflight(cfg, engine="flower-app")`` (``run_study``).
 
     Raises:
-        ConfigError: a bad value, or a setting a federation cannot honour (named).
+        ConfigError: a bad value (named).
     """
     overrides = shlex.split(str(run_config.get("overrides", "")))
     if run_config.get("output-dir"):
         overrides += ["--run.output_dir", str(run_config["output-dir"])]
     cfg = load_config(str(run_config["config"]) if run_config.get("config") else None,
                       overrides + ["--fedavg.engine", "flower"])
-    if cfg.pft.eval_every:
-        raise ConfigError(f"pft.eval_every={cfg.pft.eval_every}: epoch curves score every client's test split during "
-                          "training, which a federation keeps on the nodes; use 0 with the Flower App")
-    if cfg.pft.batched_probe:
-        raise ConfigError("pft.batched_probe=true trains all clients' heads in one process; on a federation each "
-                          "node probes its own client: use false")
-    check_fl_strategy(cfg.fedavg.fl_strategy, cfg.fedavg.fl_strategy_args)
     return cfg
 
 
@@ -93,7 +87,7 @@ def _send(grid: Grid, messages: list[Message], what: str, timeout: float, on_rep
             time.sleep(0.5)
     if pending:
         raise RuntimeError(f"{what}: {len(pending)} of {total} node(s) did not reply within timeout={timeout:g} s")
-    return _valid(replies, what)
+    return valid_replies(replies, what)
 
 
 def _study_record(cfg: ExperimentConfig, seed: int) -> ConfigRecord:
@@ -134,24 +128,21 @@ def map_clients(grid: Grid, cfg: ExperimentConfig, *, num_nodes: int, timeout: f
     return mapper, clients
 
 
-def general_fl(grid: Grid, cfg: ExperimentConfig, node_of: dict, clients: list, *, seed: int, out: Path,
-               timeout: float) -> tuple[dict, list[dict]]:
-    """Stage 2: θ_G from ``fedavg.fl_strategy``, resumable from the round checkpoint like ``pipeline.pretrain``."""
-    m, ckpt = cfg.model, Checkpoints(out)
-    model = build_model(m.backbone, num_classes=clients[0].num_classes, image_size=cfg.data.image_size,
-                        pretrained=m.pretrained, checkpoint=m.checkpoint, pooling=m.pooling, dropout=m.dropout,
-                        seed=derive_seed(seed, "init") % 2**31, preprocessing=preprocessing_for(cfg),
-                        class_names=clients[0].class_names)
-    model = use_memory_format(model, cfg.run.memory_format)  # as the built-in engine (hf_lpft.speed)
+def general_fl(grid: Grid, cfg: ExperimentConfig, node_of: dict, clients: list, *, seed: int, layout: RunLayout,
+               timeout: float) -> tuple[SplitModel, list[dict]]:
+    """Stage 2: θ_G from ``fedavg.fl_strategy``, resumable from the round checkpoint like the built-in engine's
+    ``run.pretrain.pretrain`` (the same initial model and resumed state)."""
+    ckpt = layout.checkpoints
+    model = initial_model(cfg, clients[0].num_classes, seed=seed, class_names=clients[0].class_names)
     saved = ckpt.load_round(seed) if cfg.run.resume else None
     if saved is not None:
-        model.load_state_dict(saved[0])
+        model.load_state_dict(saved.state)
     options = check_fl_strategy(cfg.fedavg.fl_strategy, cfg.fedavg.fl_strategy_args)
     stateful = build_algorithm(cfg.fedavg.fl_strategy, options, engine="flower").stateful
-    fl_state = FLState(*((ckpt.load_fl_state(seed) if saved else None) or ({}, {}))) if stateful else None
+    fl_state = resumed_fl_state(ckpt, seed, saved, stateful=stateful)
     strategy = build_fl_strategy(cfg.fedavg.fl_strategy, options, n_clients=len(clients),
                                  client_fraction=cfg.fedavg.client_fraction, seed=seed,
-                                 round_offset=len(saved[1]) if saved else 0, rounds=cfg.fedavg.rounds,
+                                 round_offset=saved.rounds if saved else 0, rounds=cfg.fedavg.rounds,
                                  eval_every=cfg.fedavg.eval_every, fl_state=fl_state,
                                  client_ids=[c.client_id for c in clients])
     strategy.node_of = dict(node_of)
@@ -163,13 +154,13 @@ def general_fl(grid: Grid, cfg: ExperimentConfig, node_of: dict, clients: list, 
             "" if acc is None else f": global model's test accuracy {100 * acc:.2f}% (mean over clients)")
 
     state, history = run_rounds(grid, strategy, model.state_dict(), rounds=cfg.fedavg.rounds,
-                                start_round=strategy.round_offset, history=saved[1] if saved else None,
+                                start_round=strategy.round_offset, history=saved.history if saved else None,
                                 on_round_end=round_end, timeout=timeout, train_config=_study_record(cfg, seed))
     model.load_state_dict(state)
-    save_model(model, RunLayout(out, cfg.run.seeds).global_dir(seed))
+    save_model(model, layout.global_dir(seed))
     if cfg.fedavg.rounds == 0 or not history:
         ckpt.save_round(seed, model.state_dict(), history)
-    return model.state_dict(), history
+    return model, history
 
 
 def _own_accuracy(record: dict) -> str:
@@ -231,7 +222,7 @@ def cross_evaluate(grid: Grid, cfg: ExperimentConfig, node_of: dict, state: dict
             for (s, cid), score in zip(wanted, json.loads(str(reply["scores"]["scores"])))}
 
 
-def save_client_models(out: Path, cfg: ExperimentConfig, pft: list[RecordDict], clients: list, *, seed: int) -> None:
+def save_client_models(layout: RunLayout, pft: list[RecordDict], clients: list, *, seed: int) -> None:
     """The exported folders the nodes sent, at the run layout's ``clients/<strategy>/<client>/`` (atomically)."""
     for reply, client in zip(pft, clients):
         by_strategy: dict[str, dict[str, bytes]] = {}
@@ -239,7 +230,7 @@ def save_client_models(out: Path, cfg: ExperimentConfig, pft: list[RecordDict], 
             strategy, rel = key.split("/", 1)
             by_strategy.setdefault(strategy, {})[rel] = reply["files"][key]
         for strategy, files in by_strategy.items():
-            with atomic_path(RunLayout(out, cfg.run.seeds).client_dir(strategy, client.client_id, seed),
+            with atomic_path(layout.client_dir(strategy, client.client_id, seed),
                              directory=True) as tmp:
                 for rel, content in files.items():
                     (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -268,75 +259,78 @@ def _unit(cfg: ExperimentConfig, name: str, i: int, clients: list, record: dict,
 
 
 def seed_records(cfg: ExperimentConfig, strategies: list[str], clients: list, pft: list[RecordDict], scores: dict,
-                 history: list[dict], *, seed: int) -> list[dict]:
+                 history: list[dict], *, seed: int, memory_format: str) -> list[dict]:
     """The run's records of one seed, in the pipeline's order: global-model rows, then strategy x client."""
     accs = [float(r["metrics"]["global-acc"]) for r in pft]
-    own = SELF_DISTORTION if cfg.run.distortion else NO_DISTORTION
-    rows = [{"row": result_row(seed, "global_model", i, c, accs, None) | own | {"error": None}, "phases": [],
-             "curves": [], "fedavg_history": history if i == 0 else None} for i, c in enumerate(clients)]
+    rows = global_model_rows(seed, clients, [accs] * len(clients), history=history, source={"source": "fedavg"},
+                             distortion=cfg.run.distortion, memory_format=memory_format)
     units = [json.loads(str(r["records"]["records"])) for r in pft]
     return rows + [_unit(cfg, name, i, clients, units[i][name], scores, seed=seed)
                    for name in strategies for i in range(len(clients))]
 
 
-def write_federation(out: Path, clients: list) -> str:
+def write_federation(layout: RunLayout, clients: list) -> str:
     """``federation/manifest.json`` as far as the server knows it: counts, label histograms and a hash of each
     node's row indices (the indices themselves stay on the nodes); returns the federation's hash."""
     digest = hashlib.sha256(json.dumps([c.summary["indices_sha256"] for c in clients]).encode()).hexdigest()
-    write_json(RunLayout.without_seeds(out).manifest, {
+    write_json(layout.manifest, {
         "source": "hf_lpft Flower App: each node's own data (row indices stay on the nodes)",
         "num_classes": clients[0].num_classes, "indices_sha256": digest, "clients": [c.summary for c in clients]}
         | ({"class_names": clients[0].class_names} if clients[0].class_names is not None else {}))
     return digest
 
 
-def write_study(cfg: ExperimentConfig, out: Path, records: list[dict], strategies: dict, clients: list, *,
+def scheme_record(cfg: ExperimentConfig) -> dict:
+    """The run record's partition scheme: the nodes partition, so the server records what the config asks of the
+    registered scheme (each node's manifest entry holds its own counts)."""
+    return {"scheme": cfg.data.scheme, "params": get_scheme(cfg.data.scheme).recorded(dataclasses.asdict(cfg.data)),
+            "source": "config (the nodes partition)"}
+
+
+def write_study(cfg: ExperimentConfig, layout: RunLayout, records: list[dict], strategies: dict, clients: list, *,
                 timings: dict, digest: str) -> None:
     """Results, cross-client matrix, run record, report and Hub-ready folder: the pipeline's writers."""
-    layout = RunLayout(out, cfg.run.seeds)
     results, _, markdown = write_results(layout, [r["row"] for r in records],
                                          strategies={n: s.describe() for n, s in strategies.items()})
     write_cross_client(layout, results)
-    write_json(layout.record, {
-        "run_info": {"seeds": cfg.run.seeds, "timings_seconds": timings, "manifest_sha256": digest,
-                     "clients": [c.client_id for c in clients], "resumed": cfg.run.resume, "num_processes": 1,
-                     "strategies": {n: s.describe() for n, s in strategies.items()},
-                     "batchnorm": batchnorm_record(cfg, strategies), "general_fl": describe_fl_strategy(cfg),
-                     "engine": {"name": "flower-app", "nodes": [{"client_id": c.client_id, "hf_lpft": c.version}
-                                                                for c in clients]}},
-        "train_info": train_info(records), "meta_info": meta_info()})
+    engine = {"name": "flower-app", "nodes": [{"client_id": c.client_id, "hf_lpft": c.version} for c in clients]}
+    write_json(layout.record, run_record(cfg, strategies, records, timings=timings, manifest_sha256=digest,
+                                         client_ids=[c.client_id for c in clients], federation=scheme_record(cfg),
+                                         num_processes=1,
+                                         extras={"speed": speed_info(cfg, records), "engine": engine}))
     write_report(layout)
-    publish_run(cfg.hub, out)
+    publish_run(cfg.hub, layout.root)
     log(INFO, "Results (%d seed(s)), accuracy %%, mean (std over seeds):", len(cfg.run.seeds))
     for line in markdown.splitlines():
         if line.startswith("|"):  # the table; its legend is in summary.md
             log(INFO, "%s", line)
-    log(INFO, "Outputs written to %s (results.parquet, summary.md with the legend, run_record.json)", out.resolve())
+    log(INFO, "Outputs written to %s (results.parquet, summary.md with the legend, run_record.json)",
+        layout.root.resolve())
 
 
 def run_study(grid: Grid, cfg: ExperimentConfig, *, num_nodes: int = 0, timeout: float = 3600.0) -> Path:
     """The whole study on the nodes of ``grid`` (module docstring); returns the output folder."""
-    strategies = build_strategies(cfg)  # every check before any message
-    check_backbone(cfg)
-    check_strategies(cfg, strategies)
+    strategies = preflight(cfg, engine="flower-app")  # every check the server can make, before any message
     layout = run_layout(cfg.run)
     out = prepare_folder(cfg, layout)
     write_text(layout.config, cfg.to_yaml())
     log(INFO, "%s", describe_study(cfg, out.resolve()))
     t0, timings, records = time.perf_counter(), {}, []
     mapper, clients = map_clients(grid, cfg, num_nodes=num_nodes, timeout=timeout)
-    digest = write_federation(out, clients)
+    digest = write_federation(layout, clients)
     timings["federate"] = time.perf_counter() - t0
     for seed in cfg.run.seeds:
         t = time.perf_counter()
-        state, history = general_fl(grid, cfg, mapper.node_of, clients, seed=seed, out=out, timeout=timeout)
+        model, history = general_fl(grid, cfg, mapper.node_of, clients, seed=seed, layout=layout, timeout=timeout)
+        state = model.state_dict()
         timings[f"fedavg_seed_{seed}"], t = time.perf_counter() - t, time.perf_counter()
         pft = personalize_nodes(grid, cfg, mapper.node_of, state, clients, seed=seed, timeout=timeout)
-        save_client_models(out, cfg, pft, clients, seed=seed)
+        save_client_models(layout, pft, clients, seed=seed)
         timings[f"personalize_seed_{seed}"], t = time.perf_counter() - t, time.perf_counter()
         scores = cross_evaluate(grid, cfg, mapper.node_of, state, pft, clients, seed=seed, timeout=timeout)
         timings[f"cross_evaluate_seed_{seed}"] = time.perf_counter() - t
-        records += seed_records(cfg, list(strategies), clients, pft, scores, history, seed=seed)
+        records += seed_records(cfg, list(strategies), clients, pft, scores, history, seed=seed,
+                                memory_format=memory_format_of(model))
     timings["total"] = time.perf_counter() - t0
-    write_study(cfg, out, records, strategies, clients, timings=timings, digest=digest)
+    write_study(cfg, layout, records, strategies, clients, timings=timings, digest=digest)
     return out

@@ -1,5 +1,5 @@
 """The Flower engine seen from a run: its config checked and turned into the explicit arguments of
-:mod:`hf_lpft.federated.flower` (which knows no run config), and described for the run record."""
+:mod:`hf_lpft.federated.flower` (which knows no run config)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import dataclasses
 from hf_lpft.algorithms import build_algorithm
 from hf_lpft.config import ExperimentConfig
 from hf_lpft.federated.flower import LocalTraining
-from hf_lpft.run.general_fl import describe_general_fl
 from hf_lpft.train.optim import settings_from
 
 
@@ -28,7 +27,3 @@ def check_fl_strategy(name: str, args: dict | None) -> dict:
     config = build_algorithm(name, args, engine="flower").config
     return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
 
-
-def describe_fl_strategy(cfg: ExperimentConfig) -> dict:
-    """The general-FL method of a run, for the run record and the cards."""
-    return describe_general_fl(cfg)

@@ -4,11 +4,13 @@
 chosen scheme, sizes the embedded builders cannot provide, the strategies and their options, the backbone
 (name; weights that need the network), the launch (tracker, FedAvg engine and its options, fp16 on CPU, a given
 model with FedBN), the output folder (read only)
-and, with ``--push_to_hub``, the Hub (token, repos writable). ``federation_checked(cfg)`` then loads the
-dataset (network; a damaged ``save_to_disk`` file is named), checks its columns and labels and partitions it in
-memory (a saved manifest must match the dataset and have its indices in range; one client is refused). The
-pipeline creates the output folder only after both, the given global model's check
-(``hf_lpft.run.given_model.check_global_model``) and the decoding of every client's inputs
+and, with ``--push_to_hub``, the Hub (token, repos writable). ``preflight(cfg, engine="flower-app")`` is the
+same for the Flower App's server, before its first message, with the App's launch checks (what a federation
+cannot honour; the general-FL strategy on Flower) in place of the built-in launch's.
+``federation_checked(cfg)`` then loads the dataset (network; a damaged ``save_to_disk`` file is named),
+checks its columns and labels and partitions it in memory (a saved manifest must match the dataset and have its
+indices in range; one client is refused). The pipeline creates the output folder only after both, the given
+global model's check (``hf_lpft.run.given_model.check_global_model``) and the decoding of every client's inputs
 (``hf_lpft.run.federation.federation_inputs``: a damaged image is named), so a run rejected by any of them
 leaves the file system as it was. Types, finiteness and ranges of single values are
 checked by the config dataclasses themselves (``hf_lpft.config``).
@@ -53,18 +55,29 @@ PUSH_LATER = ("or run without --push_to_hub and publish the finished run later w
               "`hf-lpft push <output_dir> --hub_repo_id <namespace/name>`")
 
 
-def preflight(cfg: ExperimentConfig) -> dict[str, Strategy]:
-    """Run every check that needs no data (see the module docstring); returns the built strategies.
+ENGINES = ("builtin", "flower-app")  # the drivers: hf_lpft.pipeline, and the Flower App's server
+
+
+def preflight(cfg: ExperimentConfig, *, engine: str = "builtin") -> dict[str, Strategy]:
+    """Run every check that needs no data (see the module docstring); returns the built strategies. The only
+    preflight entry point of both drivers: ``engine`` "builtin" (``hf_lpft.pipeline``, general FL on
+    ``fedavg.engine``) or "flower-app" (the Flower App's server, before its first message: the data are on
+    the nodes, so only the data-free checks can run there, with the App's own launch checks).
 
     Raises:
         ConfigError: the first bad input, named with its value and what is allowed.
     """
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r}: choose one of {list(ENGINES)}")
     check_scheme_options(cfg)
     check_sizes(cfg)
     strategies = build_strategies(cfg)
     check_backbone(cfg)
     check_strategies(cfg, strategies)
-    check_launch(cfg)
+    if engine == "builtin":
+        check_launch(cfg)
+    else:  # the nodes train: the server's device, processes and trackers say nothing about them
+        check_flower_app(cfg)
     check_folder(cfg, run_layout(cfg.run))
     check_hub(cfg)
     return strategies
@@ -204,6 +217,20 @@ def check_launch(cfg: ExperimentConfig) -> None:
         from hf_lpft.run.general_fl import algorithm_of
 
         algorithm_of(cfg)
+
+
+def check_flower_app(cfg: ExperimentConfig) -> None:
+    """What a federation of nodes cannot honour (each node holds its own data, the server none), and
+    ``fedavg.fl_strategy`` with its options as a Flower strategy; the Flower App's launch checks."""
+    if cfg.pft.eval_every:
+        raise ConfigError(f"pft.eval_every={cfg.pft.eval_every}: epoch curves score every client's test split during "
+                          "training, which a federation keeps on the nodes; use 0 with the Flower App")
+    if cfg.pft.batched_probe:
+        raise ConfigError("pft.batched_probe=true trains all clients' heads in one process; on a federation each "
+                          "node probes its own client: use false")
+    from hf_lpft.run.flower_engine import check_fl_strategy  # Flower is imported only for the App
+
+    check_fl_strategy(cfg.fedavg.fl_strategy, cfg.fedavg.fl_strategy_args)
 
 
 def check_precision_before_launch(cfg: ExperimentConfig) -> None:

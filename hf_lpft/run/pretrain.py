@@ -31,7 +31,7 @@ from accelerate.utils import broadcast_object_list
 from hf_lpft import __version__
 from hf_lpft._faults import fault_point
 from hf_lpft.algorithms import FLState
-from hf_lpft.checkpoint import Checkpoints
+from hf_lpft.checkpoint import Checkpoints, RoundCheckpoint
 from hf_lpft.config import ConfigError, ExperimentConfig
 from hf_lpft.data.preprocess import preprocessing_for
 from hf_lpft.data.tensors import ClientData, TextInputs
@@ -150,7 +150,7 @@ def _main_decides(value: bool, accelerator: Accelerator) -> bool:
 def load_entry(entry: Path, device) -> tuple[SplitModel, list[dict], dict | None]:
     """(θ_G, history, client BatchNorm or None) of a stored FedAvg result."""
     ckpt = Checkpoints(entry)  # history and FedBN tensors in the run's checkpoint format (seed 0, no state)
-    _, history = ckpt.load_round(0)
+    history = ckpt.load_round(0).history
     return SplitModel.from_pretrained(entry).to(device).eval(), history, ckpt.load_client_bn(0)
 
 
@@ -222,6 +222,29 @@ def cached_pretrain(cfg: ExperimentConfig, clients: list[ClientData], num_classe
                                                    "fedavg_cache": cfg.run.fedavg_cache})
 
 
+def initial_model(cfg: ExperimentConfig, num_classes: int, *, seed: int, class_names: list[str] | None = None,
+                  device=None) -> SplitModel:
+    """The seeded model general FL starts from (both drivers: this pipeline and the Flower App's server),
+    named ``class_names``, on ``device`` (None: where it was built) in ``run.memory_format``."""
+    m = cfg.model
+    model = build_model(m.backbone, num_classes=num_classes, image_size=cfg.data.image_size, pretrained=m.pretrained,
+                        checkpoint=m.checkpoint, pooling=m.pooling, dropout=m.dropout,
+                        seed=derive_seed(seed, "init") % 2**31, preprocessing=preprocessing_for(cfg),
+                        class_names=class_names)
+    if device is not None:
+        model = model.to(device)
+    return use_memory_format(model, cfg.run.memory_format)  # channels_last for CNNs: hf_lpft.speed
+
+
+def resumed_fl_state(ckpt: Checkpoints, seed: int, saved: RoundCheckpoint | None, *,
+                     stateful: bool) -> FLState | None:
+    """A stateful general-FL algorithm's state (e.g. SCAFFOLD's control variates): as saved with the resumed
+    round, else empty; None for a stateless algorithm."""
+    if not stateful:
+        return None
+    return FLState(*((ckpt.load_fl_state(seed) if saved else None) or ({}, {})))
+
+
 def pretrain(cfg: ExperimentConfig, clients: list[ClientData], num_classes: int, *, seed: int, layout: RunLayout,
              accelerator: Accelerator, class_names: list[str] | None = None) -> tuple[SplitModel, list[dict]]:
     """The global model θ_G (named ``class_names``): FedAvg from scratch, from a round checkpoint, or reloaded
@@ -229,20 +252,16 @@ def pretrain(cfg: ExperimentConfig, clients: list[ClientData], num_classes: int,
     f, ckpt = cfg.fedavg, layout.checkpoints
     done = layout.global_dir(seed)
     saved = ckpt.load_round(seed) if cfg.run.resume else None
-    if saved is not None and len(saved[1]) == f.rounds and (done / "model.safetensors").is_file():
+    if saved is not None and saved.rounds == f.rounds and (done / "model.safetensors").is_file():
         return use_memory_format(SplitModel.from_pretrained(done).to(accelerator.device).eval(),
-                                 cfg.run.memory_format), saved[1]
-    model = build_model(cfg.model.backbone, num_classes=num_classes, image_size=cfg.data.image_size,
-                        pretrained=cfg.model.pretrained, checkpoint=cfg.model.checkpoint, pooling=cfg.model.pooling,
-                        dropout=cfg.model.dropout, seed=derive_seed(seed, "init") % 2**31,
-                        preprocessing=preprocessing_for(cfg), class_names=class_names).to(accelerator.device)
-    model = use_memory_format(model, cfg.run.memory_format)  # channels_last for CNNs: hf_lpft.speed
+                                 cfg.run.memory_format), saved.history
+    model = initial_model(cfg, num_classes, seed=seed, class_names=class_names, device=accelerator.device)
     if saved is not None:
-        model.load_state_dict(saved[0])
+        model.load_state_dict(saved.state)
     settings = settings_from(f)
     client_bn = ((ckpt.load_client_bn(seed) if saved else None) or {}) if f.bn == "local" else None
     algorithm = algorithm_of(cfg)  # fedavg.fl_strategy (hf_lpft.algorithms)
-    fl_state = FLState(*((ckpt.load_fl_state(seed) if saved else None) or ({}, {}))) if algorithm.stateful else None
+    fl_state = resumed_fl_state(ckpt, seed, saved, stateful=algorithm.stateful)
 
     def round_end(rnd: int, state: dict, hist: list) -> None:
         if accelerator.is_main_process:  # one writer when several processes run
@@ -254,8 +273,8 @@ def pretrain(cfg: ExperimentConfig, clients: list[ClientData], num_classes: int,
     else:
         model, history = run_fedavg(model, clients, rounds=f.rounds, local_epochs=f.local_epochs, lr=f.lr,
                                     client_fraction=f.client_fraction, settings=settings, accelerator=accelerator,
-                                    seed=seed, eval_every=f.eval_every, start_round=len(saved[1]) if saved else 0,
-                                    history=saved[1] if saved else None, client_bn=client_bn,
+                                    seed=seed, eval_every=f.eval_every, start_round=saved.rounds if saved else 0,
+                                    history=saved.history if saved else None, client_bn=client_bn,
                                     on_round_end=round_end, algorithm=algorithm, fl_state=fl_state)
     if accelerator.is_main_process:
         save_model(model, done)
@@ -266,7 +285,7 @@ def pretrain(cfg: ExperimentConfig, clients: list[ClientData], num_classes: int,
 
 
 def flower_pretrain(cfg: ExperimentConfig, model: SplitModel, clients: list[ClientData], *, seed: int,
-                    saved: tuple | None, accelerator: Accelerator, on_round_end,
+                    saved: RoundCheckpoint | None, accelerator: Accelerator, on_round_end,
                     fl_state: FLState | None = None) -> tuple[SplitModel, list[dict]]:
     """General FL on Flower's local simulation (``fedavg.engine: flower``), resumable from a round checkpoint
     (with a stateful algorithm's ``fl_state``, updated in place)."""
@@ -285,8 +304,8 @@ def flower_pretrain(cfg: ExperimentConfig, model: SplitModel, clients: list[Clie
                                        client_fraction=f.client_fraction, settings=settings_from(f), seed=seed,
                                        eval_every=f.eval_every, fl_strategy=f.fl_strategy,
                                        fl_strategy_options=f.fl_strategy_args, num_threads=cfg.run.num_threads,
-                                       start_round=len(saved[1]) if saved else 0,
-                                       history=saved[1] if saved else None, on_round_end=on_round_end,
+                                       start_round=saved.rounds if saved else 0,
+                                       history=saved.history if saved else None, on_round_end=on_round_end,
                                        fl_state=fl_state)
     return model.to(accelerator.device), history
 
