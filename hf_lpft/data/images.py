@@ -1,11 +1,11 @@
 """Reading stored images, below every other data module (federate, load and stats all decode images): a file
-or row that is not a readable image is a :class:`FederationError` (``hf_lpft.data.schemes``) naming it."""
+or row that is not a readable image is a :class:`FederationError` (``hf_lpft.errors``) naming it."""
 
 from __future__ import annotations
 
 import datasets
 
-from hf_lpft.data.schemes import FederationError  # noqa: F401 - defined with the schemes (above config)
+from hf_lpft.errors import FederationError  # noqa: F401 - data's error, defined in the bottom layer
 
 
 def decode_image(feature: datasets.Image, stored: dict, *, row: int, column: str):

@@ -20,16 +20,13 @@ from typing import ClassVar
 
 import numpy as np
 
+from hf_lpft.errors import FederationError
 from hf_lpft.registry import Registry, check_entry_class
 
 _ROW = "__hf_lpft_row__"
 _KEY = "__hf_lpft_key__"
 _MAX_ATTEMPTS = 10  # Dirichlet redraws (flwr-datasets' own bound)
 QUANTITY_MODES = ("dirichlet", "linear", "square", "exponential")
-
-
-class FederationError(ValueError):
-    """The dataset cannot be federated as asked."""
 
 
 @dataclass(frozen=True)
