@@ -80,11 +80,12 @@ def run_seed(cfg: ExperimentConfig, strategies: dict[str, Strategy], clients: li
     global_model, history, client_bn = given.model, given.history, given.client_bn
     timings[f"fedavg_seed_{seed}"] = time.perf_counter() - t
     t = time.perf_counter()
-    accs = global_model_accuracies(evaluation, global_model, clients, client_bn, accelerator.device)
+    accs = global_model_accuracies(evaluation, global_model, clients, client_bn, accelerator.device, seed=seed)
     references = reference_features(evaluation, global_model, clients, client_bn, accelerator.device)
     timings[f"evaluate_global_model_seed_{seed}"] = time.perf_counter() - t
     global_rows = global_model_rows(seed, clients, accs, history=history, source=given.source,
-                                    distortion=references is not None, memory_format=memory_format_of(global_model))
+                                    distortion=references is not None, memory_format=memory_format_of(global_model),
+                                    evaluation=evaluation)
     t = time.perf_counter()
     units = personalize_all(cfg, strategies, global_model, clients, seed=seed, layout=layout, accelerator=accelerator,
                             evaluation=evaluation, client_bn=client_bn, references=references)

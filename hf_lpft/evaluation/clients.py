@@ -2,12 +2,19 @@
 
 Local is client i's model on its own test split, Global on the other clients' test splits (the metrics
 of arXiv 2511.12695, Table 2); the epoch curves are its Figure 2. The functions take :class:`EvalSettings`
-(built from the config by ``hf_lpft.run.settings.eval_settings``), not the config."""
+(built from the config by ``hf_lpft.run.settings.eval_settings``), not the config.
+
+With more than ``EvalSettings.global_clients`` + 1 clients, every model of client i (each strategy's and the
+global model's) is scored only on its own split and a seeded sample of K other clients' splits
+(:func:`scored_others`, drawn from (run seed, i) alone, so the comparison between strategies stays paired):
+Global is then an estimate with a standard error (``global_acc_se``) and the rows say which clients were
+scored (``global_sample``); unscored entries of ``acc_by_client`` are NaN. Exact runs write neither column."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from hf_lpft._faults import fault_point
@@ -16,6 +23,7 @@ from hf_lpft.evaluation.distortion import distortion_by_client, extract_features
 from hf_lpft.evaluation.metrics import (
     format_markdown,
     global_drop_split,
+    global_estimate,
     local_global,
     split_exemptions,
     summary_table,
@@ -44,27 +52,75 @@ class EvalSettings:
         distortion: Whether result rows get the distortion and CKA columns (``run.distortion``).
         eval_every: Record the epoch curves every this many personalization epochs; 0 = no curves
             (``pft.eval_every``).
+        global_clients: At most this many other clients score each model (``run.global_eval_clients``): with
+            more, a seeded sample of this many (Global estimated); None = every other client (exact).
     """
 
     batch_size: int
     distortion: bool
     eval_every: int
+    global_clients: int | None = None
+
+    def sample(self, n: int, i: int, seed: int) -> list[int] | None:
+        """The other clients client i's models are scored on (:func:`scored_others`); None = all (exact)."""
+        return scored_others(n, i, k=self.global_clients, seed=seed)
+
+
+# Mixed into the sample's seed so that it draws a stream of its own, not one a training seed also draws.
+SAMPLE_STREAM = 2611
+
+
+def scored_others(n: int, i: int, *, k: int | None, seed: int) -> list[int] | None:
+    """K of the n-1 clients other than i, drawn uniformly without replacement from (run seed, i): the same for every
+    strategy and for the global model's row i, so strategies are compared on the same clients. None (score every
+    client: Global exact) when ``k`` is None or ``k >= n - 1``."""
+    if k is None or k >= n - 1:
+        return None
+    rng = np.random.default_rng([SAMPLE_STREAM, seed, i])
+    others = np.delete(np.arange(n), i)
+    return sorted(int(j) for j in rng.choice(others, size=k, replace=False))
+
+
+def scored(n: int, i: int, sample: list[int] | None) -> list[int]:
+    """Indices of the test splits a model of client i is evaluated on: all, or its own and the sample's."""
+    return list(range(n)) if sample is None else sorted([i, *sample])
+
+
+def spread(n: int, indices: list[int], values: list[float]) -> list[float]:
+    """A row over all n clients with ``values`` at ``indices`` and NaN elsewhere (the unscored pairs)."""
+    row = [float("nan")] * n
+    for j, v in zip(indices, values):
+        row[j] = v
+    return row
 
 
 def cross_accuracy(model, clients: list[ClientData], *, settings: EvalSettings, device,
-                   shared: SharedBackbone | None = None) -> list[float]:
+                   shared: SharedBackbone | None = None, only: list[int] | None = None) -> list[float]:
     """The model's accuracy on every client's test split (row of the cross-client matrix); from θ_G's
-    features computed once (``shared``) when the model's backbone is θ_G's (e.g. LP)."""
+    features computed once (``shared``) when the model's backbone is θ_G's (e.g. LP). ``only``: score these
+    clients' splits alone (NaN elsewhere)."""
+    if only is not None:
+        picked = [clients[j] for j in only]
+        sub = shared.subset(only) if shared is not None else None
+        return spread(len(clients), only, cross_accuracy(model, picked, settings=settings, device=device, shared=sub))
     if shared is not None and (accs := shared.accuracies(model)) is not None:
         return accs
     return [accuracy(model, c.test_x, c.test_y, batch_size=settings.batch_size, device=device) for c in clients]
 
 
 def evaluate_on_clients(model, clients: list[ClientData], i: int, *, settings: EvalSettings, device,
-                        reference: list | None = None,
-                        shared: SharedBackbone | None = None) -> tuple[list[float], dict]:
+                        reference: list | None = None, shared: SharedBackbone | None = None,
+                        sample: list[int] | None = None) -> tuple[list[float], dict]:
     """Accuracy on every client's test split and, given the start model's features there (``reference``),
-    the distortion columns (hf_lpft.evaluation.distortion), from one forward pass per split."""
+    the distortion columns (hf_lpft.evaluation.distortion), from one forward pass per split. ``sample``: the
+    other clients to score (:meth:`EvalSettings.sample`); the others' entries are NaN and Δ / CKA on the others
+    are means over the sample."""
+    if sample is not None:
+        only = scored(len(clients), i, sample)
+        accs, dist = evaluate_on_clients(model, [clients[j] for j in only], only.index(i), settings=settings,
+                                         device=device, shared=shared.subset(only) if shared is not None else None,
+                                         reference=[reference[j] for j in only] if reference is not None else None)
+        return spread(len(clients), only, accs), dist
     if reference is None:
         return cross_accuracy(model, clients, settings=settings, device=device, shared=shared), dict(NO_DISTORTION)
     if shared is not None and (accs := shared.accuracies(model)) is not None:
@@ -91,29 +147,46 @@ def reference_features(settings: EvalSettings, global_model: SplitModel, clients
     return [feats(client_global_model(global_model, client_bn, c.client_id)) for c in clients]
 
 
+def local_and_global(accs: list[float], i: int, sample: list[int] | None) -> tuple[float, float, dict]:
+    """Local, Global and, for a sampled Global, the row's extra columns (``global_acc_se``, ``global_sample``)."""
+    if sample is None:
+        return (*local_global(accs, i), {})
+    global_, se = global_estimate(accs, sample)
+    return float(accs[i]), global_, {"global_acc_se": se, "global_sample": list(sample)}
+
+
 def result_row(seed: int, strategy: str, i: int, client: ClientData, accs: list[float],
-               final_loss: float | None) -> dict:
-    """One ``results.parquet`` row: a (seed, strategy, client) unit's Local and Global accuracy."""
-    local, global_ = local_global(accs, i)
+               final_loss: float | None, *, sample: list[int] | None = None) -> dict:
+    """One ``results.parquet`` row: a (seed, strategy, client) unit's Local and Global accuracy; with a
+    ``sample`` of other clients, Global is its estimate and the row adds ``global_acc_se`` and ``global_sample``."""
+    local, global_, extra = local_and_global(accs, i, sample)
+    se = {"global_acc_se": extra["global_acc_se"]} if extra else {}
     return {"seed": seed, "strategy": strategy, "client_id": client.client_id, "client_index": i,
-            "n_train": client.n_train, "n_test": client.n_test, "local_acc": local, "global_acc": global_,
-            "acc_by_client": accs, "final_train_loss": final_loss}
+            "n_train": client.n_train, "n_test": client.n_test, "local_acc": local, "global_acc": global_, **se,
+            "acc_by_client": accs, "final_train_loss": final_loss,
+            **({"global_sample": extra["global_sample"]} if extra else {})}
 
 
 def global_model_accuracies(settings: EvalSettings, global_model: SplitModel, clients: list[ClientData],
-                            client_bn: dict | None, device) -> list[list[float]]:
+                            client_bn: dict | None, device, *, seed: int = 0) -> list[list[float]]:
     """Row i: accuracies on every client's test split of the model client i personalizes from (the
-    ``global_model`` rows: with FedBN, θ_G with client i's BatchNorm, also on the other clients' data)."""
+    ``global_model`` rows: with FedBN, θ_G with client i's BatchNorm, also on the other clients' data); with a
+    sampled Global, on client i's own split and its sample (``seed``'s, :meth:`EvalSettings.sample`) only."""
+    n = len(clients)
+    samples = [settings.sample(n, i, seed) for i in range(n)]
     if not client_bn:
-        return [cross_accuracy(global_model, clients, settings=settings, device=device)] * len(clients)
+        row = cross_accuracy(global_model, clients, settings=settings, device=device)  # one model: O(N) anyway
+        return [row if s is None else spread(n, scored(n, i, s), [row[j] for j in scored(n, i, s)])
+                for i, s in enumerate(samples)]
     return [cross_accuracy(client_global_model(global_model, client_bn, c.client_id), clients, settings=settings,
-                           device=device) for c in clients]
+                           device=device, only=None if s is None else scored(n, i, s))
+            for i, (c, s) in enumerate(zip(clients, samples))]
 
 
 def epoch_curve_callback(settings: EvalSettings, clients: list[ClientData], i: int, curves: list, device,
-                         reference: list | None = None, strategy=None):
+                         reference: list | None = None, strategy=None, sample: list[int] | None = None):
     """Record Local and Global (and, with ``reference``, Δ) every ``settings.eval_every`` epochs (counted across
-    phases)."""
+    phases); with a ``sample``, Global is its estimate."""
     counter = {"epoch": 0}
 
     def callback(model, phase: str, epoch: int, loss: float) -> None:
@@ -121,8 +194,9 @@ def epoch_curve_callback(settings: EvalSettings, clients: list[ClientData], i: i
         counter["epoch"] += 1
         if settings.eval_every and counter["epoch"] % settings.eval_every == 0:
             view = strategy.eval_view(model) if strategy is not None else model
-            accs, dist = evaluate_on_clients(view, clients, i, settings=settings, device=device, reference=reference)
-            local, global_ = local_global(accs, i)
+            accs, dist = evaluate_on_clients(view, clients, i, settings=settings, device=device, reference=reference,
+                                             sample=sample)
+            local, global_, _ = local_and_global(accs, i, sample)
             curves.append({"epoch": counter["epoch"], "phase": phase, "train_loss": loss, "local_acc": local,
                            "global_acc": global_, "distortion_local": dist["distortion_local"],
                            "distortion_global": dist["distortion_global"]})

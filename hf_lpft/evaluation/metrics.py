@@ -11,6 +11,13 @@ Definitions (Chen et al., arXiv 2511.12695, the metrics of Table 2):
 - Average (text): (Local + Global) / 2.  Average (table): (Local + Global + Worst) / 3, with Worst (Local)
   (``avg_lgw``) and with Worst (matrix) (``avg_lgw_matrix``, the form the paper's printed table satisfies).
 Across seeds, tables show mean (std) with the sample std (ddof=1); one seed shows the value alone, said once.
+
+Global estimated on a sample (``run.global_eval_clients``, issue 26): each model is scored on a seeded uniform
+sample, without replacement, of K of the N-1 other clients' test splits (:func:`global_estimate`: the sample mean,
+unbiased for the mean over all N-1, with its finite-population-corrected standard error). The cross-client matrix
+is then only partly scored (NaN elsewhere): C-Std (matrix), Worst (matrix) and Avg (L+G+W_matrix)/3 are NaN,
+not computed over the scored entries, because a minimum over a sample only bounds the matrix's minimum from
+above and the scored entries over-weight the diagonal; neither estimates the full-matrix statistic.
 Every column's one-line legend is :data:`COLUMN_LEGEND`, printed under every summary table.
 """
 
@@ -38,6 +45,28 @@ def local_global(acc_row: list[float] | np.ndarray, own: int) -> tuple[float, fl
         raise IndexError(f"own={own} outside the {len(row)} clients")
     others = np.delete(row, own)
     return float(row[own]), float(others.mean()) if len(others) else float("nan")
+
+
+def global_estimate(acc_row: list[float] | np.ndarray, sample: list[int]) -> tuple[float, float]:
+    """Global estimated from a model's accuracies on ``sample``: K distinct other clients drawn uniformly without
+    replacement from the N-1 others (``len(acc_row)`` = N). Returns the sample mean, unbiased for the mean over all
+    N-1 others, and its standard error with the finite-population correction,
+    SE = sqrt((1 - K/(N-1)) * s^2 / K), s^2 the sample variance (ddof=1) of the K accuracies (0 when K = N-1,
+    NaN when K = 1: one value has no variance)."""
+    row, others = np.asarray(acc_row, dtype=float), len(acc_row) - 1
+    values = row[np.asarray(sample, dtype=int)]
+    k = len(values)
+    if not 1 <= k <= others or len(set(sample)) != k:
+        raise ValueError(f"sample={list(sample)} must be 1..{others} distinct other clients")
+    se = np.sqrt((1 - k / others) * values.var(ddof=1) / k) if k > 1 else np.nan
+    return float(values.mean()), float(se)
+
+
+def combined_se(errors: np.ndarray | list[float]) -> float:
+    """Standard error of the mean of independent estimates with these standard errors: sqrt(sum SE^2) / n (the
+    samples of different clients and seeds are drawn independently)."""
+    errors = np.asarray(errors, dtype=float)
+    return float(np.sqrt(np.sum(errors ** 2)) / len(errors)) if len(errors) else float("nan")
 
 
 def summarize_clients(local: np.ndarray, global_: np.ndarray, reference_global: np.ndarray | None = None,
@@ -73,9 +102,19 @@ def per_seed_summary(results: pd.DataFrame) -> pd.DataFrame:
         reference = ref.global_acc.to_numpy() if len(ref) == len(group) and strategy != "global_model" else None
         extra = {c: float(group[c].astype(float).mean()) for c in EXTRA_COLUMNS if c in group}
         matrix = np.stack([np.asarray(a, float) for a in group.acc_by_client]) if "acc_by_client" in group else None
+        estimate = {}
+        if "global_acc_se" in group:  # a sampled Global: no full matrix to summarize (module docstring)
+            matrix = None
+            estimate = {"global_se": combined_se(group.global_acc_se), **sample_size(group)}
         rows.append({"seed": seed, "strategy": strategy, **summarize_clients(
-            group.local_acc.to_numpy(), group.global_acc.to_numpy(), reference, matrix), **extra})
+            group.local_acc.to_numpy(), group.global_acc.to_numpy(), reference, matrix), **extra, **estimate})
     return pd.DataFrame(rows)
+
+
+def sample_size(rows: pd.DataFrame) -> dict:
+    """``global_k`` (other clients scored per model) and ``global_others`` (N-1) of rows with a sampled Global."""
+    first = rows.iloc[0]
+    return {"global_k": len(first.global_sample), "global_others": len(first.acc_by_client) - 1}
 
 
 def summary_table(results: pd.DataFrame) -> pd.DataFrame:
@@ -90,6 +129,9 @@ def summary_table(results: pd.DataFrame) -> pd.DataFrame:
             values = group[col].to_numpy(float)
             row[col] = float(np.mean(values))
             row[f"{col}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        if "global_se" in per_seed:  # the mean over seeds of independent estimates
+            row |= {"global_se": combined_se(group.global_se), "global_k": int(group.global_k.iloc[0]),
+                    "global_others": int(group.global_others.iloc[0])}
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -137,11 +179,29 @@ def spread_note(seeds: int) -> str:
     return f"mean (std) over {seeds} seeds (sample std)."
 
 
-def format_legend(headers: list[str] | tuple[str, ...], *, seeds: int) -> str:
-    """The legend of a summary table with ``headers``: one line per column, from :data:`COLUMN_LEGEND`."""
-    lines = [f"Cells: {spread_note(seeds)}"]
+def estimate_note(k: int, others: int) -> str:
+    """The sentence that says Global is an estimate (summary.md, report.md, cards), with K and N-1."""
+    return (f"**Global is an estimate**: each model (and the global model) is scored on a seeded sample of {k} of "
+            f"the {others} other clients' test splits (uniform, without replacement; the same {k} for every strategy "
+            "of a client and seed); ± is its standard error (finite-population corrected, over clients and seeds). "
+            "C-Std (matrix), Worst (matrix) and Avg (L+G+W_matrix)/3 are nan: the cross-client matrix is only "
+            "partly scored (run.global_eval_clients).")
+
+
+def format_legend(headers: list[str] | tuple[str, ...], *, seeds: int, estimate: tuple[int, int] | None = None) -> str:
+    """The legend of a summary table with ``headers``: one line per column, from :data:`COLUMN_LEGEND`;
+    ``estimate`` = (K, N-1) when Global was estimated on a sample."""
+    lines = [f"Cells: {spread_note(seeds)}"] + ([estimate_note(*estimate)] if estimate else [])
     lines += [f"- **{h}**: {COLUMN_LEGEND[h]}" for h in headers if h in COLUMN_LEGEND]
     return "\n".join(lines)
+
+
+def estimated(summary: pd.DataFrame) -> tuple[int, int] | None:
+    """(K, N-1) when the summary's Global is an estimate on a sample of the other clients, else None (exact)."""
+    if "global_se" not in summary or not len(summary) or summary["global_k"].isna().all():
+        return None
+    first = summary.dropna(subset=["global_k"]).iloc[0]
+    return int(first.global_k), int(first.global_others)
 
 
 def format_markdown(summary: pd.DataFrame, *, legend: bool = True) -> str:
@@ -150,18 +210,20 @@ def format_markdown(summary: pd.DataFrame, *, legend: bool = True) -> str:
     extras = [c for c in EXTRA_COLUMNS if c in summary and summary[c].notna().any()]
     headers = ["strategy", *METRIC_HEADERS] + [EXTRA_COLUMNS[c] for c in extras]
     seeds = int(summary["seeds"].max()) if "seeds" in summary and len(summary) else 1
-    many = seeds > 1
+    many, sampled = seeds > 1, estimated(summary)
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for _, r in summary.iterrows():
         cells = [strategy_label(r.strategy)] + [_cell(r[c], r[c + "_std"], scale=100, spec=".2f", with_std=many)
                                                 for c in METRIC_COLUMNS[:-1]]
+        if sampled:
+            cells[2] += f" ± {100 * r.global_se:.2f}"
         share = r["below_global_share"]
         cells.append("-" if np.isnan(share) else f"{100 * share:.0f}%")
         cells += [_cell(r[c], r[c + "_std"], scale=1, spec=".3g", std_spec=".2g", with_std=many)
                   for c in extras]  # feature units, not %
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
-    return table + "\n\n" + format_legend(headers, seeds=seeds) if legend else table
+    return table + "\n\n" + format_legend(headers, seeds=seeds, estimate=sampled) if legend else table
 
 
 def split_exemptions(descriptions: dict[str, dict], *, batchnorm: bool = True) -> dict[str, str]:

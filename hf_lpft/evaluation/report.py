@@ -42,11 +42,17 @@ def _name(strategy: str) -> str:
 
 
 def cross_client_frame(results: pd.DataFrame) -> pd.DataFrame:
-    """Long table of the cross-client matrix: one row per (seed, strategy, model client, data client)."""
+    """Long table of the cross-client matrix: one row per (seed, strategy, model client, data client); with a
+    sampled Global (a ``global_sample`` column), only the pairs scored (own split and the sample): linear in N."""
     ids = results.drop_duplicates("client_index").set_index("client_index").client_id.to_dict()
+    sampled = "global_sample" in results
+
+    def pairs(r) -> list[tuple[int, float]]:
+        accs = list(enumerate(r.acc_by_client))
+        return [accs[j] for j in sorted({r.client_index, *r.global_sample})] if sampled else accs
     rows = [{"seed": r.seed, "strategy": r.strategy, "model_client": r.client_id, "model_index": r.client_index,
              "data_client": ids.get(j, str(j)), "data_index": j, "accuracy": float(a)}
-            for r in results.itertuples() for j, a in enumerate(r.acc_by_client)]
+            for r in results.itertuples() for j, a in pairs(r)]
     return pd.DataFrame(rows, columns=["seed", "strategy", "model_client", "model_index", "data_client",
                                        "data_index", "accuracy"])
 

@@ -34,6 +34,14 @@ class SharedBackbone:
         self.batch_size, self.device = batch_size, device
         self._features: list[torch.Tensor] | None = None
         self.reused = 0  # how many models were evaluated from the shared features
+        self._parent: tuple[SharedBackbone, list[int]] | None = None
+
+    def subset(self, indices: list[int]) -> SharedBackbone:
+        """The same features for the clients at ``indices`` only (a sampled Global), computed once by ``self``."""
+        view = SharedBackbone(self.global_model, [self.clients[j] for j in indices], batch_size=self.batch_size,
+                              device=self.device)
+        view._parent = (self, list(indices))
+        return view
 
     def shares_backbone(self, model: nn.Module) -> bool:
         """True when ``model`` is a SplitModel whose backbone tensors all equal θ_G's."""
@@ -45,6 +53,9 @@ class SharedBackbone:
 
     def features(self) -> list[torch.Tensor]:
         """θ_G's head-input features of every client's test split (eval mode), computed once."""
+        if self._features is None and self._parent is not None:
+            parent, indices = self._parent
+            self._features = [parent.features()[j] for j in indices]
         if self._features is None:
             self._features = [extract_features(self.global_model, c.test_x, batch_size=self.batch_size,
                                                device=self.device) for c in self.clients]

@@ -104,7 +104,7 @@ class RunInfo:
                 "git_commit": meta.get("git", {}).get("commit"), "git_dirty": meta.get("git", {}).get("dirty"),
                 "packages": ", ".join(f"{k} {v}" for k, v in packages.items() if v),
                 "num_test_total": sum(c["n_test"] for c in self.manifest["clients"]),
-                "summary_markdown": format_markdown(self.summary()),
+                "summary_markdown": format_markdown(self.summary()), "global_note": global_estimate_text(self),
                 "preprocessing_text": preprocessing_text(self.preprocessing)}
 
     @property
@@ -184,17 +184,33 @@ def _dataset_args(info: RunInfo) -> dict:
             "manifest_sha256": info.manifest["indices_sha256"]}
 
 
+def global_estimate_text(info: RunInfo) -> str:
+    """'' when Global is exact; else what it is estimated on (the run record's ``global_eval``)."""
+    found = info.record.get("run_info", {}).get("global_eval")
+    if not found:
+        return ""
+    return f"estimate on {found['clients_scored_per_model']} of the {found['other_clients']} other clients"
+
+
+def _global_cell(row, estimate: str) -> str:
+    """A row's Global in %, with its standard error when it is an estimate."""
+    return f"{_pct(row.global_acc)} ± {_pct(row.global_acc_se)}" if estimate else _pct(row.global_acc)
+
+
 def eval_results(info: RunInfo, rows: pd.DataFrame, *, label: str) -> list[EvalResult]:
-    """Local and Global accuracy (fractions, mean over clients and seeds) of every strategy in ``rows``."""
-    out = []
+    """Local and Global accuracy (fractions, mean over clients and seeds) of every strategy in ``rows``; the
+    Global metric's name says when it is an estimate on a sample of the other clients."""
+    out, estimate = [], global_estimate_text(info)
     for strategy, group in rows.groupby("strategy", sort=False):
         for metric, column in (("Local", "local_acc"), ("Global", "global_acc")):
+            note = f", {estimate}" if estimate and metric == "Global" else ""
             out.append(EvalResult(
                 task_type=info.task, dataset_type=info.dataset_name,
                 dataset_name=f"{info.dataset_name} federated ({info.config['data']['scheme']})",
                 dataset_config=info.config["data"].get("dataset_config"), dataset_split="test",
                 dataset_args=_dataset_args(info), metric_type="accuracy",
-                metric_name=f"{metric} accuracy ({strategy}{label})", metric_config=f"{strategy}/{metric.lower()}",
+                metric_name=f"{metric} accuracy{note} ({strategy}{label})",
+                metric_config=f"{strategy}/{metric.lower()}",
                 metric_value=round(float(group[column].mean()), 6)))
     return out
 
@@ -220,7 +236,7 @@ def global_card(info: RunInfo, *, repo_id: str | None, results_repo_id: str | No
                          tags=TAGS + [info.task] + strategies, eval_results=eval_results(info, ok, label=""),
                          **info.card_metadata())
     rows = [{"strategy": r.strategy, "client_id": r.client_id, "seed": r.seed, "n_train": r.n_train, "n_test": r.n_test,
-             "local": _pct(r.local_acc), "global_": _pct(r.global_acc),
+             "local": _pct(r.local_acc), "global_": _global_cell(r, global_estimate_text(info)),
              "folder": _folder_cell(r, client_folders, layout=info.layout)}
             for r in info.results.itertuples()]
     lora = next((f for (s, _, _), f in client_folders.items() if info.export_kind(s) == "adapter"), None)
@@ -257,7 +273,8 @@ def client_card(info: RunInfo, row, *, strategy_desc: dict, fmt: str, folder: st
         data, template_path=str(template_path("personalized_model.md")),
         title=f"{info.experiment}: client {row.client_id}, {strategy_label(row.strategy)}", client_id=row.client_id,
         strategy=row.strategy, seed=row.seed, multi_seed=len(info.seeds) > 1, local=_pct(row.local_acc),
-        global_=_pct(row.global_acc), n_train=row.n_train, n_test=row.n_test, format=fmt,
+        global_=_global_cell(row, global_estimate_text(info)), global_note=global_estimate_text(info),
+        n_train=row.n_train, n_test=row.n_test, format=fmt,
         format_description=FORMATS[fmt], folder=folder, base=base, repo_id=repo_id, repo_url=f"{endpoint}/{repo_id}",
         repo_ref=repo_ref, strategy_yaml=yaml.safe_dump(card_strategy(strategy_desc, info.config["pft"]),
                                                         sort_keys=False), base_is_repo=repo_id is not None,

@@ -10,19 +10,21 @@ from __future__ import annotations
 
 from hf_lpft.config import ExperimentConfig
 from hf_lpft.data.preprocess import preprocessing_for
-from hf_lpft.evaluation.clients import NO_DISTORTION, SELF_DISTORTION, result_row
+from hf_lpft.evaluation.clients import NO_DISTORTION, SELF_DISTORTION, EvalSettings, result_row
 from hf_lpft.io import meta_info
 from hf_lpft.run.general_fl import describe_general_fl
 from hf_lpft.strategies import Strategy
 
 
 def global_model_rows(seed: int, clients: list, accs: list[list[float]], *, history: list[dict], source: dict,
-                      distortion: bool, memory_format: str) -> list[dict]:
+                      distortion: bool, memory_format: str, evaluation: EvalSettings | None = None) -> list[dict]:
     """The ``global_model`` records of ``seed``, one per client: record i scores the model client i personalizes
-    from (``accs[i]``: its accuracy on every client's test split); Δ = 0 and CKA = 1 by definition when
+    from (``accs[i]``: its accuracy on every client's test split, or on client i's sample of them when
+    ``evaluation`` samples, the same sample as every strategy's row i); Δ = 0 and CKA = 1 by definition when
     ``distortion`` is on (NaN otherwise). The first record carries the seed's ``history`` and ``source``."""
-    own = SELF_DISTORTION if distortion else NO_DISTORTION
-    return [{"row": result_row(seed, "global_model", i, c, accs[i], None) | own | {"error": None},
+    own, n = SELF_DISTORTION if distortion else NO_DISTORTION, len(clients)
+    samples = [evaluation.sample(n, i, seed) if evaluation else None for i in range(n)]
+    return [{"row": result_row(seed, "global_model", i, c, accs[i], None, sample=samples[i]) | own | {"error": None},
              "phases": [], "curves": [], "fedavg_history": history if i == 0 else None,
              "global_source": source if i == 0 else None, "memory_format": memory_format}
             for i, c in enumerate(clients)]
@@ -51,6 +53,20 @@ def speed_info(cfg: ExperimentConfig, records: list[dict]) -> dict:
             "memory_format": next((r["memory_format"] for r in records if "memory_format" in r), None)}
 
 
+def global_eval_record(cfg: ExperimentConfig, records: list[dict]) -> dict | None:
+    """How Global was measured, for ``run_record.json`` when it was estimated on a sample (None when exact)."""
+    row = next((r["row"] for r in records if "global_sample" in r["row"]), None)
+    if row is None:
+        return None
+    k, others = len(row["global_sample"]), len(row["acc_by_client"]) - 1
+    return {"global": "estimate", "clients_scored_per_model": k, "other_clients": others,
+            "run.global_eval_clients": cfg.run.global_eval_clients,
+            "text": f"Global is an estimate on {k} of the {others} other clients' test splits per model: a seeded "
+                    "uniform sample without replacement from (run seed, client index), the same for every strategy "
+                    "and the global model's row; results rows carry global_acc_se (finite-population corrected) and "
+                    "global_sample; C-Std (matrix) and Worst (matrix) are not reported (NaN)"}
+
+
 def run_record(cfg: ExperimentConfig, strategies: dict[str, Strategy], records: list[dict], *, timings: dict,
                manifest_sha256: str, client_ids: list[str], federation: dict, num_processes: int,
                extras: dict) -> dict:
@@ -64,4 +80,6 @@ def run_record(cfg: ExperimentConfig, strategies: dict[str, Strategy], records: 
                 "batchnorm": batchnorm_record(cfg, strategies), "general_fl": describe_general_fl(cfg),
                 "global_model": {r["row"]["seed"]: r["global_source"] for r in records if r.get("global_source")},
                 "preprocessing": preprocessing_for(cfg).to_dict()}
+    if (estimate := global_eval_record(cfg, records)) is not None:  # exact runs keep their keys as before
+        run_info["global_eval"] = estimate
     return {"run_info": run_info | extras, "train_info": train_info(records), "meta_info": meta_info()}

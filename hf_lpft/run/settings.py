@@ -33,5 +33,6 @@ def prepare_folder(cfg: ExperimentConfig, layout: RunLayout) -> Path:
 
 def eval_settings(run: RunConfig, pft: PFTConfig) -> EvalSettings:
     """How the run evaluates models on the clients: ``run.eval_batch_size``, ``run.distortion``,
-    ``pft.eval_every``."""
-    return EvalSettings(batch_size=run.eval_batch_size, distortion=run.distortion, eval_every=pft.eval_every)
+    ``pft.eval_every``, ``run.global_eval_clients``."""
+    return EvalSettings(batch_size=run.eval_batch_size, distortion=run.distortion, eval_every=pft.eval_every,
+                        global_clients=run.global_eval_clients)

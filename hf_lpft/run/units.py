@@ -27,6 +27,7 @@ from hf_lpft.federated.fedbn import client_global_model
 from hf_lpft.layout import RunLayout, save_model
 from hf_lpft.models.backbone import SplitModel
 from hf_lpft.run.personalize import personalize, probe_all_clients
+from hf_lpft.run.settings import eval_settings
 from hf_lpft.run.tracking import log_unit
 from hf_lpft.strategies import Strategy
 from hf_lpft.train.loop import NonFiniteLossError, derive_seed
@@ -41,9 +42,15 @@ def failed_unit(cfg: ExperimentConfig, strategy: Strategy, clients: list[ClientD
     if cfg.run.on_error == "raise":
         raise err
     logger.error("%s / %s / seed %d failed: %s", strategy.name, clients[i].client_id, seed, err)
-    nan = [float("nan")] * len(clients)
-    return {"row": result_row(seed, strategy.name, i, clients[i], nan, None) | NO_DISTORTION | {"error": str(err)},
+    nan, sample = [float("nan")] * len(clients), sample_of(cfg, len(clients), i, seed)
+    return {"row": result_row(seed, strategy.name, i, clients[i], nan, None, sample=sample) | NO_DISTORTION
+            | {"error": str(err)},
             "phases": [], "curves": [], "seconds": time.perf_counter() - start}
+
+
+def sample_of(cfg: ExperimentConfig, n: int, i: int, seed: int) -> list[int] | None:
+    """The other clients client i's models are scored on in ``cfg``'s run (None = all: Global exact)."""
+    return eval_settings(cfg.run, cfg.pft).sample(n, i, seed)
 
 
 def personalize_unit(cfg: ExperimentConfig, strategy: Strategy, global_model: SplitModel, clients: list[ClientData],
@@ -59,6 +66,7 @@ def personalize_unit(cfg: ExperimentConfig, strategy: Strategy, global_model: Sp
     settings = settings_from(p)
     curves: list[dict] = []
     unit_seed = derive_seed(seed, strategy.name, client.client_id)
+    sample = evaluation.sample(len(clients), i, seed)  # None: every other client (Global exact)
     try:
         # Draws from torch's global generator (e.g. LoRA's init in prepare) then depend on this unit alone, not
         # on which units ran before it in this process: resumed runs and any client order give the same result.
@@ -68,16 +76,17 @@ def personalize_unit(cfg: ExperimentConfig, strategy: Strategy, global_model: Sp
                                          seed=unit_seed, probed=probed,
                                          on_epoch_end=epoch_curve_callback(evaluation, clients, i, curves,
                                                                            accelerator.device, reference,
-                                                                           strategy))
+                                                                           strategy, sample))
     except NonFiniteLossError as err:
         return failed_unit(cfg, strategy, clients, i, seed=seed, err=err, start=start)
     trained = time.perf_counter()
     accs, dist = evaluate_on_clients(model, clients, i, settings=evaluation, device=accelerator.device,
-                                     reference=reference, shared=shared)
+                                     reference=reference, shared=shared, sample=sample)
     evaluated = time.perf_counter()
     losses = [r["epoch_loss"][-1] for r in records if r["epoch_loss"]]
     save_model(model, layout.client_dir(strategy.name, client.client_id, seed), strategy)
-    row = result_row(seed, strategy.name, i, client, accs, losses[-1] if losses else None) | dist | {"error": None}
+    row = result_row(seed, strategy.name, i, client, accs, losses[-1] if losses else None,
+                     sample=sample) | dist | {"error": None}
     shared_probe = probed.record["seconds"] if probed is not None else 0.0  # its share of the batched probing
     stages = {"train": trained - start + shared_probe, "evaluate": evaluated - trained,
               "export": time.perf_counter() - evaluated}
