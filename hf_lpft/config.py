@@ -407,8 +407,8 @@ class PFTConfig:
         _check(not bad, f"pft.strategy_args[{bad[0]!r}] must be a mapping of options" if bad else "")
 
 
-# run.global_eval_clients' default: Global exact up to this many + 1 clients, estimated on a sample of this many
-# other clients above (issue 26; chosen from benchmarks/bench_global_estimate.py, table in benchmarks/README.md).
+# run.global_eval_clients' default (null, also what a run folder written before the option means): Global exact up
+# to this many + 1 clients, estimated on a sample of this many other clients above (issue 26; chosen from benchmarks/bench_global_estimate.py, table in benchmarks/README.md).
 GLOBAL_EVAL_CLIENTS = 49
 
 
@@ -433,16 +433,16 @@ class RunConfig:
     distortion: bool = field(default=True, metadata={"help": (
         "Measure feature distortion (Δ, linear CKA) of every personalized model against the global model at the "
         "head's input, on its own and the other clients' test splits.")})
-    global_eval_clients: int | None = field(default=GLOBAL_EVAL_CLIENTS, metadata={"help": (
+    global_eval_clients: int | None = field(default=None, metadata={"help": (
         "Global (and the cross-client matrix) for many clients: each model is scored on its own test split and at "
         "most this many (K) other clients' test splits. With N clients and K >= N-1: every other client (exact, "
         f"as always). With K < N-1: a seeded sample of K of the N-1 others (from run seed and client index, the same "
         "for every strategy and the global model's row), so evaluation is linear in N: Global is then an unbiased "
         "estimate with its standard error (results column global_acc_se), stated in the summary, cards and run "
-        f"record, and the matrix metrics are NaN. Default {GLOBAL_EVAL_CLIENTS}: exact up to "
-        f"{GLOBAL_EVAL_CLIENTS + 1} clients (measured: benchmarks/bench_global_estimate.py); null = exact at any N; "
-        "K >= 2 (a standard error needs two values). The Flower App is always exact: setting this with it is "
-        "refused.")})
+        f"record, and the matrix metrics are NaN. Default null: K = {GLOBAL_EVAL_CLIENTS}, so exact up to "
+        f"{GLOBAL_EVAL_CLIENTS + 1} clients (measured: benchmarks/bench_global_estimate.py); 0 = every other client "
+        "(exact) at any N; else K >= 2 (a standard error needs two values). The Flower App is always exact: a "
+        "sample is refused with it.")})
     report_to: str = field(default="none", metadata={"help": (
         "Experiment tracker for progress scalars, through accelerate: none, tensorboard, trackio or wandb (the "
         "tracker's package must be installed).")})
@@ -468,9 +468,10 @@ class RunConfig:
         _check(self.eval_batch_size >= 1, f"run.eval_batch_size={self.eval_batch_size!r} must be >= 1")
         if self.num_threads is not None:
             _check(self.num_threads >= 1, f"run.num_threads={self.num_threads!r} must be >= 1")
-        _check(self.global_eval_clients is None or self.global_eval_clients >= 2,
+        _check(self.global_eval_clients in (None, 0) or self.global_eval_clients >= 2,
                f"run.global_eval_clients={self.global_eval_clients!r} must be an integer >= 2 (other clients scored "
-               "per model; a standard error needs two) or null (every other client: exact)")
+               f"per model; a standard error needs two), 0 (every other client: exact) or null (the default, "
+               f"{GLOBAL_EVAL_CLIENTS})")
         _check_choice("run.report_to", self.report_to, REPORT_TO)
         if self.fedavg_cache is not None:
             _check(not Path(self.fedavg_cache).exists() or Path(self.fedavg_cache).is_dir(),

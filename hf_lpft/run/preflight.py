@@ -229,10 +229,10 @@ def check_flower_app(cfg: ExperimentConfig) -> None:
         raise ConfigError("pft.batched_probe=true trains all clients' heads in one process; on a federation each "
                           "node probes its own client: use false")
     k = cfg.run.global_eval_clients
-    if k is not None and "global_eval_clients" in given_keys(cfg, "run"):
+    if k and "global_eval_clients" in given_keys(cfg, "run"):
         raise ConfigError(f"run.global_eval_clients={k}: the Flower App scores every personalized model on every "
                           "node's test split (Global exact at any number of nodes) and cannot sample; leave it unset "
-                          "or null with the Flower App")
+                          "or 0 with the Flower App")
     from hf_lpft.run.flower_engine import check_fl_strategy  # Flower is imported only for the App
 
     check_fl_strategy(cfg.fedavg.fl_strategy, cfg.fedavg.fl_strategy_args)

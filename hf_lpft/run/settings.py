@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hf_lpft.config import ExperimentConfig, PFTConfig, RunConfig
+from hf_lpft.config import GLOBAL_EVAL_CLIENTS, ExperimentConfig, PFTConfig, RunConfig
 from hf_lpft.evaluation.clients import EvalSettings
 from hf_lpft.layout import RunLayout
 
@@ -35,4 +35,11 @@ def eval_settings(run: RunConfig, pft: PFTConfig) -> EvalSettings:
     """How the run evaluates models on the clients: ``run.eval_batch_size``, ``run.distortion``,
     ``pft.eval_every``, ``run.global_eval_clients``."""
     return EvalSettings(batch_size=run.eval_batch_size, distortion=run.distortion, eval_every=pft.eval_every,
-                        global_clients=run.global_eval_clients)
+                        global_clients=global_clients(run))
+
+
+def global_clients(run: RunConfig) -> int | None:
+    """The most other clients that score each model (None: all of them), from ``run.global_eval_clients``: null
+    is the measured default, 0 is every other client."""
+    k = GLOBAL_EVAL_CLIENTS if run.global_eval_clients is None else run.global_eval_clients
+    return k or None
