@@ -156,33 +156,17 @@ def test_a_manifest_entry_no_registered_shift_wrote_is_refused(tiny_ds):
         apply_client_shifts(tiny_ds, fed, image_column="image", label_column="label")
 
 
-def test_registering_checks_the_class_and_refuses_a_name_or_a_key_twice():
-    with pytest.raises(TypeError, match="Shift subclass"):
-        register_shift(object)
-
-    class _NoColumn(Shift):
-        name = "throwaway_nocolumn"
-        description = "No column."
-        spec_keys = ("x",)
-
-    with pytest.raises(ValueError, match="column=None must be 'image' or 'label'"):
-        register_shift(_NoColumn)
-
-    class _SameKey(_Invert):
-        name = "throwaway_same_key"
-        description = "Writes a key label_permutation writes."
-        spec_keys = ("label_map",)
-
-    with pytest.raises(ValueError, match=r"spec key\(s\) \['label_map'\] are written by \['label_permutation'\]"):
-        register_shift(_SameKey)
-
-    class _Again(_Invert):
-        name = "corruption"
-        description = "A second corruption."
-        spec_keys = ("again",)
-
-    with pytest.raises(ValueError, match="shift 'corruption' is registered twice"):
-        register_shift(_Again)
+@pytest.mark.parametrize("attrs, error, match", [
+    (None, TypeError, "register_shift takes a Shift subclass"),
+    ({"name": "throwaway_nocolumn", "column": None}, ValueError, "column=None must be 'image' or 'label'"),
+    ({"name": "throwaway_same_key", "spec_keys": ("label_map",)}, ValueError,
+     r"spec key\(s\) \['label_map'\] are written by \['label_permutation'\]"),
+    ({"name": "corruption", "spec_keys": ("again",)}, ValueError, "shift 'corruption' is registered twice"),
+])
+def test_registering_checks_the_class_and_refuses_a_name_or_a_key_twice(attrs, error, match):
+    cls = object if attrs is None else type("_Bad", (_Invert,), {"description": "A bad shift.", **attrs})
+    with pytest.raises(error, match=match):
+        register_shift(cls)
     assert list(SHIFTS) == ["corruption", "label_permutation"]
 
 

@@ -298,19 +298,8 @@ SHIFTS: Registry[type[Shift]] = Registry(
     unknown=lambda name, names: FederationError(f"shift {name!r} is not registered; choose one of {names}"))
 
 
-def register_shift(cls: type[Shift]) -> type[Shift]:
-    """Class decorator: add a shift to the registry under ``cls.name``."""
-    return SHIFTS.register(cls)
-
-
-def unregister_shift(name: str) -> type[Shift]:
-    """Remove ``name`` from the registry (e.g. a shift a test registered); returns its class."""
-    return SHIFTS.unregister(name)
-
-
-def get_shift(name: str) -> Shift:
-    """The registered shift ``name``; an unknown name is a FederationError listing the registered ones."""
-    return SHIFTS.lookup(name)()
+register_shift = SHIFTS.register  # class decorator: add a shift under ``cls.name`` (after check_shift_class)
+unregister_shift = SHIFTS.unregister  # remove a shift by name (e.g. one a test registered); returns its class
 
 
 def listed_shifts() -> list[str]:
