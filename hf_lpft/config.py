@@ -19,7 +19,12 @@ from typing import Any, Union
 import yaml
 
 from hf_lpft.data.schemes import QUANTITY_MODES, SCHEMES
-from hf_lpft.data.shifts import CORRUPTION_MODES, SEVERITIES
+from hf_lpft.data.shifts import (  # noqa: F401 - CORRUPTION_MODES, SEVERITIES: the vocabularies of the shifts
+    CORRUPTION_MODES,
+    SEVERITIES,
+    SHIFTS,
+    shift_problem,
+)
 
 # ConfigError and REPO_ID live below the config (layers that must not import it use them) and are re-exported here.
 from hf_lpft.errors import ConfigError
@@ -164,6 +169,11 @@ class DataConfig:
         "Severities (1-5) to rotate over; None = 1..5.")})
     label_permutation: int = field(default=0, metadata={"help": (
         "Concept shift: permute this many classes on each client with a seeded per-client cycle (0 = off).")})
+    shifts: list[str] = field(default_factory=list, metadata={"help": (
+        "More per-client shifts to switch on, by name: shifts registered with hf_lpft.data.shifts.register_shift "
+        "(corruption and label_permutation are switched on by their own keys above).")})
+    shift_args: dict[str, dict] = field(default_factory=dict, metadata={"help": (
+        "Options of the shifts named in data.shifts, e.g. {my_shift: {strength: 0.5}}; unknown options fail.")})
     test_fraction: float = field(default=0.25, metadata={"help": (
         "Share of each client's data held out as its test split (stratified by label).")})
     max_examples_per_client: int | None = field(default=None, metadata={"help": (
@@ -192,21 +202,14 @@ class DataConfig:
     def __post_init__(self) -> None:
         check_field_types(self, "data")
         _check_choice("data.scheme", self.scheme, tuple(SCHEMES))  # the registry: hf_lpft.data.schemes
-        unknown = [o for o in SCHEMES[self.scheme].options if o not in _DATA_KEYS]
-        _check(not unknown, f"data.scheme={self.scheme!r} declares option(s) {unknown} that are not data.* keys; "
-               f"a scheme reads keys of {sorted(_DATA_KEYS)}")
+        _check_data_keys(f"data.scheme={self.scheme!r}", "scheme", SCHEMES[self.scheme].options)
         _check(self.classes_per_client >= 1, f"data.classes_per_client={self.classes_per_client!r} must be >= 1")
         _check_choice("data.quantity_mode", self.quantity_mode, QUANTITY_MODES)
         _check(self.clients_per_domain >= 1, f"data.clients_per_domain={self.clients_per_domain!r} must be >= 1")
-        _check_choice("data.corruption", self.corruption, CORRUPTION_MODES)
-        _check(self.corruption_families is None or len(self.corruption_families) > 0,
-               "data.corruption_families is empty; give at least one family or leave it unset")
-        bad = [s for s in self.corruption_severities or [] if s not in SEVERITIES]
-        _check(not bad and self.corruption_severities != [],
-               f"data.corruption_severities={self.corruption_severities!r} must be a non-empty list of values in "
-               f"{SEVERITIES[0]}..{SEVERITIES[-1]}")
-        _check(self.label_permutation == 0 or self.label_permutation >= 2,
-               f"data.label_permutation={self.label_permutation!r} must be 0 (off) or >= 2 classes")
+        for name, shift in SHIFTS.items():  # the registry: hf_lpft.data.shifts
+            _check_data_keys(f"shift {name!r}", "shift", shift.options)
+        problem = shift_problem(vars(self), prefix="data.")
+        _check(not problem, problem)
         _check(self.num_clients >= 2, f"data.num_clients={self.num_clients!r} must be >= 2 ({ONE_CLIENT})")
         _check_positive("data.alpha", self.alpha)
         _check(self.min_partition_size >= 0, f"data.min_partition_size={self.min_partition_size!r} must be >= 0")
@@ -236,6 +239,13 @@ class DataConfig:
 
 
 _DATA_KEYS = frozenset(f.name for f in dataclasses.fields(DataConfig))
+
+
+def _check_data_keys(who: str, kind: str, options: tuple[str, ...]) -> None:
+    """A registered scheme's or shift's declared options are data.* keys (a typo fails at config time)."""
+    unknown = [o for o in options if o not in _DATA_KEYS]
+    _check(not unknown, f"{who} declares option(s) {unknown} that are not data.* keys; a {kind} reads keys of "
+           f"{sorted(_DATA_KEYS)}")
 
 
 POOLINGS = ("mean", "cls")  # = hf_lpft.models.backbone.POOLINGS (below config; tests/test_config.py guards it)

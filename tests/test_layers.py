@@ -8,10 +8,10 @@ layer and those listed before it), follow ../shared/DESIGN.md:
     models > train > strategies > federated > evaluation > hub > run > pipeline > drivers (studies, flower_app, cli)
 
 Three places differ from the blueprint, on purpose: ``data.schemes`` (the partition-scheme registry) and
-``data.shifts`` (corruption families, severities, modes) sit above ``config``, which checks ``data.scheme``,
-its options and the shift settings against the vocabularies they own; ``studies`` sit below ``pipeline``
-(a sweep runs the pipeline once per point), and the Flower App is a driver (it runs the study over a Flower
-Grid).
+``data.shifts`` (the shift registry, corruption families, severities) sit above ``config``, which checks
+``data.scheme``, its options and the shift settings against the registries and vocabularies they own;
+``studies`` sit below ``pipeline`` (a sweep runs the pipeline once per point), and the Flower App is a driver
+(it runs the study over a Flower Grid).
 ``hf_lpft/__init__.py`` is left out: it only re-exports ``load_personalized`` / ``predict`` lazily and holds
 ``__version__``.
 """

@@ -9,9 +9,10 @@ client ``min_partition_size`` examples within 10 attempts) are a ``FederationErr
 value, e.g. a Dirichlet over (label, spurious attribute) groups gives every client its own correlation
 between the two (CelebA-style spurious correlations that differ by client).
 
-Per-client shifts, recorded in the manifest and applied by ``apply_client_shifts``: one CIFAR-10-C
-corruption (family, severity) a client (``corruption="per_client"``, see ``hf_lpft.data.shifts``) and a
-seeded permutation of ``label_permutation`` classes a client (concept shift).
+Per-client shifts live in ``hf_lpft.data.shifts``, one ``@register_shift`` class each (built in: one CIFAR-10-C
+corruption (family, severity) a client with ``corruption="per_client"``, and a seeded permutation of
+``label_permutation`` classes a client; others switched on by name in ``shifts``): each client's spec is
+recorded in the manifest and applied by ``apply_client_shifts``.
 
 What is ours is the bookkeeping: row indices of every client's train and test split, label histograms,
 the class names (a ``ClassLabel``'s names: imagefolder's class folders, data files' string labels) and a hashed
@@ -39,7 +40,13 @@ from hf_lpft.data.schemes import (  # noqa: F401 - FederationError, SCHEMES, QUA
     get_scheme,
     partition_view,
 )
-from hf_lpft.data.shifts import CORRUPTION_MODES
+from hf_lpft.data.shifts import (  # noqa: F401 - CORRUPTION_MODES: data's vocabulary
+    CORRUPTION_MODES,
+    client_shifts,
+    recorded_shifts,
+    shift_problem,
+    shifted_labels,
+)
 from hf_lpft.io import write_text
 
 logger = logging.getLogger(__name__)
@@ -172,10 +179,11 @@ def check_columns(ds: datasets.Dataset, columns: dict[str, str]) -> None:
             raise FederationError(f"{role}={name!r} is not a column of the dataset; columns: {ds.column_names}")
 
 
-def _check_params(scheme: str, *, num_clients: int, alpha: float, min_partition_size: int, classes_per_client: int,
-                  quantity_mode: str, clients_per_domain: int, corruption: str, label_permutation: int,
-                  test_fraction: float, num_rows: int) -> None:
-    """Reject bad scheme parameters with a message naming the value and what is allowed."""
+def _check_params(scheme: str, values: dict, *, test_fraction: float, num_rows: int) -> None:
+    """Reject bad scheme and shift parameters (``values``) with a message naming the value and what is allowed."""
+    num_clients, alpha, min_partition_size, classes_per_client, quantity_mode, clients_per_domain = (
+        values[k] for k in ("num_clients", "alpha", "min_partition_size", "classes_per_client", "quantity_mode",
+                            "clients_per_domain"))
     checks = [
         (scheme in SCHEMES, f"scheme={scheme!r} is not allowed; choose one of {list(SCHEMES)}"),
         (num_clients >= 1, f"num_clients={num_clients!r} must be >= 1"),
@@ -185,9 +193,7 @@ def _check_params(scheme: str, *, num_clients: int, alpha: float, min_partition_
         (quantity_mode in QUANTITY_MODES,
          f"quantity_mode={quantity_mode!r} is not allowed; choose one of {list(QUANTITY_MODES)}"),
         (clients_per_domain >= 1, f"clients_per_domain={clients_per_domain!r} must be >= 1"),
-        (corruption in CORRUPTION_MODES,
-         f"corruption={corruption!r} is not allowed; choose one of {list(CORRUPTION_MODES)}"),
-        (label_permutation >= 0, f"label_permutation={label_permutation!r} must be >= 0 (0 = off)"),
+        (not (shifts := shift_problem(values)), shifts),  # the shift registry: hf_lpft.data.shifts
         (0.0 < test_fraction < 1.0, f"test_fraction={test_fraction!r} must be in (0, 1)"),
     ]
     if scheme in SCHEMES and "num_clients" in SCHEMES[scheme].options:
@@ -213,34 +219,10 @@ def _split(rows: np.ndarray, labels: np.ndarray, *, test_fraction: float, seed: 
     return sorted(int(i) for i in train), sorted(int(i) for i in test)
 
 
-def _hist(labels: np.ndarray, rows: list[int], num_classes: int, label_map: list[int] | None = None) -> list[int]:
-    y = labels[rows]
-    if label_map is not None:
-        y = np.asarray(label_map)[y]
+def _hist(labels: np.ndarray, rows: list[int], num_classes: int, shift: dict, *, seed: int) -> list[int]:
+    """Label counts of ``rows`` as the client sees them (its label shifts applied)."""
+    y = shifted_labels(labels, rows, shift, seed=seed)
     return np.bincount(y, minlength=num_classes).astype(int).tolist()
-
-
-def _client_shifts(n: int, *, num_classes: int, corruption: str, corruption_families: Sequence[str] | None,
-                   corruption_severities: Sequence[int] | None, label_permutation: int, seed: int) -> list[dict]:
-    """The shift of every client: a (family, severity) pair and/or a seeded label permutation."""
-    from hf_lpft.data import shifts as S
-
-    out: list[dict] = [{} for _ in range(n)]
-    if corruption == "per_client":
-        try:
-            pairs = S.corruption_schedule(n, families=tuple(corruption_families or S.CORRUPTIONS),
-                                          severities=tuple(corruption_severities or S.SEVERITIES))
-        except ValueError as err:
-            raise FederationError(str(err)) from err
-        for s, (family, severity) in zip(out, pairs):
-            s.update(corruption=family, severity=severity)
-    if label_permutation:
-        if label_permutation > num_classes:
-            raise FederationError(f"label_permutation={label_permutation} exceeds the {num_classes} classes")
-        for i, s in enumerate(out):
-            s["label_map"] = S.label_permutation(num_classes, label_permutation,
-              seed=int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
-    return out
 
 
 def default_partition_by(scheme: str, *, label_column: str, domain_column: str) -> str | None:
@@ -248,22 +230,12 @@ def default_partition_by(scheme: str, *, label_column: str, domain_column: str) 
     return {"label": label_column, "domain": domain_column}.get(get_scheme(scheme).partition_by_default)
 
 
-def _recorded_params(scheme: str, *, partition_by, label_column, test_fraction, max_examples_per_client, num_clients,
-                     alpha, min_partition_size, classes_per_client, quantity_mode, domain_column, clients_per_domain,
-                     corruption, corruption_families, corruption_severities, label_permutation) -> dict:
+def _recorded_params(scheme: str, values: dict, *, partition_by, label_column, test_fraction,
+                     max_examples_per_client) -> dict:
     """The parameters a federation records in its manifest: those its scheme and shifts use, nothing else."""
     params = {"partition_by": partition_by, "label_column": label_column, "test_fraction": test_fraction,
               "max_examples_per_client": max_examples_per_client}
-    params.update(get_scheme(scheme).recorded(
-        {"num_clients": num_clients, "alpha": alpha, "min_partition_size": min_partition_size,
-         "classes_per_client": classes_per_client, "quantity_mode": quantity_mode, "domain_column": domain_column,
-         "clients_per_domain": clients_per_domain}))
-    if corruption != "none":
-        params.update(corruption=corruption, corruption_families=list(corruption_families or []) or None,
-                      corruption_severities=list(corruption_severities or []) or None)
-    if label_permutation:
-        params.update(label_permutation=label_permutation)
-    return params
+    return params | get_scheme(scheme).recorded(values) | recorded_shifts(values)
 
 
 def federate(ds: datasets.Dataset, *, scheme: str = "natural", partition_by: str | None = None,
@@ -271,8 +243,8 @@ def federate(ds: datasets.Dataset, *, scheme: str = "natural", partition_by: str
              alpha: float = 0.5, min_partition_size: int = 10, classes_per_client: int = 2,
              quantity_mode: str = "dirichlet", clients_per_domain: int = 2, corruption: str = "none",
              corruption_families: Sequence[str] | None = None, corruption_severities: Sequence[int] | None = None,
-             label_permutation: int = 0, test_fraction: float = 0.25, max_examples_per_client: int | None = None,
-             seed: int = 0) -> Federation:
+             label_permutation: int = 0, shifts: Sequence[str] = (), shift_args: dict | None = None,
+             test_fraction: float = 0.25, max_examples_per_client: int | None = None, seed: int = 0) -> Federation:
     """Partition ``ds`` into clients (see the module docstring for the schemes), each with a stratified split.
 
     Args:
@@ -281,14 +253,18 @@ def federate(ds: datasets.Dataset, *, scheme: str = "natural", partition_by: str
         max_examples_per_client: Cap (random subset) applied before the split.
         corruption: ``per_client`` gives client i the i-th pair of ``shifts.corruption_schedule``.
         label_permutation: Classes permuted on each client (0 = off).
+        shifts: Further registered shifts (``hf_lpft.data.shifts.register_shift``) to switch on by name;
+            ``shift_args`` maps a name to its options.
 
     Raises:
         FederationError: bad parameter, unknown column, infeasible partition; the message names the value.
     """
-    _check_params(scheme, num_clients=num_clients, alpha=alpha, min_partition_size=min_partition_size,
-                  classes_per_client=classes_per_client, quantity_mode=quantity_mode,
-                  clients_per_domain=clients_per_domain, corruption=corruption,
-                  label_permutation=label_permutation, test_fraction=test_fraction, num_rows=len(ds))
+    values = {"num_clients": num_clients, "alpha": alpha, "min_partition_size": min_partition_size,
+              "classes_per_client": classes_per_client, "quantity_mode": quantity_mode, "domain_column": domain_column,
+              "clients_per_domain": clients_per_domain, "corruption": corruption,
+              "corruption_families": corruption_families, "corruption_severities": corruption_severities,
+              "label_permutation": label_permutation, "shifts": list(shifts), "shift_args": dict(shift_args or {})}
+    _check_params(scheme, values, test_fraction=test_fraction, num_rows=len(ds))
     partition_by = partition_by or default_partition_by(scheme, label_column=label_column, domain_column=domain_column)
     check_columns(ds, {"label_column": label_column})
     for column in (partition_by.split("+") if partition_by else []):
@@ -299,26 +275,20 @@ def federate(ds: datasets.Dataset, *, scheme: str = "natural", partition_by: str
                        clients_per_domain=clients_per_domain, seed=seed)
     labels = np.asarray(ds[label_column]).astype(np.int64)
     k = num_classes_of(ds, label_column)
-    shifts = _client_shifts(len(parts), num_classes=k, corruption=corruption, corruption_families=corruption_families,
-                            corruption_severities=corruption_severities, label_permutation=label_permutation, seed=seed)
+    specs = client_shifts(len(parts), values, num_classes=k, seed=seed)
     rng = np.random.default_rng(seed)
     clients = []
-    for pid, ((cid, rows), shift) in enumerate(zip(parts, shifts)):
+    for pid, ((cid, rows), shift) in enumerate(zip(parts, specs)):
         rows = np.sort(rows)
         if max_examples_per_client is not None and len(rows) > max_examples_per_client:
             rows = np.sort(rng.choice(rows, size=max_examples_per_client, replace=False))
         if len(rows) < 2:
             raise FederationError(f"client {cid!r} has {len(rows)} example(s); need >= 2 for a train/test split")
         train, test = _split(rows, labels[rows], test_fraction=test_fraction, seed=seed + pid)
-        lm = shift.get("label_map")
-        clients.append(ClientSplit(cid, train, test, _hist(labels, train, k, lm), _hist(labels, test, k, lm), shift))
-    params = _recorded_params(scheme, partition_by=partition_by, label_column=label_column, test_fraction=test_fraction,
-                              max_examples_per_client=max_examples_per_client, num_clients=num_clients, alpha=alpha,
-                              min_partition_size=min_partition_size, classes_per_client=classes_per_client,
-                              quantity_mode=quantity_mode, domain_column=domain_column,
-                              clients_per_domain=clients_per_domain, corruption=corruption,
-                              corruption_families=corruption_families, corruption_severities=corruption_severities,
-                              label_permutation=label_permutation)
+        clients.append(ClientSplit(cid, train, test, _hist(labels, train, k, shift, seed=seed),
+                                   _hist(labels, test, k, shift, seed=seed), shift))
+    params = _recorded_params(scheme, values, partition_by=partition_by, label_column=label_column,
+                              test_fraction=test_fraction, max_examples_per_client=max_examples_per_client)
     return Federation(scheme, params, seed, len(ds), k, clients, class_names=class_names_of(ds, label_column))
 
 
@@ -346,8 +316,8 @@ def federate_from_config(ds: datasets.Dataset, data) -> tuple[datasets.Dataset, 
                        quantity_mode=data.quantity_mode, clients_per_domain=data.clients_per_domain,
                        corruption=data.corruption, corruption_families=data.corruption_families,
                        corruption_severities=data.corruption_severities, label_permutation=data.label_permutation,
-                       test_fraction=data.test_fraction, max_examples_per_client=data.max_examples_per_client,
-                       seed=data.seed)
+                       shifts=data.shifts, shift_args=data.shift_args, test_fraction=data.test_fraction,
+                       max_examples_per_client=data.max_examples_per_client, seed=data.seed)
         fed.source = dataset_identity(ds, identity_columns(fed), name=getattr(data, "dataset", None),
                                       config=getattr(data, "dataset_config", None), split=getattr(data, "split", None))
     return apply_client_shifts(ds, fed, image_column=data.image_column, label_column=data.label_column), fed
@@ -355,7 +325,8 @@ def federate_from_config(ds: datasets.Dataset, data) -> tuple[datasets.Dataset, 
 
 def apply_client_shifts(ds: datasets.Dataset, fed: Federation, *, image_column: str,
                         label_column: str) -> datasets.Dataset:
-    """``ds`` with every client's rows corrupted / relabelled as its manifest entry says (unchanged if none)."""
+    """``ds`` with every client's rows shifted as its manifest entry says (unchanged if none), by the registered
+    shifts whose keys the entry holds (``hf_lpft.data.shifts.shift_dataset``)."""
     rows = {i: c.shift for c in fed.clients if c.shift for i in c.train_indices + c.test_indices}
     if not rows:
         return ds

@@ -1,4 +1,13 @@
-"""Per-client shifts: input-level covariate shift (corruptions) and concept shift (labels, spurious colour).
+"""Per-client shifts behind a registry, and the built-in ones: corruptions, label permutations, spurious colour.
+
+A shift kind is one ``@register_shift`` class (as partition schemes are, ``hf_lpft.data.schemes``): it declares
+its name, the ``data.*`` keys it reads (``options``) or its own ``arguments`` (``data.shift_args[<name>]``),
+how it is switched on (its ``switch`` option, e.g. ``data.corruption: per_client``, or its name in
+``data.shifts``), how it is assigned to clients (each client's spec, recorded in the manifest's ``shift``
+entry), what the manifest's ``params`` record of it, and how it transforms one row of its column (image or
+label). The config's checks, ``hf_lpft.data.federate``'s assignment, recorded parameters and
+``apply_client_shifts`` go through the registry; the built-in entries are ``corruption`` (per_client) and
+``label_permutation``.
 
 Covariate shift, input level (CIFAR-10-C, Hendrycks & Dietterich 2019): each client sees one corruption
 family at one severity (1-5). The 15 families are built from albumentations transforms (no hand-written
@@ -18,9 +27,10 @@ image side. Known approximations, said plainly:
 Every corruption is deterministic: the random state is seeded from (seed, row index), so the same row
 gives the same corrupted image whatever the order or batching.
 
-This module sits above ``hf_lpft.config`` (tests/test_layers.py), which checks ``data.corruption`` and
-``data.corruption_severities`` against :data:`CORRUPTION_MODES` and :data:`SEVERITIES`: it imports no hf_lpft
-module, and albumentations / datasets only when a corruption is built or applied.
+This module sits above ``hf_lpft.config`` (tests/test_layers.py), which checks the shift settings
+(``data.shifts``, ``data.shift_args`` and every registered shift's options) through :func:`shift_problem`: it
+imports only the base layer (registry, errors), and albumentations / datasets only when a corruption is built
+or applied.
 
 Concept shift: (a) a per-client permutation of a subset of the classes (labels swapped on that client
 only, seeded); (b) spurious colour (coloured-MNIST style): the digit is drawn in the colour of its class
@@ -32,8 +42,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import ClassVar
 
 import numpy as np
+
+from hf_lpft.errors import FederationError
+from hf_lpft.registry import Registry, check_entry_class
 
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
                "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
@@ -211,34 +225,258 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10.0 * np.log10(255.0 ** 2 / mse)
 
 
+# -- the shift registry -------------------------------------------------------------------------------------------
+class Shift:
+    """A per-client shift. Subclasses set ``name``, ``description``, ``column`` and ``spec_keys`` and implement
+    :meth:`assign` and :meth:`transform`; the built-ins also declare their ``data.*`` ``options`` and the
+    ``switch`` among them that turns them on.
+
+    A shift is switched on by its ``switch`` option taking any value but ``off`` (``data.corruption: per_client``,
+    ``data.label_permutation: 3``) or, with no switch, by its name in ``data.shifts``; a shift listed there
+    takes its own ``arguments`` (defaults) from ``data.shift_args[<name>]``.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    column: ClassVar[str]  # "image" (data.image_column) or "label" (data.label_column): what it changes
+    spec_keys: ClassVar[tuple[str, ...]]  # the keys it writes in a client's ``shift`` entry of the manifest
+    options: ClassVar[tuple[str, ...]] = ()  # data.* keys it reads (among those hf_lpft.data.federate takes)
+    arguments: ClassVar[dict] = {}  # its own options and their defaults, given in data.shift_args[name]
+    switch: ClassVar[str | None] = None  # the option that switches it on; None = named in data.shifts
+    off: ClassVar[object] = None  # the switch's value that leaves it off
+
+    def is_on(self, values: dict) -> bool:
+        if self.switch is not None:
+            return values[self.switch] != self.off
+        return self.name in (values.get("shifts") or ())
+
+    def problem(self, values: dict, *, prefix: str = "") -> str:
+        """What is wrong with its option values ("" = nothing), each named ``<prefix><key>=<value>``; checked by
+        the config (prefix ``data.``) and by ``federate`` whether the shift is on or not."""
+        return ""
+
+    def args(self, values: dict) -> dict:
+        """Its arguments: ``arguments`` updated with ``data.shift_args[name]``."""
+        return {**self.arguments, **(values.get("shift_args") or {}).get(self.name, {})}
+
+    def assign(self, num_clients: int, values: dict, *, num_classes: int, seed: int) -> list[dict]:
+        """The spec of every client (its ``spec_keys`` and their values; recorded in the manifest)."""
+        raise NotImplementedError
+
+    def recorded(self, values: dict) -> dict:
+        """What the manifest's ``params`` record of it; a shift named in ``data.shifts`` is recorded there (with
+        its ``shift_args``) by :func:`recorded_shifts`."""
+        return {}
+
+    def transform(self, value, spec: dict, *, seed: int):
+        """One row's value of ``column`` (a PIL image, or an int label) under its client's ``spec``; ``seed`` is
+        the row's own (:func:`example_seed` of the partition seed and the row index)."""
+        raise NotImplementedError
+
+
+def check_shift_class(cls: type) -> None:
+    """A registrable shift: a Shift subclass that names and describes itself, changes a known column and names
+    the keys it writes in a client's spec."""
+    check_entry_class(cls, Shift, kind="shift", own=("name", "description"))
+    if getattr(cls, "column", None) not in ("image", "label"):
+        raise ValueError(f"shift {cls.name!r}: column={getattr(cls, 'column', None)!r} must be 'image' or 'label'")
+    for attr in ("spec_keys", "options"):
+        value = getattr(cls, attr, None)
+        if not isinstance(value, tuple) or not all(isinstance(o, str) for o in value):
+            raise TypeError(f"shift {cls.name!r}: {attr}={value!r} must be a tuple of names")
+    if not cls.spec_keys:
+        raise TypeError(f"shift {cls.name!r}: spec_keys is empty; name the keys it writes in a client's spec")
+    if cls.switch is not None and cls.switch not in cls.options:
+        raise ValueError(f"shift {cls.name!r}: switch={cls.switch!r} must be one of its options {cls.options}")
+    taken = {k: n for n, c in SHIFTS.items() for k in c.spec_keys}
+    if clash := [k for k in cls.spec_keys if k in taken and taken[k] != cls.name]:
+        raise ValueError(f"shift {cls.name!r}: spec key(s) {clash} are written by {sorted({taken[k] for k in clash})}")
+
+
+SHIFTS: Registry[type[Shift]] = Registry(
+    "shift", check=check_shift_class,
+    unknown=lambda name, names: FederationError(f"shift {name!r} is not registered; choose one of {names}"))
+
+
+register_shift = SHIFTS.register  # class decorator: add a shift under ``cls.name`` (after check_shift_class)
+unregister_shift = SHIFTS.unregister  # remove a shift by name (e.g. one a test registered); returns its class
+
+
+def listed_shifts() -> list[str]:
+    """The registered shifts that ``data.shifts`` switches on (those with no switch option of their own)."""
+    return [n for n, cls in SHIFTS.items() if cls.switch is None]
+
+
+def shift_problem(values: dict, *, prefix: str = "") -> str:
+    """The first problem of the shift settings in ``values`` ("" = none): ``shifts`` names listable shifts once,
+    ``shift_args`` only options of listed shifts, then every registered shift's own :meth:`Shift.problem`."""
+    listed, given = list(values.get("shifts") or []), values.get("shift_args") or {}
+    for name in listed:
+        if name not in SHIFTS:
+            return f"{prefix}shifts names {name!r}, which is not a registered shift; choose one of {listed_shifts()}"
+        if SHIFTS[name].switch is not None:
+            return f"{prefix}shifts names {name!r}, which {prefix}{SHIFTS[name].switch} switches on; set that instead"
+    if len(set(listed)) != len(listed):
+        return f"{prefix}shifts={listed!r} has duplicates"
+    for name, args in given.items():
+        if name not in listed:
+            return f"{prefix}shift_args[{name!r}] is given but {prefix}shifts={listed!r} does not name it"
+        if not isinstance(args, dict):
+            return f"{prefix}shift_args[{name!r}] must be a mapping of options"
+        if unknown := sorted(set(args) - set(SHIFTS[name].arguments)):
+            return (f"{prefix}shift_args[{name!r}] has unknown option(s) {unknown}; {name!r} takes "
+                    f"{sorted(SHIFTS[name].arguments)}")
+    return next((p for cls in SHIFTS.values() if (p := cls().problem(values, prefix=prefix))), "")
+
+
+def shifts_on(values: dict) -> list[Shift]:
+    """The registered shifts ``values`` switch on, in registration order (the order they are applied in)."""
+    return [shift for shift in (cls() for cls in SHIFTS.values()) if shift.is_on(values)]
+
+
+def client_shifts(num_clients: int, values: dict, *, num_classes: int, seed: int) -> list[dict]:
+    """Every client's spec: the specs of the shifts switched on, merged in registration order.
+
+    Raises:
+        FederationError: a shift cannot be assigned (e.g. more permuted classes than classes), named by value.
+    """
+    out: list[dict] = [{} for _ in range(num_clients)]
+    for shift in shifts_on(values):
+        if missing := [o for o in shift.options if o not in values]:
+            raise FederationError(f"shift {shift.name!r} reads data.{missing[0]}, which federate does not take")
+        try:
+            specs = shift.assign(num_clients, values, num_classes=num_classes, seed=seed)
+        except FederationError:
+            raise
+        except ValueError as err:
+            raise FederationError(str(err)) from err
+        for spec, own in zip(out, specs, strict=True):
+            spec.update(own)
+    return out
+
+
+def recorded_shifts(values: dict) -> dict:
+    """What the manifest's ``params`` record of the shifts switched on: each one's :meth:`Shift.recorded`, then
+    the names ``data.shifts`` switched on and the arguments of those that take any."""
+    params, listed = {}, []
+    for shift in shifts_on(values):
+        params.update(shift.recorded(values))
+        listed += [shift] if shift.switch is None else []
+    if listed:
+        params["shifts"] = [s.name for s in listed]
+        if args := {s.name: s.args(values) for s in listed if s.args(values)}:
+            params["shift_args"] = args
+    return params
+
+
+def owners(spec: dict) -> list[Shift]:
+    """The registered shifts a client's spec names (by the keys they write), in registration order."""
+    found = [cls() for cls in SHIFTS.values() if any(k in spec for k in cls.spec_keys)]
+    if unknown := sorted(set(spec) - {k for shift in found for k in shift.spec_keys}):
+        raise FederationError(f"client shift {sorted(spec)} has key(s) {unknown} that no registered shift writes "
+                              f"(registered: {list(SHIFTS)}); register the shift that wrote it")
+    return found
+
+
+def shifted_labels(labels: np.ndarray, rows: Sequence[int], spec: dict, *, seed: int) -> np.ndarray:
+    """The labels of ``rows`` as a client with ``spec`` sees them (its label shifts applied; manifest histograms)."""
+    y = labels[list(rows)]
+    for shift in (s for s in owners(spec) if s.column == "label"):
+        y = np.asarray([shift.transform(v, spec, seed=example_seed(seed, r)) for v, r in zip(y, rows)], dtype=np.int64)
+    return y
+
+
 def shift_dataset(ds, shifts: dict[int, dict], *, image_column: str, label_column: str, seed: int):
     """Apply per-row shifts to a ``datasets.Dataset`` (a ``map`` with indices); rows not listed pass through.
 
     Args:
-        shifts: row index -> ``{"corruption": name, "severity": s}`` and/or ``{"label_map": [...]}``.
+        shifts: row index -> its client's spec, e.g. ``{"corruption": name, "severity": s, "label_map": [...]}``;
+            each registered shift whose keys it holds transforms its column, in registration order.
     """
     import datasets
 
-    corrupting = any("corruption" in s for s in shifts.values())
-    if corrupting and not isinstance(ds.features[image_column], datasets.Image):
+    found = {id(s): owners(s) for s in shifts.values()}  # a client's rows share its spec
+    changed = {shift.name: shift.column for specs in found.values() for shift in specs}
+    if "image" in changed.values() and not isinstance(ds.features[image_column], datasets.Image):
+        on_images = sorted(n for n, c in changed.items() if c == "image")
         raise ValueError(f"image_column={image_column!r} is a {type(ds.features[image_column]).__name__} "
-                         "column, not an Image column; corruptions need images")
-    columns = [c for c, used in ((image_column, corrupting), (label_column, True)) if used]
+                         f"column, not an Image column; the shift(s) {on_images} change images")
+    names = {"image": image_column, "label": label_column}
+    columns = [names[c] for c in ("image", "label") if c in changed.values()]
 
     def fn(batch, rows):
         out = {c: list(batch[c]) for c in columns}
         for j, row in enumerate(rows):
-            s = shifts.get(row)
-            if not s:
-                continue
-            if "corruption" in s:
-                from PIL import Image
-
-                arr = corrupt(batch[image_column][j], s["corruption"], s["severity"], seed=example_seed(seed, row))
-                out[image_column][j] = Image.fromarray(arr)
-            if "label_map" in s:
-                out[label_column][j] = s["label_map"][int(batch[label_column][j])]
+            if spec := shifts.get(row):
+                row_seed = example_seed(seed, row)
+                for shift in found[id(spec)]:
+                    out[names[shift.column]][j] = shift.transform(out[names[shift.column]][j], spec, seed=row_seed)
         return out
 
     return ds.map(fn, with_indices=True, batched=True, batch_size=256, input_columns=None,
                   desc="apply client shifts", load_from_cache_file=False) if shifts else ds
+
+
+# -- the built-in shifts ------------------------------------------------------------------------------------------
+@register_shift
+class Corruption(Shift):
+    name = "corruption"
+    description = ("input-level covariate shift: client i gets the i-th (CIFAR-10-C family, severity) pair of "
+                   "corruption_schedule over corruption_families x corruption_severities")
+    column = "image"
+    spec_keys = ("corruption", "severity")
+    options = ("corruption", "corruption_families", "corruption_severities")
+    switch, off = "corruption", "none"
+
+    def problem(self, values, *, prefix=""):
+        mode, families, severities = (values[o] for o in self.options)
+        if mode not in CORRUPTION_MODES:
+            return f"{prefix}corruption={mode!r} is not allowed; choose one of {list(CORRUPTION_MODES)}"
+        if families is not None and len(families) == 0:
+            return f"{prefix}corruption_families is empty; give at least one family or leave it unset"
+        if severities == [] or any(s not in SEVERITIES for s in severities or []):
+            return (f"{prefix}corruption_severities={severities!r} must be a non-empty list of values in "
+                    f"{SEVERITIES[0]}..{SEVERITIES[-1]}")
+        return ""
+
+    def assign(self, num_clients, values, *, num_classes, seed):
+        pairs = corruption_schedule(num_clients, families=tuple(values["corruption_families"] or CORRUPTIONS),
+                                    severities=tuple(values["corruption_severities"] or SEVERITIES))
+        return [{"corruption": family, "severity": severity} for family, severity in pairs]
+
+    def recorded(self, values):
+        return {"corruption": values["corruption"],
+                "corruption_families": list(values["corruption_families"] or []) or None,
+                "corruption_severities": list(values["corruption_severities"] or []) or None}
+
+    def transform(self, value, spec, *, seed):
+        from PIL import Image
+
+        return Image.fromarray(corrupt(value, spec["corruption"], spec["severity"], seed=seed))
+
+
+@register_shift
+class LabelPermutation(Shift):
+    name = "label_permutation"
+    description = "concept shift: a seeded per-client cycle of label_permutation classes (label_map)"
+    column = "label"
+    spec_keys = ("label_map",)
+    options = ("label_permutation",)
+    switch, off = "label_permutation", 0
+
+    def problem(self, values, *, prefix=""):
+        k = values["label_permutation"]
+        return "" if k == 0 or k >= 2 else f"{prefix}label_permutation={k!r} must be 0 (off) or >= 2 classes"
+
+    def assign(self, num_clients, values, *, num_classes, seed):
+        k = values["label_permutation"]
+        if k > num_classes:
+            raise FederationError(f"label_permutation={k} exceeds the {num_classes} classes")
+        return [{"label_map": label_permutation(num_classes, k, seed=example_seed(seed, i))}
+                for i in range(num_clients)]
+
+    def recorded(self, values):
+        return {"label_permutation": values["label_permutation"]}
+
+    def transform(self, value, spec, *, seed):
+        return spec["label_map"][int(value)]
