@@ -418,7 +418,8 @@ class PFTConfig:
 
 
 # run.global_eval_clients' default (null, also what a run folder written before the option means): Global exact up
-# to this many + 1 clients, estimated on a sample of this many other clients above (issue 26; chosen from benchmarks/bench_global_estimate.py, table in benchmarks/README.md).
+# to this many + 1 clients, estimated on a sample of this many other clients above (issue 26; measured by
+# benchmarks/bench_global_estimate.py, table in benchmarks/README.md).
 GLOBAL_EVAL_CLIENTS = 49
 
 

@@ -145,7 +145,7 @@ class RunLayout:
         return self.root / self.client_rel(strategy, client_id, seed)
 
     # -- preparing the folder
-    def check(self, *, resume: bool, overwrite: bool, config: dict) -> Path:
+    def check(self, *, resume: bool, overwrite: bool, config: dict, defaults: dict | None = None) -> Path:
         """The folder can be used as asked (fresh, ``resume``d with the same ``config``: the run's resolved config
         as a plain dict, or ``overwrite``n) and written; creates nothing (a probe file in the nearest existing
         folder is created and deleted)."""
@@ -153,7 +153,7 @@ class RunLayout:
         if out.exists() and not out.is_dir():
             raise ConfigError(f"run.output_dir={str(out)!r} exists and is not a folder")
         if resume and self.config.is_file():
-            self._check_resumable(config)
+            self._check_resumable(config, defaults or {})
         elif out.is_dir() and any(out.iterdir()) and not overwrite and not resume:
             raise ConfigError(f"run.output_dir={str(out)!r} is not empty; pass --run.resume true to continue "
                               "it, --run.overwrite true to start again, or choose another folder")
@@ -168,21 +168,22 @@ class RunLayout:
                               "choose a folder you can create and write files in") from err
         return out
 
-    def _check_resumable(self, config: dict) -> None:
-        """The saved ``config.yaml`` is readable and differs from ``config`` only in what a resume may change."""
+    def _check_resumable(self, config: dict, defaults: dict) -> None:
+        """The saved ``config.yaml`` is readable and differs from ``config`` only in what a resume may change; a
+        setting the saved file lacks (written before the setting existed) counts as its value in ``defaults``."""
         try:
             saved = yaml.safe_load(self.config.read_text())
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
             raise ConfigError(f"cannot resume {str(self.root)!r}: its config.yaml is unreadable ({err}); "
                               "use --run.overwrite true to start again") from None
-        diff = config_differences(saved if isinstance(saved, dict) else {}, config)
+        diff = config_differences(with_defaults(saved if isinstance(saved, dict) else {}, defaults), config)
         if diff:
             raise ConfigError(f"cannot resume {str(self.root)!r}: the config differs from the saved one: {diff}")
 
-    def prepare(self, *, resume: bool, overwrite: bool, config: dict) -> Path:
+    def prepare(self, *, resume: bool, overwrite: bool, config: dict, defaults: dict | None = None) -> Path:
         """Create the folder (checked first by :meth:`check`, same arguments); a non-empty one that is not resumed
         with the same config is overwritten: only what a run writes is removed."""
-        out = self.check(resume=resume, overwrite=overwrite, config=config)
+        out = self.check(resume=resume, overwrite=overwrite, config=config, defaults=defaults)
         resuming = resume and self.config.is_file()
         if not resuming and out.is_dir() and any(out.iterdir()):
             self.check_writable()
@@ -212,6 +213,14 @@ class RunLayout:
         if stale:
             logger.info("removed %d half-written file(s) of an interrupted run in %s", len(stale), self.root)
         return stale
+
+
+def with_defaults(saved: dict, defaults: dict) -> dict:
+    """``saved`` with every setting it lacks taken from ``defaults`` (nested sections merged)."""
+    out = dict(defaults)
+    for k, v in saved.items():
+        out[k] = with_defaults(v, defaults[k]) if isinstance(v, dict) and isinstance(defaults.get(k), dict) else v
+    return out
 
 
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:

@@ -92,3 +92,28 @@ def test_a_round_checkpoint_is_typed_and_keeps_its_files(tmp_path):
     assert torch.equal(saved.state["w"], torch.arange(3.0)) and saved.history == [{"round": 1}, {"round": 2}]
     assert sorted(p.name for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()) == \
         ["history.json", "state.safetensors"]
+
+
+def test_a_folder_written_before_a_setting_existed_resumes(tmp_path):
+    """A config.yaml written by an older hf_lpft lacks the settings added since (data.shifts, data.shift_args,
+    run.global_eval_clients): resuming it compares those at their defaults, so it resumes; a saved setting that
+    differs from the current one is still refused, by name."""
+    import yaml
+
+    from hf_lpft.config import ConfigError, load_config
+    from hf_lpft.run.settings import check_folder, run_layout
+
+    cfg = load_config(None, {"run": {"output_dir": str(tmp_path / "out"), "resume": True}})
+    old = cfg.to_dict()
+    del old["data"]["shifts"], old["data"]["shift_args"], old["run"]["global_eval_clients"]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.yaml").write_text(yaml.safe_dump(old))
+    assert check_folder(cfg, run_layout(cfg.run)) == tmp_path / "out"
+    changed = load_config(None, {"run": {"output_dir": str(tmp_path / "out"), "resume": True,
+                                         "global_eval_clients": 5}})
+    with pytest.raises(ConfigError, match=r"run.global_eval_clients: None -> 5"):
+        check_folder(changed, run_layout(changed.run))
+    old["fedavg"]["rounds"] += 1
+    (tmp_path / "out" / "config.yaml").write_text(yaml.safe_dump(old))
+    with pytest.raises(ConfigError, match=r"fedavg.rounds: \d+ -> \d+"):
+        check_folder(cfg, run_layout(cfg.run))

@@ -23,12 +23,14 @@ def run_layout(run: RunConfig) -> RunLayout:
 
 def check_folder(cfg: ExperimentConfig, layout: RunLayout) -> Path:
     """``layout``'s folder can be used as ``cfg`` asks (fresh, resumed with the same config, overwritten); read only."""
-    return layout.check(resume=cfg.run.resume, overwrite=cfg.run.overwrite, config=cfg.to_dict())
+    return layout.check(resume=cfg.run.resume, overwrite=cfg.run.overwrite, config=cfg.to_dict(),
+                        defaults=type(cfg)().to_dict())
 
 
 def prepare_folder(cfg: ExperimentConfig, layout: RunLayout) -> Path:
     """Create ``layout``'s folder as ``cfg`` asks (see :meth:`RunLayout.prepare`)."""
-    return layout.prepare(resume=cfg.run.resume, overwrite=cfg.run.overwrite, config=cfg.to_dict())
+    return layout.prepare(resume=cfg.run.resume, overwrite=cfg.run.overwrite, config=cfg.to_dict(),
+                          defaults=type(cfg)().to_dict())
 
 
 def eval_settings(run: RunConfig, pft: PFTConfig) -> EvalSettings:
