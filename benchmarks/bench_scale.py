@@ -180,7 +180,7 @@ def personalization(n: int, args, cfg, clients, model, accelerator) -> dict:
             src = Path(tmp) / "run" / "ft" / f"client_{i}"
             strategy.export(tuned, src)
             export_client(src, Path(tmp) / "hub" / "ft" / f"client_{i}", base_state, base_ref=str(Path(tmp) / "global"))
-        client_bytes = (disk(Path(tmp) / "run") + disk(Path(tmp) / "hub")) / k
+        client_bytes = disk(Path(tmp) / "run", Path(tmp) / "hub") / k
         global_bytes = disk(Path(tmp) / "global")
     sampled = es.sample(n, 0, 0)
     return {"pft": statistics.median(train), "eval": statistics.median(evals), "ref": ref, "rss_mb": rss.peak / 2**20,
@@ -189,10 +189,10 @@ def personalization(n: int, args, cfg, clients, model, accelerator) -> dict:
             "wall": statistics.median(train) + statistics.median(evals) + ref}
 
 
-def disk(folder: Path) -> int:
-    """Bytes of the files under ``folder``, each inode once (hard links are not counted twice)."""
+def disk(*folders: Path) -> int:
+    """Bytes of the files under ``folders``, each inode once (a hard link between them is not counted twice)."""
     seen, total = set(), 0
-    for p in folder.rglob("*"):
+    for p in (p for folder in folders for p in folder.rglob("*")):
         st = p.lstat()
         if p.is_file() and (st.st_dev, st.st_ino) not in seen:
             seen.add((st.st_dev, st.st_ino))
