@@ -23,8 +23,9 @@ after:
   subprocess's imports and data building are reported apart.
 
 "round s" is the median time between two round ends (steady state); "wall" is the whole call, so wall - rounds x
-round s is the engine's start-up. Then, on the built-in global model, for ``--pft_clients`` clients: FT for
-``--pft_epochs`` epochs (``personalize``), the pipeline's evaluation of the personalized model
+round s is the engine's start-up. Then, on the global model after one built-in round (the timings do not depend
+on its accuracy), for ``--pft_clients`` clients: FT for ``--pft_epochs`` epochs (``personalize``), the pipeline's
+evaluation of the personalized model
 (``evaluate_on_clients`` with the default ``run.global_eval_clients``: exact up to 50 clients, a sample of 49
 others above) and the per-seed reference features (O(N) once, divided by N). Disk: the global model and each
 personalized client written as a run writes them (``Strategy.export`` and the Hub folder's ``export_client``),
@@ -227,16 +228,17 @@ def measure(n: int, args, accelerator) -> dict:
 
 def tables(rows: list[dict], args) -> str:
     names = [e for e in ("builtin", "flower", "pfl") if e in args.engines]
+    peers = names[1:] if names[0] == "builtin" else []  # ratios need the built-in engine
+    head = ["N", "clients a round"] + [f"{e} r/s (wall r/s)" for e in names] + [
+        f"{e} / builtin, round time" for e in peers] + ["load before -> after"]
     out = ["FedAvg rounds per second (steady: 1 / median time between round ends; wall: rounds / whole call)", "",
-           "| N | clients a round | " + " | ".join(f"{e} r/s (wall r/s)" for e in names) + " | "
-           + " | ".join(f"{e} / builtin, round time" for e in names[1:]) + " | load before -> after |",
-           "|" + "---|" * (3 + 2 * len(names) - 1)]
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         f = r["fedavg"]
-        ratios = [f"{f[e]['round'] / f['builtin']['round']:.2f}" for e in names[1:]] if "builtin" in f else []
-        out.append(f"| {r['n']} | {r['cohort']} | "
-                   + " | ".join(f"{1 / f[e]['round']:.2f} ({args.rounds / f[e]['wall']:.2f})" for e in names)
-                   + " | " + " | ".join(ratios) + f" | {f[names[0]]['load'][0]} -> {f[names[-1]]['load'][1]} |")
+        cells = [str(r["n"]), str(r["cohort"])]
+        cells += [f"{1 / f[e]['round']:.2f} ({args.rounds / f[e]['wall']:.2f})" for e in names]
+        cells += [f"{f[e]['round'] / f['builtin']['round']:.2f}" for e in peers]
+        out.append("| " + " | ".join(cells + [f"{f[names[0]]['load'][0]} -> {f[names[-1]]['load'][1]}"]) + " |")
     out += ["", "Per N (built-in engine; times in seconds)", "",
             "| N | examples / client | round s | round s / client in round | PFT s / client | eval s / client "
             "(Global) | personalization s / client | peak RSS MB FedAvg (builtin / flower / pfl) | peak RSS MB PFT "
@@ -249,6 +251,13 @@ def tables(rows: list[dict], args) -> str:
                    f"{p['pft']:.3f} | {p['eval'] + p['ref']:.3f} ({p['global_eval']}) | {p['wall']:.3f} | {rss} | "
                    f"{p['rss_mb']:.0f} | {p['client_kb']:.0f} | {p['folder_mb']:.1f} | {p['load'][0]} -> "
                    f"{p['load'][1]} |")
+    first, last = rows[0], rows[-1]
+    per = {r["n"]: r["pft"]["wall"] for r in (first, last)}
+    out += ["", f"RATIO personalization s / client, N = {last['n']} / N = {first['n']}: "
+            f"{per[last['n']] / per[first['n']]:.2f} (goal <= 1.5)"]
+    for e in peers:
+        at = ", ".join(f"N = {r['n']}: {r['fedavg'][e]['round'] / r['fedavg']['builtin']['round']:.2f}" for r in rows)
+        out.append(f"RATIO {e} / builtin FedAvg round time: {at}")
     return "\n".join(out)
 
 
