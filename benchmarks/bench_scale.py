@@ -6,7 +6,9 @@ and Apple's pfl-research simulator side by side on the same work (issue 26, item
     python benchmarks/bench_scale.py --engines builtin,flower          # without pfl
 
 Data: the embedded digits5 pooled (5 x 1250 images), split by Dirichlet label skew (alpha 1.0) into N clients of
-at most ``--cap`` examples (a quarter for test; ``bench_global_estimate.build_clients``). Model: timm
+at least ``--min_size`` and at most ``--cap`` examples (a quarter for test; ``bench_global_estimate.build_clients``):
+12 a client at most keeps the client size about the same from 5 to 500 clients (the pool gives ~12.5 a client at
+500; a minimum of 8 fails to draw there). Model: timm
 ``test_resnet`` + linear head, seed 0, channels_last, 1 torch thread. FedAvg: hf_lpft's defaults (1 local epoch,
 SGD lr 0.05 momentum 0.9, batch 64), ``--rounds`` rounds, every client a round below N = ``--partial_from``
 (100) and ``client_fraction`` ``--fraction`` (0.1) from there on; no evaluation during FedAvg (``eval_every 0``).
@@ -133,10 +135,11 @@ def engines(n: int, args, cfg, clients, base, accelerator) -> dict:
                                                             num_threads=args.threads, backend_config=backend, **common))
 
     def pfl():
-        cmd = [args.pfl_python, str(HERE / "pfl_fedavg.py"), "--n", str(n), "--rounds", str(args.rounds),
-               "--cohort", str(cohort(n, args)), "--cap", str(args.cap), "--lr", str(f.lr), "--momentum",
-               str(f.momentum), "--batch_size", str(f.batch_size), "--local_epochs", str(f.local_epochs),
-               "--threads", str(args.threads)]
+        options = {"n": n, "rounds": args.rounds, "cohort": cohort(n, args), "cap": args.cap, "min_size": args.min_size,
+                   "lr": f.lr, "momentum": f.momentum, "batch_size": f.batch_size, "local_epochs": f.local_epochs,
+                   "threads": args.threads}
+        cmd = [args.pfl_python, str(HERE / "pfl_fedavg.py")]
+        cmd += [x for k, v in options.items() for x in (f"--{k}", str(v))]
         env = os.environ | {"PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
         with TreeRss() as rss:
             t0 = time.perf_counter()
@@ -291,7 +294,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--engines", default="builtin,flower,pfl")
-    ap.add_argument("--cap", type=int, default=24, help="examples per client at most (a quarter for test)")
+    ap.add_argument("--cap", type=int, default=12, help="examples per client at most (a quarter for test)")
+    ap.add_argument("--min_size", type=int, default=4, help="examples per client at least (Dirichlet redraws)")
     ap.add_argument("--partial_from", type=int, default=100, help="N from which FedAvg samples --fraction a round")
     ap.add_argument("--fraction", type=float, default=0.1)
     ap.add_argument("--pft_clients", type=int, default=3, help="clients personalized and evaluated per N")

@@ -89,7 +89,8 @@ class RoundStamps(TrainingProcessCallback):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, kind, default in [("n", int, 20), ("rounds", int, 3), ("cohort", int, 20), ("cap", int, 24),
+    for name, kind, default in [("n", int, 20), ("rounds", int, 3), ("cohort", int, 20), ("cap", int, 12),
+                                ("min_size", int, 4),
                                 ("lr", float, 0.05), ("momentum", float, 0.9), ("batch_size", int, 64),
                                 ("local_epochs", int, 1), ("threads", int, 1), ("seed", int, 0)]:
         ap.add_argument(f"--{name}", type=kind, default=default)
