@@ -78,7 +78,7 @@ def load() -> str:
 
 
 def logged(what: str, fn):
-    """Run ``fn`` and print what it measured with the load average before and after; returns (result, loads)."""
+    """Run ``fn``, print its wall time with the load average before and after; its dict plus ``load``."""
     before = load()
     result = fn()
     after = load()
