@@ -38,7 +38,7 @@ from hf_lpft.train.optim import settings_from
 
 def build_clients(n: int, args) -> list:
     ds = load_source("digits5", builtin_kwargs={"n_per_domain": 1250, "image_size": 32})
-    fed = federate(ds, scheme="dirichlet", num_clients=n, alpha=1.0, min_partition_size=8,
+    fed = federate(ds, scheme="dirichlet", num_clients=n, alpha=1.0, min_partition_size=getattr(args, "min_size", 8),
                    max_examples_per_client=args.cap, seed=0)
     return client_tensors(ds, fed, image_column="image", label_column="label", image_size=32)
 
