@@ -9,6 +9,8 @@ It is a read-only ``Mapping`` (``name in REG``, ``REG[name]``, ``REG.get(name)``
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable, Iterator, Mapping
 from typing import Generic, TypeVar
 
@@ -78,3 +80,11 @@ def check_entry_class(cls: object, base: type, *, kind: str, own: tuple[str, ...
         if not isinstance(vars(cls).get(attr), str) or not vars(cls)[attr].strip():
             raise TypeError(f"{kind} class {cls.__name__} must set the class attribute {attr!r} itself "
                             f"(a non-empty string), got {vars(cls).get(attr)!r}")
+
+
+def import_entries(package: str, path, skip: frozenset[str] = frozenset({"base"})) -> None:
+    """Import every module of ``package`` (its ``__path__``) but ``skip`` and private ones, in name order: a file
+    dropped into a registry's folder registers its entries by decorator."""
+    for info in sorted(pkgutil.iter_modules(path), key=lambda m: m.name):
+        if info.name not in skip and not info.name.startswith("_"):
+            importlib.import_module(f"{package}.{info.name}")

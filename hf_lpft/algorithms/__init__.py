@@ -4,9 +4,6 @@ Every module in this package is imported here, so dropping a new algorithm file 
 takes to register it; an algorithm defined elsewhere registers with ``register_algorithm`` (e.g. in a test).
 """
 
-import importlib
-import pkgutil
-
 from hf_lpft.algorithms.base import (
     ALGORITHMS,
     AlgorithmConfig,
@@ -19,11 +16,9 @@ from hf_lpft.algorithms.base import (
     register_algorithm,
     unregister_algorithm,
 )
+from hf_lpft.registry import import_entries
 
-_SKIP = {"base"}
-for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-    if _info.name not in _SKIP and not _info.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_info.name}")
+import_entries(__name__, __path__)
 
 __all__ = ["ALGORITHMS", "AlgorithmConfig", "FLState", "GeneralFL", "WeightedSums", "build_algorithm", "from_message",
            "get_algorithm", "register_algorithm", "unregister_algorithm"]

@@ -4,9 +4,7 @@ Every module in this package is imported here, so dropping a new strategy file i
 it takes to register it.
 """
 
-import importlib
-import pkgutil
-
+from hf_lpft.registry import import_entries
 from hf_lpft.strategies.base import (
     EXPORT_KINDS,
     STRATEGIES,
@@ -19,10 +17,7 @@ from hf_lpft.strategies.base import (
     unregister_strategy,
 )
 
-_SKIP = {"base"}
-for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-    if _info.name not in _SKIP and not _info.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_info.name}")
+import_entries(__name__, __path__)
 
 __all__ = ["EXPORT_KINDS", "STRATEGIES", "Budget", "Strategy", "build_strategy", "display_name", "get_strategy",
            "register_strategy", "unregister_strategy"]
